@@ -1,0 +1,35 @@
+# All set-up lives here: `make demo` and `make test` work on a fresh machine with Python 3.11.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+export NLM_DATA_MIRROR ?= $(abspath ../shared/data)
+
+.PHONY: demo test lint format bench clean
+
+$(BIN)/nlm: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip wheel setuptools
+	# torch first: DeepSpeed ships only an sdist whose setup.py imports torch.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(BIN)/nlm
+
+demo: $(BIN)/nlm
+	$(BIN)/nlm demo
+
+test: $(BIN)/nlm
+	$(BIN)/ruff check nlm cluster serve jobs tests
+	$(BIN)/python -m pytest tests
+
+lint: $(BIN)/nlm
+	$(BIN)/ruff check nlm cluster serve jobs tests
+	$(BIN)/ruff format --check nlm cluster serve jobs tests
+
+format: $(BIN)/nlm
+	$(BIN)/ruff format nlm cluster serve jobs tests
+	$(BIN)/ruff check --fix nlm cluster serve jobs tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,124 @@
+"""The serving checkpoint: one directory format for every model family.
+
+    DIR/config.json        {"format": "nlm-checkpoint", "version": 1, "family": ...,
+                            "model": {model config}, "tokenizer": {"kind", "fingerprint"}, ...extra}
+    DIR/model.safetensors  weights (tied tensors stored once); loading never unpickles
+    DIR/tokenizer/         the tokenizer's own files
+    DIR/metrics.json       training/eval metrics (may be {})
+
+Written to a temporary sibling directory and renamed into place, so a reader never sees a
+half-written checkpoint. Training (DeepSpeed) checkpoints are a different thing: the trainer
+exports this format at the end of a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from nlm.errors import NLMError
+from nlm.models import FAMILIES, LanguageModel, model_class
+from nlm.tokenizers import load_tokenizer
+from nlm.tokenizers.base import Tokenizer, fingerprint
+
+FORMAT = "nlm-checkpoint"
+VERSION = 1
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    path: Path
+    family: str
+    model: LanguageModel
+    tokenizer: Tokenizer
+    metrics: dict[str, Any]
+    config: dict[str, Any]  # the whole config.json
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """A checkpoint directory, or a training run directory holding one in `model/`."""
+    path = Path(path)
+    if not path.exists():
+        raise NLMError(f"{path}: no such checkpoint or run directory")
+    if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
+        return path / "model"
+    return path
+
+
+def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
+    path = resolve_checkpoint_dir(directory) / "config.json"
+    if not path.is_file():
+        raise NLMError(f"{directory}: not a checkpoint directory (no config.json)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise NLMError(f"{path}: unreadable config.json ({exc})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise NLMError(f"{path}: not an nlm checkpoint (field 'format' is not '{FORMAT}')")
+    if config.get("family") not in FAMILIES:
+        raise NLMError(f"{path}: field 'family' is {config.get('family')!r}, not one of {', '.join(FAMILIES)}")
+    return config
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: LanguageModel,
+    tokenizer: Tokenizer,
+    metrics: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    directory = Path(directory)
+    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        tokenizer.save(tmp / "tokenizer")
+        config = {
+            "format": FORMAT,
+            "version": VERSION,
+            "family": model.family,
+            "model": model.config.to_dict(),
+            "tokenizer": {"kind": tokenizer.kind, "fingerprint": fingerprint(tmp / "tokenizer")},
+            **(extra or {}),
+        }
+        # save_model stores each shared (tied) tensor once; load_model restores the aliasing.
+        safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
+        (tmp / "metrics.json").write_text(json.dumps(metrics or {}, indent=2, sort_keys=True) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_checkpoint(
+    directory: str | Path, family: str | None = None, device: str | torch.device = "cpu"
+) -> Checkpoint:
+    """Load a serving checkpoint. With `family`, refuse a checkpoint of any other family."""
+    directory = resolve_checkpoint_dir(directory)
+    config = read_checkpoint_config(directory)
+    if family is not None and config["family"] != family:
+        raise NLMError(f"{directory}: is a {config['family']} checkpoint, not {family}")
+    cls = model_class(config["family"])
+    model = cls(cls.config_class.from_dict(config["model"], source=f"{directory}/config.json"))
+    weights = directory / "model.safetensors"
+    if not weights.is_file():
+        raise NLMError(f"{directory}: no model.safetensors")
+    missing, unexpected = safetensors.torch.load_model(model, str(weights), strict=False, device=str(device))
+    if missing or unexpected:
+        names = ", ".join((missing or unexpected)[:3])
+        raise NLMError(f"{weights}: weights do not match a {config['family']} model ({names} …)")
+    model.to(device).eval()
+    tokenizer = load_tokenizer(directory / "tokenizer")
+    metrics_path = directory / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    return Checkpoint(directory, config["family"], model, tokenizer, metrics, config)

@@ -1,0 +1,62 @@
+"""`nlm` command-line entry point.
+
+Each subcommand lives in its own module `nlm/cli/<name>.py` exposing
+    add_arguments(parser: argparse.ArgumentParser) -> None
+    run(args: argparse.Namespace) -> int | None
+Only the chosen subcommand's module is imported, so `nlm eval` never pays for importing Ray.
+User errors (`NLMError`) become one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from nlm.errors import NLMError
+
+# name -> one-line help. The module is nlm.cli.<name> (dashes become underscores).
+COMMANDS: dict[str, str] = {
+    "prepare": "tokenize a corpus into Parquet shards with Ray Data",
+    "train": "pretrain a model with Ray Train + DeepSpeed",
+    "eval": "perplexity and bits/byte of a checkpoint on a text file",
+    "generate": "sample text from a causal checkpoint",
+    "serve": "serve checkpoints over HTTP with Ray Serve",
+    "neighbors": "nearest neighbours of words in a checkpoint's embedding table",
+    "compare": "compare the word vectors of several checkpoints",
+    "study": "the word-vector study: prepare, train fnn/rnn/lstm, compare, report",
+    "finetune": "fine-tune a pretrained gpt or bert checkpoint",
+    "bench": "benchmarks (data, train, serve)",
+    "demo": "run the project's main job end to end on the local machine",
+}
+
+
+def _parser(command: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nlm", description="Neural language models on Ray.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, help_text in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            _module(name).add_arguments(p)
+    return parser
+
+
+def _module(name: str):
+    return importlib.import_module(f"nlm.cli.{name.replace('-', '_')}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in COMMANDS:
+        command = None
+    args = _parser(command).parse_args(argv)
+    try:
+        code = _module(args.command).run(args)
+    except NLMError as exc:
+        print(f"nlm: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("nlm: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    raise SystemExit(code or 0)
