@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import safetensors.torch
 import torch
 
@@ -63,7 +64,9 @@ def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise NLMError(f"{path}: not an nlm checkpoint (field 'format' is not '{FORMAT}')")
     if config.get("family") not in FAMILIES:
-        raise NLMError(f"{path}: field 'family' is {config.get('family')!r}, not one of {', '.join(FAMILIES)}")
+        raise NLMError(
+            f"{path}: field 'family' is {config.get('family')!r}, not one of {', '.join(FAMILIES)}"
+        )
     return config
 
 
@@ -89,7 +92,9 @@ def save_checkpoint(
         }
         # save_model stores each shared (tied) tensor once; load_model restores the aliasing.
         safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
-        (tmp / "metrics.json").write_text(json.dumps(metrics or {}, indent=2, sort_keys=True) + "\n")
+        (tmp / "metrics.json").write_text(
+            json.dumps(metrics or {}, indent=2, sort_keys=True) + "\n"
+        )
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if directory.exists():
             shutil.rmtree(directory)
@@ -108,17 +113,56 @@ def load_checkpoint(
     config = read_checkpoint_config(directory)
     if family is not None and config["family"] != family:
         raise NLMError(f"{directory}: is a {config['family']} checkpoint, not {family}")
+    source = f"{directory}/config.json"
+    if not isinstance(config.get("model"), dict):
+        raise NLMError(f"{source} (field 'model'): missing or not an object")
     cls = model_class(config["family"])
-    model = cls(cls.config_class.from_dict(config["model"], source=f"{directory}/config.json"))
+    model_config = cls.config_class.from_dict(config["model"], source=source)
+    try:
+        model = cls(model_config)
+    except (ValueError, TypeError, AssertionError) as exc:  # a config the model rejects
+        raise NLMError(
+            f"{source} (field 'model'): not a valid {config['family']} config ({exc})"
+        ) from None
     weights = directory / "model.safetensors"
     if not weights.is_file():
         raise NLMError(f"{directory}: no model.safetensors")
-    missing, unexpected = safetensors.torch.load_model(model, str(weights), strict=False, device=str(device))
+    try:
+        missing, unexpected = safetensors.torch.load_model(
+            model, str(weights), strict=False, device=str(device)
+        )
+    except safetensors.SafetensorError as exc:  # truncated, corrupt, or not safetensors at all
+        raise NLMError(f"{weights}: unreadable weights ({exc})") from None
+    except RuntimeError as exc:  # shapes differ from the config's model
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise NLMError(
+            f"{weights}: weights do not match the {config['family']} config ({first})"
+        ) from None
     if missing or unexpected:
-        names = ", ".join((missing or unexpected)[:3])
+        names = ", ".join([*sorted(missing), *sorted(unexpected)][:3])
         raise NLMError(f"{weights}: weights do not match a {config['family']} model ({names} …)")
     model.to(device).eval()
     tokenizer = load_tokenizer(directory / "tokenizer")
+    _check_tokenizer(directory, config, tokenizer, model)
     metrics_path = directory / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    try:
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise NLMError(f"{metrics_path}: unreadable metrics ({exc})") from None
     return Checkpoint(directory, config["family"], model, tokenizer, metrics, config)
+
+
+def _check_tokenizer(
+    directory: Path, config: dict[str, Any], tokenizer: Tokenizer, model: LanguageModel
+) -> None:
+    """The tokenizer must be the one the model was trained with (else ids point at wrong rows)."""
+    recorded = (config.get("tokenizer") or {}).get("fingerprint")
+    if recorded is not None and recorded != fingerprint(directory / "tokenizer"):
+        raise NLMError(
+            f"{directory}/tokenizer: does not match the fingerprint in config.json (field 'tokenizer')"
+        )
+    model_vocab = getattr(model.config, "vocab_size", None)
+    if isinstance(model_vocab, int) and tokenizer.vocab_size > model_vocab:
+        raise NLMError(
+            f"{directory}/tokenizer: {tokenizer.vocab_size} tokens, but the model has only {model_vocab} rows"
+        )

@@ -6,7 +6,7 @@ import importlib
 from typing import Any
 
 from nlm.errors import NLMError
-from nlm.models.base import IGNORE_INDEX, LanguageModel, ModelOutput
+from nlm.models.base import IGNORE_INDEX, CausalLanguageModel, LanguageModel, ModelOutput
 
 # family -> "module:Class"; imported on first use so importing nlm.models stays cheap.
 FAMILIES: dict[str, str] = {
@@ -35,4 +35,12 @@ def build_model(family: str, preset: str | None = None, **overrides: Any) -> Lan
     return cls(cls.config_class.from_dict(fields, source=f"{family} config"))
 
 
-__all__ = ["FAMILIES", "IGNORE_INDEX", "LanguageModel", "ModelOutput", "build_model", "model_class"]
+__all__ = [
+    "FAMILIES",
+    "IGNORE_INDEX",
+    "CausalLanguageModel",
+    "LanguageModel",
+    "ModelOutput",
+    "build_model",
+    "model_class",
+]

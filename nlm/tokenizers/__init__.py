@@ -1,0 +1,76 @@
+"""Tokenizers by kind: "spm-bpe", "spm-unigram" (SentencePiece), "word", "char".
+
+    tok = train_tokenizer("word", lines, min_count=2)
+    tok.save("runs/x/tokenizer"); tok = load_tokenizer("runs/x/tokenizer")
+
+All kinds share the interface and special ids of `base.Tokenizer`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from nlm.errors import NLMError
+from nlm.tokenizers.base import Tokenizer, fingerprint, read_json
+from nlm.tokenizers.spm import BPETokenizer, UnigramTokenizer
+from nlm.tokenizers.vocab import CharTokenizer, WordTokenizer
+
+KINDS: dict[str, type[Tokenizer]] = {
+    "spm-bpe": BPETokenizer,
+    "spm-unigram": UnigramTokenizer,
+    "word": WordTokenizer,
+    "char": CharTokenizer,
+}
+
+
+def _check_kind(kind: object, source: str) -> type[Tokenizer]:
+    if kind not in KINDS:
+        raise NLMError(f"{source}: unknown tokenizer kind {kind!r} (known: {', '.join(KINDS)})")
+    return KINDS[kind]
+
+
+def train_tokenizer(
+    kind: str,
+    texts: Iterable[str],
+    vocab_size: int | None = None,
+    min_count: int | None = None,
+    segmented: bool = False,
+    seed: int = 0,
+    sample_size: int = 100_000,
+    **options: Any,
+) -> Tokenizer:
+    """Train a tokenizer of `kind` on a stream of texts (lines or documents).
+
+    vocab_size: total size including the 7 special tokens (word/char: keep the top words;
+        SentencePiece: target size, default 8000). min_count: word/char only. segmented: the
+        text is pre-segmented (whitespace marks word boundaries, e.g. PKU Chinese); the char
+        tokenizer then drops that whitespace, word and SentencePiece split on it anyway.
+    seed, sample_size: SentencePiece trains on a shuffled sample of at most sample_size texts.
+    options: SentencePiece only: byte_fallback, character_coverage, num_threads.
+    """
+    cls = _check_kind(kind, "train_tokenizer")
+    if kind.startswith("spm-"):
+        if min_count is not None:
+            raise NLMError(f"min_count applies to word and char tokenizers, not {kind}")
+        return cls.train(
+            texts, vocab_size=vocab_size, seed=seed, sample_size=sample_size, **options
+        )
+    if options:
+        raise NLMError(f"options {sorted(options)} apply to SentencePiece tokenizers, not {kind}")
+    if kind == "char":
+        return cls.train(texts, vocab_size=vocab_size, min_count=min_count, segmented=segmented)
+    return cls.train(texts, vocab_size=vocab_size, min_count=min_count)
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """A saved tokenizer: reads DIR/tokenizer.json {"kind": ...} and the kind's own files."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise NLMError(f"{directory}: no such tokenizer directory")
+    meta = read_json(directory / "tokenizer.json")
+    return _check_kind(meta.get("kind"), str(directory / "tokenizer.json")).load(directory)
+
+
+__all__ = ["KINDS", "Tokenizer", "fingerprint", "load_tokenizer", "train_tokenizer"]

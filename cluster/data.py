@@ -1,0 +1,483 @@
+"""The corpus pipeline: text files -> tokenizer -> tokenized Parquet shards, on Ray Data.
+
+    manifest = prepare(PrepareConfig(input=["corpus/*.txt"], output="shards/wt2", ...))
+
+1. The driver finds the files and cuts them into work units of ~unit_bytes (metadata only).
+2. The tokenizer is loaded (--tokenizer-from) or trained on a seeded sample of at most
+   sample_bytes of training-split documents, read one unit at a time.
+3. Ray Data streams the units through a pool of actors that each hold the tokenizer
+   (`map_batches`, one unit per call, `preserve_order`): each actor reads its unit itself,
+   splits documents by content hash, tokenizes with batched calls and returns Arrow (numpy
+   buffers, no per-token Python on the way out).
+4. The driver consumes the results in unit order: clm streams are packed into overlapping rows
+   (row boundaries depend on all earlier units, so this step is sequential and cheap: a
+   memcpy per token), mlm pairs pass through; rows go to part files under temporary names.
+5. The tokenizer is copied next to the shards and manifest.json is written last.
+
+Memory is bounded on both sides: a worker holds one unit, the driver one unit's result plus
+the rows of one part file. Output depends only on the inputs and the seed, never on the number
+of workers or on scheduling, so the same command gives byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from nlm.cluster.data_sources import Skips, Unit, find_sources, is_val, plan_units, read_documents
+from nlm.cluster.data_tokenize import META, TRAIN, VAL, peak_rss_bytes, process_unit
+from nlm.config import Config
+from nlm.errors import NLMError
+from nlm.shards import (
+    MANIFEST,
+    OBJECTIVES,
+    PIPELINE_VERSION,
+    ClmPacker,
+    Manifest,
+    ShardWriter,
+    filesystem,
+    schema_for,
+    write_manifest,
+)
+from nlm.tokenizers import KINDS, Tokenizer, fingerprint, load_tokenizer, train_tokenizer
+
+MiB = 1 << 20
+
+
+@dataclasses.dataclass
+class PrepareConfig(Config):
+    """Everything `nlm prepare` takes (flags and YAML keys have the same names)."""
+
+    input: list[str] = dataclasses.field(default_factory=list)  # paths, dirs, globs, URIs
+    corpus: str | None = None  # or a named corpus (nlm.corpora): its training file
+    output: str = ""
+    format: str = "auto"  # auto | text | jsonl | parquet
+    line_docs: bool = False  # text files: one document per line instead of per file
+    text_column: str = "text"  # the JSONL field / Parquet column holding the text
+    tokenizer: str | None = None  # spm-bpe | spm-unigram | word | char (default spm-bpe)
+    tokenizer_from: str | None = None  # reuse a saved tokenizer instead of training one
+    vocab_size: int | None = None  # spm: 8000 by default; word/char: all units
+    min_count: int | None = None
+    segmented: bool | None = None  # whitespace is the word boundary (pku/msr Chinese)
+    sample_bytes: int = 32 * MiB  # bound on the tokenizer's training sample
+    objective: str = "clm"
+    seq_len: int = 256
+    val_fraction: float = 0.05
+    seed: int = 0
+    workers: int = 0  # tokenizer actors; 0 = one per CPU core
+    cpus_per_worker: float = 0.5  # fractional: leaves room for Ray Data's own tasks
+    unit_bytes: int = 4 * MiB  # text per work unit
+    rows_per_file: int = 0  # rows per part file; 0 = about 4M tokens per file
+    max_doc_bytes: int = 64 * MiB
+    skip_bad: bool = False
+    overwrite: bool = False
+    progress: bool | None = None  # None: a progress bar when stderr is a terminal
+
+    def validate(self) -> None:
+        def bad(field: str, why: str) -> NLMError:
+            return NLMError(f"prepare config (field '{field}'): {why}")
+
+        if not self.input and not self.corpus:
+            raise bad("input", "no input given (--input PATH or --corpus NAME)")
+        if not self.output:
+            raise bad("output", "no output directory given (--output DIR)")
+        if self.objective not in OBJECTIVES:
+            raise bad("objective", f"{self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        if self.tokenizer is not None and self.tokenizer not in KINDS:
+            raise bad("tokenizer", f"{self.tokenizer!r} is not one of {', '.join(KINDS)}")
+        if self.seq_len < (8 if self.objective == "mlm" else 1):
+            raise bad("seq_len", f"{self.seq_len} is too short")
+        if not 0 <= self.val_fraction < 1:
+            raise bad("val_fraction", f"{self.val_fraction} is not in [0, 1)")
+        for name in ("unit_bytes", "max_doc_bytes", "sample_bytes"):
+            if getattr(self, name) <= 0:
+                raise bad(name, "must be positive")
+        if self.workers < 0 or self.rows_per_file < 0 or self.cpus_per_worker <= 0:
+            raise bad("workers", "workers, rows_per_file must be >= 0, cpus_per_worker > 0")
+
+    def worker_options(self) -> dict[str, Any]:
+        keys = ("objective", "seq_len", "seed", "val_fraction", "line_docs", "text_column")
+        opts = {k: getattr(self, k) for k in keys}
+        opts.update(max_doc_bytes=self.max_doc_bytes, skip_bad=self.skip_bad)
+        return opts
+
+
+@dataclasses.dataclass
+class PrepareStats:
+    seconds: float  # the pipeline (tokenize + pack + write), without Ray start-up
+    total_seconds: float
+    documents: int
+    tokens: int
+    rows: int
+    units: int
+    workers: int
+    driver_peak_rss: int
+    worker_peak_rss: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"tokens_per_s": round(self.tokens_per_s)}
+
+
+# --- the driver's steps --------------------------------------------------------------------
+
+
+def resolve_inputs(cfg: PrepareConfig) -> PrepareConfig:
+    """A named corpus becomes its training file (and its segmentation default)."""
+    if not cfg.corpus:
+        return cfg.replace(segmented=bool(cfg.segmented))
+    from nlm.corpora import resolve_corpus
+
+    corpus = resolve_corpus(cfg.corpus)
+    segmented = corpus.segmented if cfg.segmented is None else cfg.segmented
+    return cfg.replace(input=[*cfg.input, str(corpus.train)], segmented=segmented)
+
+
+def _sample_texts(cfg: PrepareConfig, units: list[Unit]) -> Iterator[str]:
+    """A seeded sample of training-split documents, at most sample_bytes, unit by unit.
+
+    SentencePiece learns from lines (it has a sentence length limit); word and char
+    vocabularies count whole documents, so a char vocabulary sees the line breaks it encodes.
+    """
+    order = list(range(len(units)))
+    random.Random(cfg.seed).shuffle(order)
+    taken = 0
+    by_line = cfg.tokenizer.startswith("spm-")
+    for i in order:
+        skips = Skips(cfg.skip_bad)  # the real count comes from the workers
+        for text, raw in read_documents(
+            units[i],
+            line_docs=cfg.line_docs,
+            text_column=cfg.text_column,
+            max_doc_bytes=cfg.max_doc_bytes,
+            skips=skips,
+        ):
+            if is_val(raw, cfg.val_fraction):
+                continue
+            if by_line:
+                yield from (line for line in text.split("\n") if line.strip())
+            else:
+                yield text
+            taken += len(raw)
+            if taken >= cfg.sample_bytes:
+                return
+
+
+def train_on_sample(cfg: PrepareConfig, units: list[Unit]) -> Tokenizer:
+    return train_tokenizer(
+        cfg.tokenizer,
+        _sample_texts(cfg, units),
+        vocab_size=cfg.vocab_size,
+        min_count=cfg.min_count,
+        segmented=bool(cfg.segmented),
+        seed=cfg.seed,
+    )
+
+
+def _prepare_output(cfg: PrepareConfig) -> tuple[pafs.FileSystem, str]:
+    fs, root = filesystem(cfg.output)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        raise NLMError(f"{cfg.output}: exists and is a file, not a directory")
+    if info.type == pafs.FileType.Directory:
+        existing = fs.get_file_info(pafs.FileSelector(root))
+        if existing and not cfg.overwrite:
+            raise NLMError(f"{cfg.output}: exists and is not empty (use --overwrite to replace it)")
+        # The old manifest goes first: a crash from here on leaves no manifest, not a wrong one.
+        names = {e.base_name: e for e in existing}
+        if MANIFEST in names:
+            fs.delete_file(names[MANIFEST].path)
+        for name in ("train", "val", "tokenizer"):
+            if name in names and names[name].type == pafs.FileType.Directory:
+                fs.delete_dir(names[name].path)
+    fs.create_dir(root, recursive=True)
+    return fs, root
+
+
+def _cleanup(fs: pafs.FileSystem, root: str) -> None:
+    """Remove what this run wrote (the directory stays without a manifest either way)."""
+    for name in ("train", "val", "tokenizer", MANIFEST, f".{MANIFEST}.tmp"):
+        path = f"{root}/{name}"
+        info = fs.get_file_info(path)
+        try:
+            if info.type == pafs.FileType.Directory:
+                fs.delete_dir(path)
+            elif info.type == pafs.FileType.File:
+                fs.delete_file(path)
+        except OSError:
+            pass
+
+
+def _upload_dir(local: Path, fs: pafs.FileSystem, target: str) -> None:
+    fs.create_dir(target, recursive=True)
+    for path in sorted(local.iterdir()):
+        with fs.open_output_stream(f"{target}/{path.name}") as sink:
+            sink.write(path.read_bytes())
+
+
+def _worker_count(cfg: PrepareConfig, started_locally: bool) -> int:
+    import ray
+
+    if cfg.workers:
+        return cfg.workers
+    cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, min(cluster_cpus, os.cpu_count() or 1) if started_locally else cluster_cpus)
+
+
+# --- Ray ---------------------------------------------------------------------------------------
+
+
+class _TokenizeActor:
+    """A Ray Data actor: holds one tokenizer, processes one unit per call."""
+
+    def __init__(self, tokenizer_ref: list, opts: dict[str, Any]) -> None:
+        import ray
+
+        # The files come as a nested object ref: large constructor arguments stored in the
+        # object store make Ray warn that actor restarts may fail (ray#53727).
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in ray.get(tokenizer_ref[0]).items():
+                Path(tmp, name).write_bytes(data)
+            self.tok = load_tokenizer(tmp)
+        self.opts = opts
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        tables = [
+            process_unit(self.tok, Unit.from_json(spec), self.opts)
+            for spec in batch.column("unit").to_pylist()
+        ]
+        return pa.concat_tables(tables)
+
+
+def _start_ray() -> bool:
+    """Join RAY_ADDRESS or start a quiet local instance; True when started here."""
+    import logging
+
+    import ray
+
+    from nlm.cluster.launch import ensure_ray
+
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        # A throwaway local instance needs no token auth; with RAY_AUTH_MODE=token and no
+        # ~/.ray/auth_token the GCS server exits and ray.init times out. A user's choice wins.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Keep stderr for our progress bar and errors: no "Started a local Ray instance" line,
+    # no Ray Data console logging (it still goes to the session's ray-data.log).
+    logging.getLogger("ray._private.worker").setLevel(logging.WARNING)
+    how = ensure_ray()
+    import ray.data  # configures the "ray.data" logger, which is then quietened
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.ERROR)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # unit order is stream order
+    ctx.enable_progress_bars = False  # ours shows documents and tokens per second
+    ctx.print_on_execution_start = False
+    return how == "local"
+
+
+def _unit_results(
+    cfg: PrepareConfig,
+    units: list[Unit],
+    tokenizer_files: dict[str, bytes],
+    workers: int,
+    restart_actors: bool,
+) -> Iterator[pa.Table]:
+    """Each unit's result table, in unit order, streamed through the actor pool."""
+    import ray
+
+    tokenizer_ref = ray.put(tokenizer_files)
+    items = [{"unit": u.to_json()} for u in units]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    with warnings.catch_warnings():
+        # max_restarts has no named parameter in ray 2.60 (ray_remote_args is deprecated).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ds = ds.map_batches(
+            _TokenizeActor,
+            fn_constructor_kwargs={"tokenizer_ref": [tokenizer_ref], "opts": cfg.worker_options()},
+            batch_size=1,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=cfg.cpus_per_worker,
+            # Restarting a lost actor matters on a cluster; on a local instance a lost actor
+            # means the machine is in trouble, and restarts make Ray print a warning on stderr.
+            max_restarts=-1 if restart_actors else 0,
+        )
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
+
+
+def _progress(cfg: PrepareConfig, total_bytes: int):
+    from tqdm import tqdm
+
+    disable = None if cfg.progress is None else not cfg.progress
+    return tqdm(
+        total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=disable, file=sys.stderr
+    )
+
+
+def prepare(cfg: PrepareConfig) -> tuple[Manifest, PrepareStats]:
+    """Run the pipeline (see the module docstring); NLMError for bad input, nothing left
+    looking complete on failure."""
+    started = time.perf_counter()
+    cfg.validate()
+    cfg = resolve_inputs(cfg)
+    sources = find_sources(cfg.input, cfg.format)
+    skips = Skips(cfg.skip_bad)
+    units = plan_units(
+        sources,
+        line_docs=cfg.line_docs,
+        unit_bytes=cfg.unit_bytes,
+        max_doc_bytes=cfg.max_doc_bytes,
+        text_column=cfg.text_column,
+        skips=skips,
+    )
+    if cfg.tokenizer_from:
+        tok = load_tokenizer(cfg.tokenizer_from)
+        if cfg.tokenizer is not None and tok.kind != cfg.tokenizer:
+            raise NLMError(
+                f"--tokenizer {cfg.tokenizer} but --tokenizer-from {cfg.tokenizer_from} is {tok.kind}"
+            )
+        cfg = cfg.replace(tokenizer=tok.kind)
+    elif cfg.tokenizer is None:
+        cfg = cfg.replace(tokenizer="spm-bpe")
+    fs, root = _prepare_output(cfg)
+    try:
+        with tempfile.TemporaryDirectory(prefix="nlm-tokenizer-") as tmp:
+            if not cfg.tokenizer_from:
+                tok = train_on_sample(cfg, units)
+            tok.save(tmp)
+            tok_dir = Path(tmp)
+            tokenizer_files = {p.name: p.read_bytes() for p in sorted(tok_dir.iterdir())}
+            started_locally = _start_ray()
+            workers = _worker_count(cfg, started_locally)
+            manifest, stats = _run(
+                cfg, fs, root, units, sources, skips, tok, tokenizer_files, workers, not started_locally
+            )
+            _upload_dir(tok_dir, fs, f"{root}/tokenizer")
+            manifest.tokenizer["fingerprint"] = fingerprint(tok_dir)
+        write_manifest(fs, root, manifest)
+    except BaseException:
+        _cleanup(fs, root)
+        raise
+    stats.total_seconds = time.perf_counter() - started
+    return manifest, stats
+
+
+def _run(
+    cfg: PrepareConfig,
+    fs: pafs.FileSystem,
+    root: str,
+    units: list[Unit],
+    sources: list,
+    skips: Skips,
+    tok: Tokenizer,
+    tokenizer_files: dict[str, bytes],
+    workers: int,
+    restart_actors: bool,
+) -> tuple[Manifest, PrepareStats]:
+    t0 = time.perf_counter()
+    schema = schema_for(cfg.objective)
+    width = cfg.seq_len + 1
+    rows_per_file = cfg.rows_per_file or max(1, (4 * MiB) // width)
+    writers = {s: ShardWriter(fs, root, name, schema, rows_per_file) for s, name in ((TRAIN, "train"), (VAL, "val"))}
+    packers = {s: ClmPacker(cfg.seq_len) for s in (TRAIN, VAL)}
+    documents = {TRAIN: 0, VAL: 0}
+    tokens = {TRAIN: 0, VAL: 0}
+    worker_rss = 0
+    bar = _progress(cfg, sum(u.nbytes for u in units))
+    try:
+        for table in _unit_results(cfg, units, tokenizer_files, workers, restart_actors):
+            split = table.column("split").to_numpy(zero_copy_only=False)
+            for info in table.column("meta").filter(pa.array(split == META)).to_pylist():
+                meta = json.loads(info)
+                if meta["error"]:
+                    raise NLMError(meta["error"])
+                skips.merge(meta["skipped"]["reasons"], meta["skipped"]["examples"])
+                documents[TRAIN] += meta["documents"]["train"]
+                documents[VAL] += meta["documents"]["val"]
+                tokens[TRAIN] += meta["tokens"]["train"]
+                tokens[VAL] += meta["tokens"]["val"]
+                worker_rss = max(worker_rss, meta["worker_peak_rss"])
+                bar.update(meta["bytes"])
+            for s in (TRAIN, VAL):
+                part = table.filter(pa.array(split == s))
+                if part.num_rows == 0:
+                    continue
+                if cfg.objective == "clm":
+                    for chunk in part.column("input_ids").chunks:
+                        for i in range(len(chunk)):
+                            rows = packers[s].push(_values(chunk, i))
+                            if rows is not None:
+                                writers[s].write(rows)
+                else:
+                    writers[s].write(part.select(schema.names).cast(schema))
+            done = documents[TRAIN] + documents[VAL]
+            seconds = max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix_str(
+                f"{done / seconds:,.0f} docs/s {(tokens[TRAIN] + tokens[VAL]) / seconds:,.0f} tok/s",
+                refresh=False,
+            )
+        files = {s: w.close() for s, w in writers.items()}
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+
+    splits = {}
+    for s, name in ((TRAIN, "train"), (VAL, "val")):
+        splits[name] = {
+            "rows": writers[s].rows,
+            "tokens": tokens[s],
+            "documents": documents[s],
+            "files": files[s],
+        }
+    manifest = Manifest(
+        pipeline_version=PIPELINE_VERSION,
+        objective=cfg.objective,
+        seq_len=cfg.seq_len,
+        seed=cfg.seed,
+        tokenizer={"kind": tok.kind, "vocab_size": tok.vocab_size, "fingerprint": ""},
+        sources=[{"path": s.uri, "bytes": s.size} for s in sources],
+        splits=splits,
+        skipped=skips.to_dict(),
+        settings={
+            k: getattr(cfg, k)
+            for k in ("format", "line_docs", "text_column", "segmented", "val_fraction", "max_doc_bytes", "skip_bad")
+        },
+    )
+    stats = PrepareStats(
+        seconds=seconds,
+        total_seconds=0.0,
+        documents=documents[TRAIN] + documents[VAL],
+        tokens=tokens[TRAIN] + tokens[VAL],
+        rows=writers[TRAIN].rows + writers[VAL].rows,
+        units=len(units),
+        workers=workers,
+        driver_peak_rss=peak_rss_bytes(),
+        worker_peak_rss=worker_rss,
+    )
+    return manifest, stats
+
+
+def _values(chunk: pa.ListArray, i: int) -> np.ndarray:
+    """The i-th list of a list<int32> chunk as a numpy view (zero-copy)."""
+    offsets = chunk.offsets
+    start, end = offsets[i].as_py(), offsets[i + 1].as_py()
+    return chunk.values.slice(start, end - start).to_numpy(zero_copy_only=True)

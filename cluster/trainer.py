@@ -1,0 +1,214 @@
+"""The driver side of `nlm train`: checks, Ray Data inputs, the TorchTrainer, fault tolerance.
+
+    train(TrainConfig(...)) -> summary dict
+
+1. Check everything that can be checked before a worker starts (train_plan.plan_run): shards,
+   tokenizer, preset, context length, split sizes, run directory, ZeRO stage, device; and that
+   the cluster can place the workers plus a CPU for Ray Data (cluster.launch.check_resources).
+2. Write RUN/config.yaml (the resolved config: rerun it with `--config`) and RUN/plan.json (what
+   `python -m nlm.cluster.train_loop` needs to run a rank without Ray).
+3. Run a ray.train.torch.TorchTrainer: gloo on CPU, nccl with one GPU per worker on GPUs;
+   `FailureConfig(max_failures)` restarts the worker group from the last checkpoint;
+   `CheckpointConfig(num_to_keep)` keeps the last K; storage is RUN/checkpoints.
+4. While it runs, draw a progress bar from RUN/metrics.jsonl (rank 0 writes it), which works
+   whether or not worker output reaches the driver.
+
+The workers export RUN/model at the end (train_loop.Trainer.export).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from nlm.cluster.train_config import TrainConfig
+from nlm.cluster.train_metrics import read_metrics
+from nlm.cluster.train_plan import CHECKPOINTS, RunPlan, plan_run
+from nlm.errors import NLMError
+
+DATA_CPUS = 1.0  # kept free for Ray Data's read tasks (each asks for one CPU)
+
+
+def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Train per `config`; returns the final metrics (also in RUN/model/metrics.json)."""
+    from nlm.cluster.launch import check_resources, ensure_ray
+
+    config = config.check()
+    ensure_ray()
+    device = resolve_device(config)
+    plan = plan_run(config, device)
+    config = plan.train
+    check_storage(plan)
+    worker = worker_resources(config, device)
+    check_resources(
+        [worker] * config.workers + [{"CPU": DATA_CPUS}],
+        what=f"{config.workers} training workers and Ray Data",
+    )
+
+    run_dir = Path(plan.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.save_yaml(run_dir / "config.yaml")
+    _write_json(run_dir / "plan.json", plan.to_dict())
+
+    trainer = make_trainer(plan, worker)
+    error: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as exc:  # re-raised in the calling thread
+            error.append(exc)
+
+    thread = threading.Thread(target=fit, name="nlm-train-fit", daemon=True)
+    thread.start()
+    _follow(run_dir, config, thread, progress)
+    thread.join()
+    if error:
+        raise _user_error(error[0]) or error[0]
+
+    metrics_path = run_dir / "model" / "metrics.json"
+    if not metrics_path.is_file():
+        raise RuntimeError(f"{run_dir}: training finished but wrote no model/ (see the Ray logs)")
+    summary = json.loads(metrics_path.read_text(encoding="utf-8"))
+    summary["run"] = str(run_dir)
+    summary["model_dir"] = str(run_dir / "model")
+    return summary
+
+
+def resolve_device(config: TrainConfig) -> str:
+    """auto: cuda when the cluster has a GPU for every worker, else cpu."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if config.device == "cuda" and gpus < config.workers:
+        raise NLMError(
+            f"device 'cuda' needs {config.workers} GPUs, the Ray cluster has {gpus:g}; "
+            "use --device cpu or fewer --workers"
+        )
+    if config.device == "auto":
+        return "cuda" if gpus >= config.workers else "cpu"
+    return config.device
+
+
+def worker_resources(config: TrainConfig, device: str) -> dict[str, float]:
+    resources = {"CPU": config.cpus_per_worker}
+    if device == "cuda":
+        resources["GPU"] = 1.0
+    return resources
+
+
+def check_storage(plan: RunPlan) -> None:
+    """Multi-node runs need the run directory on storage every node sees (field notes)."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    config = plan.train
+    if len(nodes) > 1 and not config.shared_fs:
+        raise NLMError(
+            f"the Ray cluster has {len(nodes)} nodes, and {plan.run_dir} is local to this one: "
+            "workers on other nodes could not write metrics, checkpoints or the model. Put --out "
+            "(and --storage) on storage every node sees and pass --shared-fs, or use one node"
+        )
+
+
+def make_trainer(plan: RunPlan, worker: dict[str, float]) -> Any:
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from nlm.cluster.train_loop import train_worker
+
+    config = plan.train
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the run draws one bar of its own
+    datasets = {
+        "train": ray.data.read_parquet(plan.train_files, shuffle=None),
+        "val": ray.data.read_parquet(plan.val_files, shuffle=None),
+    }
+    # preserve_order makes the split deterministic: the same rows reach the same rank on every
+    # epoch and after a restart, which is what lets a resumed run skip to its data position.
+    options = ray.data.ExecutionOptions(preserve_order=True)
+    env = {"DS_ACCELERATOR": "cuda" if plan.device == "cuda" else "cpu"}
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"plan": plan.to_dict()},
+        torch_config=TorchConfig(backend="nccl" if plan.device == "cuda" else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.workers,
+            use_gpu=plan.device == "cuda",
+            resources_per_worker=worker,
+        ),
+        run_config=ray.train.RunConfig(
+            name=CHECKPOINTS,
+            storage_path=plan.storage,
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
+            worker_runtime_env={"env_vars": env},
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split="all", execution_options=options),
+    )
+
+
+def _follow(run_dir: Path, config: TrainConfig, thread: threading.Thread, enabled: bool) -> None:
+    """Progress bar from RUN/metrics.jsonl until the fit thread ends."""
+    if not enabled:
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=config.max_steps, desc=f"train {config.model}", unit="step")
+    seen = 0
+    try:
+        while thread.is_alive():
+            thread.join(timeout=1.0)
+            records = read_metrics(run_dir)
+            for record in records[seen:]:
+                if record.get("event") == "start":
+                    bar.n = record["step"]
+                    bar.set_description(f"train {config.model} (start at {record['step']})")
+                elif "loss" in record:
+                    bar.n = record["step"]
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                elif "val_loss" in record:
+                    bar.set_postfix(val_ppl=f"{record['val_ppl']:.1f}")
+                bar.refresh()
+            seen = len(records)
+    finally:
+        bar.close()
+
+
+def _user_error(exc: BaseException) -> NLMError | None:
+    """An NLMError raised inside a worker, unwrapped from Ray's failure types."""
+    pending = [exc]
+    seen: set[int] = set()
+    while pending:
+        item = pending.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, NLMError) or type(item).__name__ == "NLMError":
+            return NLMError(str(item).strip().splitlines()[-1] if str(item).strip() else "error")
+        pending.extend(getattr(item, "worker_failures", {}).values())
+        pending += [getattr(item, "cause", None), item.__cause__, item.__context__]
+        pending.append(getattr(item, "controller_failure", None))
+    return None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    tmp.rename(path)
+
+
+def wait_for(predicate: Any, timeout_s: float, interval_s: float = 0.5) -> bool:
+    """Poll `predicate()` until true or timeout (tests and benchmarks watch runs with it)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return False
+

@@ -1,0 +1,15 @@
+"""`ray job submit` entrypoint for the word-vector study.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/study.py --corpus pku --out reports/pku
+
+The arguments are those of `nlm study`. Each step's `nlm prepare` / `nlm train` connects to the
+cluster the job runs on (RAY_ADDRESS is set for a job's driver).
+"""
+
+import sys
+
+from nlm.cli import main
+
+if __name__ == "__main__":
+    main(["study", *sys.argv[1:]])

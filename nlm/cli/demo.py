@@ -1,0 +1,289 @@
+"""`nlm demo` (foundation version): the five model families on wt2-mini, in one process.
+
+    word tokenizer from the train file -> for fnn, rnn, lstm, gpt, bert: train with AdamW for a
+    short time budget -> save RUN=runs/demo/<family> (model/ checkpoint, metrics.jsonl, tb/)
+    -> evaluate on the test file with nlm.evaluation -> one table, plus results.json
+
+A plain PyTorch loop on purpose: no Ray, no DeepSpeed. A later issue replaces this command with
+the full Ray pipeline; `run_foundation_demo` stays usable on its own. The table has a unigram row
+(add-one smoothed train counts) as the floor every trained model should get clearly below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+FAMILIES = ("fnn", "rnn", "lstm", "gpt", "bert")
+# Per family: AdamW learning rate and gradient-clip norm (recurrent nets need the tighter clip).
+LEARNING_RATE = {"fnn": 2e-3, "rnn": 2e-3, "lstm": 3e-3, "gpt": 1e-3, "bert": 1e-3}
+CLIP_NORM = {"fnn": 1.0, "rnn": 0.5, "lstm": 0.5, "gpt": 1.0, "bert": 1.0}
+WARMUP_STEPS = 20
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--corpus", default="wt2-mini", help="named corpus (nlm.corpora)")
+    parser.add_argument("--out", default="runs/demo", help="run directories go to OUT/<family>")
+    parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated")
+    parser.add_argument("--preset", default="small", help="model size preset (tiny, small)")
+    parser.add_argument("--seconds", type=float, default=45.0, help="training budget per model")
+    parser.add_argument("--bert-seconds", type=float, default=15.0, help="bert's training budget")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop each model after N steps")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=64, help="rnn/lstm: 35 unless set")
+    parser.add_argument(
+        "--test-lines", type=int, default=None, help="evaluate on the first N lines"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    from nlm.errors import NLMError
+
+    families = tuple(f.strip() for f in args.families.split(",") if f.strip())
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown or not families:
+        raise NLMError(
+            f"--families: unknown model '{unknown[0] if unknown else ''}' (known: {', '.join(FAMILIES)})"
+        )
+    results = run_foundation_demo(
+        corpus=args.corpus,
+        out_dir=args.out,
+        families=families,
+        preset=args.preset,
+        seconds=args.seconds,
+        bert_seconds=args.bert_seconds,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        test_lines=args.test_lines,
+        seed=args.seed,
+    )
+    print(format_table(results))
+    print(f"\nrun directories and results.json in {args.out}")
+    return 0
+
+
+def run_foundation_demo(
+    corpus: str = "wt2-mini",
+    out_dir: str | Path = "runs/demo",
+    families: tuple[str, ...] = FAMILIES,
+    preset: str = "small",
+    seconds: float = 45.0,
+    bert_seconds: float = 15.0,
+    max_steps: int | None = None,
+    batch_size: int = 32,
+    seq_len: int = 64,
+    test_lines: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Train, save and evaluate each family; returns one result dict per row of the table."""
+    import torch
+
+    from nlm.checkpoint import save_checkpoint
+    from nlm.corpora import resolve_corpus
+    from nlm.evaluation import evaluate_documents, read_documents, text_bytes, token_stream
+    from nlm.models import build_model
+    from nlm.tokenizers import train_tokenizer
+
+    out_dir = Path(out_dir)
+    files = resolve_corpus(corpus)
+    train_docs = read_documents(files.train)
+    test_docs = read_documents(files.test)[:test_lines]
+    tokenizer = train_tokenizer("word", train_docs)
+    stream = token_stream(tokenizer, train_docs)
+    _log(
+        f"{corpus}: {len(stream):,} train tokens, vocabulary {tokenizer.vocab_size:,} (word level)"
+    )
+
+    results = [
+        unigram_baseline(
+            stream, token_stream(tokenizer, test_docs), text_bytes(test_docs), tokenizer.vocab_size
+        )
+    ]
+    for family in families:
+        torch.manual_seed(seed)
+        model = build_model(family, preset, vocab_size=tokenizer.vocab_size)
+        budget = bert_seconds if family == "bert" else seconds
+        length = seq_len if family in ("fnn", "gpt", "bert") else min(seq_len, 35)
+        run_dir = out_dir / family
+        run_dir.mkdir(parents=True, exist_ok=True)
+        steps, elapsed, loss = train_model(
+            model, stream, run_dir, budget, max_steps, batch_size, length, seed, progress
+        )
+        report = evaluate_documents(model, tokenizer, test_docs, batch_size=16, progress=progress)
+        row = {
+            "model": family,
+            "preset": preset,
+            "params": model.num_parameters(),
+            "steps": steps,
+            "seconds": round(elapsed, 1),
+            "train_loss": loss,
+            **{k: report[k] for k in ("tokens", "ppl", "ppl_kind", "bits_per_byte")},
+            **({"mlm_accuracy": report["mlm_accuracy"]} if family == "bert" else {}),
+        }
+        save_checkpoint(
+            run_dir / "model",
+            model,
+            tokenizer,
+            metrics=row,
+            extra={"preset": preset, "corpus": corpus},
+        )
+        results.append(row)
+        _log(
+            f"{family}: {steps} steps in {elapsed:.0f} s, test {report['ppl_kind']} ppl {report['ppl']:.1f}"
+        )
+    tmp = out_dir / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.rename(out_dir / "results.json")
+    return results
+
+
+def unigram_baseline(train: Any, test: Any, n_bytes: int, vocab_size: int) -> dict[str, Any]:
+    """Test ppl of add-one smoothed unigram counts from the train stream (predictions only)."""
+    counts = Counter(train[1:].tolist())
+    total = sum(counts.values()) + vocab_size
+    nll = -sum(math.log((counts[t] + 1) / total) for t in test[1:].tolist())
+    n = len(test) - 1
+    return {
+        "model": "unigram",
+        "params": vocab_size,
+        "steps": None,
+        "seconds": None,
+        "tokens": n,
+        "ppl": math.exp(nll / n),
+        "ppl_kind": "causal",
+        "bits_per_byte": nll / math.log(2) / n_bytes,
+    }
+
+
+def train_model(
+    model: Any,
+    stream: Any,
+    run_dir: Path,
+    seconds: float,
+    max_steps: int | None,
+    batch_size: int,
+    seq_len: int,
+    seed: int,
+    progress: bool = True,
+) -> tuple[int, float, float]:
+    """AdamW until the time budget or max_steps; logs metrics.jsonl and TensorBoard in run_dir.
+    Returns (steps, seconds, last smoothed loss)."""
+    import torch
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    family = model.family
+    generator = torch.Generator().manual_seed(seed)
+    batches = _batches(family, stream, batch_size, seq_len, model.config.vocab_size, generator)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE[family], weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / WARMUP_STEPS)
+    )
+    model.train()
+    state, smoothed, step = None, float("nan"), 0
+    bar = tqdm(
+        total=max_steps, desc=f"train {family}", file=sys.stderr, disable=not progress, leave=False
+    )
+    start = time.monotonic()
+    with (run_dir / "metrics.jsonl").open("w") as log, SummaryWriter(str(run_dir / "tb")) as tb:
+        while time.monotonic() - start < seconds and (max_steps is None or step < max_steps):
+            batch = next(batches)
+            if family == "bert":
+                loss = model(batch[0], mlm_labels=batch[1]).loss
+            elif family in ("rnn", "lstm"):
+                out = model(batch[0], targets=batch[1], state=state)
+                loss, state = out.loss, _detach(out.state)  # truncated BPTT
+            else:
+                loss = model(batch[0], targets=batch[1]).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM[family])
+            optimizer.step()
+            schedule.step()
+            step += 1
+            value = loss.item()
+            smoothed = value if math.isnan(smoothed) else 0.95 * smoothed + 0.05 * value
+            record = {
+                "step": step,
+                "loss": value,
+                "lr": schedule.get_last_lr()[0],
+                "seconds": time.monotonic() - start,
+            }
+            log.write(json.dumps(record) + "\n")
+            tb.add_scalar("train/loss", value, step)
+            bar.set_postfix(loss=f"{smoothed:.3f}")
+            bar.update()
+    bar.close()
+    model.eval()
+    return step, time.monotonic() - start, smoothed
+
+
+def _detach(state: Any) -> Any:
+    if state is None:
+        return None
+    if isinstance(state, tuple | list):
+        return type(state)(_detach(s) for s in state)
+    return state.detach()
+
+
+def _batches(
+    family: str, stream: Any, batch_size: int, seq_len: int, vocab_size: int, generator: Any
+):
+    """Endless training batches: (inputs, targets) or, for bert, (masked ids, mlm labels)."""
+    import torch
+
+    from nlm.objectives import mask_tokens
+    from nlm.tokenizers.base import CLS_ID, SEP_ID
+
+    if family in ("rnn", "lstm"):
+        # B parallel streams read left to right, so the carried state follows the text.
+        width = (len(stream) - 1) // batch_size
+        data = stream[: width * batch_size + 1]
+        x = data[:-1].view(batch_size, width)
+        y = data[1:].view(batch_size, width)
+        while True:
+            for t in range(0, width - 1, seq_len):
+                yield x[:, t : t + seq_len], y[:, t : t + seq_len]
+    body = seq_len - 2 if family == "bert" else seq_len
+    while True:
+        starts = torch.randint(len(stream) - body - 1, (batch_size,), generator=generator)
+        if family == "bert":
+            rows = [
+                torch.cat([torch.tensor([CLS_ID]), stream[s : s + body], torch.tensor([SEP_ID])])
+                for s in starts
+            ]
+            yield mask_tokens(torch.stack(rows), vocab_size, generator=generator)
+        else:
+            yield (
+                torch.stack([stream[s : s + body] for s in starts]),
+                torch.stack([stream[s + 1 : s + body + 1] for s in starts]),
+            )
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    lines = [
+        f"{'model':<9}{'params':>12}{'steps':>8}{'seconds':>9}  {'test ppl':<30}{'bits/byte':>9}"
+    ]
+    for r in results:
+        if r["ppl_kind"] == "pseudo":
+            ppl = f"pseudo-ppl {r['ppl']:.1f} / MLM acc {100 * r['mlm_accuracy']:.1f}%"
+        else:
+            ppl = f"{r['ppl']:.1f}"
+        bpb = "-" if r["bits_per_byte"] is None else f"{r['bits_per_byte']:.3f}"
+        steps = "-" if r["steps"] is None else str(r["steps"])
+        secs = "-" if r["seconds"] is None else f"{r['seconds']:.0f}"
+        lines.append(f"{r['model']:<9}{r['params']:>12,}{steps:>8}{secs:>9}  {ppl:<30}{bpb:>9}")
+    return "\n".join(lines)
+
+
+def _log(message: str) -> None:
+    print(f"nlm demo: {message}", file=sys.stderr, flush=True)

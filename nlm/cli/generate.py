@@ -1,0 +1,61 @@
+"""`nlm generate`: sample a continuation of a prompt from a causal checkpoint.
+
+The prompt is read like a document start in training: `</s>` then the prompt's tokens.
+Sampling stops at `--max-tokens` or at the first `</s>` (the end of the document). Prints the
+prompt (as the tokenizer sees it) plus the continuation; `--json` prints one JSON object instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory")
+    parser.add_argument("--prompt", default="", help="text to continue (default: a new document)")
+    parser.add_argument("--max-tokens", type=int, default=50)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--json", action="store_true", help="print a JSON object with ids and logprobs"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from nlm.checkpoint import load_checkpoint
+    from nlm.errors import NLMError
+    from nlm.tokenizers.base import EOS_ID
+
+    if args.max_tokens < 1:
+        raise NLMError(f"--max-tokens {args.max_tokens}: must be at least 1")
+    ckpt = load_checkpoint(args.checkpoint)
+    if not ckpt.model.causal:
+        raise NLMError(f"{ckpt.path}: a {ckpt.family} checkpoint cannot generate text (not causal)")
+    prompt = [EOS_ID, *ckpt.tokenizer.encode(args.prompt)]
+    generator = torch.Generator().manual_seed(args.seed)
+    with torch.inference_mode():
+        new_ids, logprobs = ckpt.model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            generator=generator,
+        )
+    new = new_ids[0].tolist()
+    lps = logprobs[0].tolist()
+    if EOS_ID in new:  # the document ended
+        end = new.index(EOS_ID)
+        new, lps = new[:end], lps[:end]
+    text = ckpt.tokenizer.decode(prompt[1:] + new, skip_special=True)
+    if args.json:
+        completion = ckpt.tokenizer.decode(new, skip_special=True)
+        print(json.dumps({"text": text, "completion": completion, "ids": new, "logprobs": lps}))
+    else:
+        print(text)
+    return 0

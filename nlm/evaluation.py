@@ -1,0 +1,351 @@
+"""Perplexity, bits per byte and MLM accuracy of a model on a text.
+
+The text: every non-empty line (stripped) is a document. Causal families read the documents as
+one token stream, each document followed by `</s>` and the whole stream preceded by `</s>` (the
+context a document start has in training shards), so every token of the text and every document
+end is predicted once:
+
+    </s> doc1 </s> doc2 </s> ... docN </s>        tokens = len(stream) - 1 predictions
+
+`bits_per_byte` = total NLL in bits / UTF-8 bytes of the documents, each counted with the one
+newline its `</s>` stands for. It does not depend on the tokenizer, so word-, char- and
+subword-level models compare on the same text (per-token ppl does not).
+
+Scoring, by family:
+- gpt, fnn: windows of `seq_len` tokens; consecutive windows overlap so every scored token keeps
+  context (gpt: `stride` = seq_len/2 by default; fnn: overlap = its n-1 word context, which makes
+  the score exact). Each prediction is scored in exactly one window.
+- rnn, lstm: the stream is cut into `batch_size` contiguous streams scored in parallel (as in
+  PyTorch's word_language_model example), the hidden state carried across consecutive windows.
+  Each stream starts with an empty state, so the first tokens of streams 2..B lose context.
+- bert: the documents' tokens are packed into `[CLS] ... [SEP]` sequences. MLM accuracy masks
+  15% of the ordinary tokens (ids >= 7; as in training, specials and <unk> are never targets)
+  with a fixed seed, all replaced by [MASK]; pseudo-perplexity masks each ordinary token in turn
+  (Salazar et al. 2020) for the first `max_pll_tokens` of them and reports how many were scored.
+  A pseudo-likelihood is not a probability of the text, so bert has no bits_per_byte.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from nlm.errors import NLMError
+from nlm.models.base import IGNORE_INDEX, LanguageModel
+from nlm.tokenizers.base import CLS_ID, EOS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, Tokenizer
+
+DEFAULT_SEQ_LEN = 128
+
+
+# --- the text ---------------------------------------------------------------------------------
+def read_documents(path: str | Path) -> list[str]:
+    """The documents (non-empty stripped lines) of a UTF-8 text file, or a one-line NLMError."""
+    path = Path(path)
+    if not path.is_file():
+        raise NLMError(f"{path}: no such file")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise NLMError(
+            f"{path}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x} at byte offset {exc.start})"
+        ) from None
+    documents = [line.strip() for line in text.splitlines()]
+    documents = [d for d in documents if d]
+    if not documents:
+        raise NLMError(f"{path}: no text to evaluate (the file is empty or blank)")
+    return documents
+
+
+def text_bytes(documents: list[str]) -> int:
+    """UTF-8 bytes of the documents, one newline each (what `</s>` stands for)."""
+    return sum(len(d.encode("utf-8")) + 1 for d in documents)
+
+
+def token_stream(tokenizer: Tokenizer, documents: list[str]) -> torch.Tensor:
+    """`</s> doc1 </s> doc2 </s> ...` as one int64 tensor."""
+    ids = [EOS_ID]
+    for doc in tokenizer.encode_batch(documents):
+        ids.extend(doc)
+        ids.append(EOS_ID)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+# --- the model's context --------------------------------------------------------------------
+# Config fields that bound how many positions a model can see (the first one present is used).
+_MAX_POSITION_FIELDS = ("block_size", "max_positions")
+
+
+def max_positions(model: LanguageModel) -> int | None:
+    """The longest input a model takes (gpt/bert position table), None when unbounded."""
+    for name in _MAX_POSITION_FIELDS:
+        value = getattr(model.config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def fnn_context(model: LanguageModel) -> int:
+    """How many previous tokens an FNN (n-gram) model conditions on: n-1."""
+    return model.config.n - 1
+
+
+def _window_length(model: LanguageModel, seq_len: int | None) -> int:
+    limit = max_positions(model)
+    if seq_len is None:
+        return min(DEFAULT_SEQ_LEN, limit) if limit else DEFAULT_SEQ_LEN
+    if seq_len < 2:
+        raise NLMError(f"--seq-len {seq_len}: must be at least 2")
+    if limit and seq_len > limit:
+        raise NLMError(f"--seq-len {seq_len}: exceeds the {model.family} model's {limit} positions")
+    return seq_len
+
+
+def _progress(total: int, desc: str, enabled: bool) -> tqdm:
+    return tqdm(
+        total=total, desc=desc, unit="batch", file=sys.stderr, disable=not enabled, leave=False
+    )
+
+
+def _nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="sum",
+    )  # fmt: skip
+
+
+# --- causal scoring -------------------------------------------------------------------------
+def _windows(n_predictions: int, length: int, stride: int) -> Iterator[tuple[int, int, int]]:
+    """(start, first scored prediction, end) triples; prediction j is the token stream[j]."""
+    start, scored_to = 0, 0
+    while scored_to < n_predictions:
+        end = min(start + length, n_predictions)
+        yield start, scored_to + 1, end
+        scored_to = end
+        start += stride
+
+
+@torch.inference_mode()
+def score_windows(
+    model: LanguageModel,
+    stream: torch.Tensor,
+    seq_len: int,
+    stride: int,
+    batch_size: int,
+    progress: bool = False,
+) -> tuple[float, int]:
+    """Total NLL (nats) and count of the predictions of stream[1:], by overlapping windows."""
+    windows = list(_windows(len(stream) - 1, seq_len, stride))
+    total, count = 0.0, 0
+    bar = _progress(math.ceil(len(windows) / batch_size), f"eval {model.family}", progress)
+    for b in range(0, len(windows), batch_size):
+        chunk = windows[b : b + batch_size]
+        x = torch.full((len(chunk), seq_len), PAD_ID, dtype=torch.long)
+        y = torch.full((len(chunk), seq_len), IGNORE_INDEX, dtype=torch.long)
+        for row, (start, first, end) in enumerate(chunk):
+            x[row, : end - start] = stream[start:end]
+            # Only predictions first..end are scored here; earlier ones were scored before.
+            y[row, first - 1 - start : end - start] = stream[first : end + 1]
+        total += _nll_sum(model(x).logits, y).item()
+        count += int((y != IGNORE_INDEX).sum())
+        bar.update()
+    bar.close()
+    return total, count
+
+
+@torch.inference_mode()
+def score_recurrent(
+    model: LanguageModel,
+    stream: torch.Tensor,
+    seq_len: int,
+    batch_size: int,
+    progress: bool = False,
+) -> tuple[float, int]:
+    """Total NLL and count of stream[1:] for rnn/lstm: B parallel streams, state carried."""
+    n = len(stream) - 1
+    streams = max(1, min(batch_size, n))
+    width = math.ceil(n / streams)
+    x = torch.full((streams, width), PAD_ID, dtype=torch.long)
+    y = torch.full((streams, width), IGNORE_INDEX, dtype=torch.long)
+    for row in range(streams):
+        a, b = row * width, min((row + 1) * width, n)
+        if a < b:
+            x[row, : b - a] = stream[a:b]
+            y[row, : b - a] = stream[a + 1 : b + 1]
+    total, count, state = 0.0, 0, None
+    bar = _progress(math.ceil(width / seq_len), f"eval {model.family}", progress)
+    for t in range(0, width, seq_len):
+        out = model(x[:, t : t + seq_len], state=state)
+        state = out.state
+        total += _nll_sum(out.logits, y[:, t : t + seq_len]).item()
+        count += int((y[:, t : t + seq_len] != IGNORE_INDEX).sum())
+        bar.update()
+    bar.close()
+    return total, count
+
+
+# --- bert -----------------------------------------------------------------------------------
+def _bert_sequences(stream: list[int], seq_len: int) -> list[list[int]]:
+    body = seq_len - 2
+    return [[CLS_ID, *stream[i : i + body], SEP_ID] for i in range(0, len(stream), body)]
+
+
+def _pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def _masked_logits(
+    model: LanguageModel, ids: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """(M, V) logits at the M labelled positions, in row-major order."""
+    logits = model(ids, attention_mask=attention, mlm_labels=labels).logits
+    # bert computes the vocabulary projection only where there is a label; accept (B, T, V) too.
+    return logits[labels != IGNORE_INDEX] if logits.dim() == 3 else logits
+
+
+@torch.inference_mode()
+def score_bert(
+    model: LanguageModel,
+    stream: list[int],
+    seq_len: int,
+    batch_size: int,
+    max_pll_tokens: int = 2000,
+    seed: int = 0,
+    mask_prob: float = 0.15,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """MLM accuracy (fixed-seed masking) and pseudo-perplexity of the first max_pll_tokens."""
+    sequences = _bert_sequences(stream, seq_len)
+    # Pseudo-log-likelihood: one row per scored token, that token masked.
+    pll_rows: list[tuple[int, int]] = []  # (sequence, position)
+    for s, seq in enumerate(sequences):
+        for p in range(1, len(seq) - 1):
+            if len(pll_rows) < max_pll_tokens and seq[p] >= len(SPECIAL_TOKENS):
+                pll_rows.append((s, p))
+    mlm_batches = math.ceil(len(sequences) / batch_size)
+    bar = _progress(mlm_batches + math.ceil(len(pll_rows) / batch_size), "eval bert", progress)
+
+    generator = torch.Generator().manual_seed(seed)
+    correct, masked, mlm_nll = 0, 0, 0.0
+    for b in range(0, len(sequences), batch_size):
+        ids, attention = _pad(sequences[b : b + batch_size])
+        ordinary = ids >= len(SPECIAL_TOKENS)
+        chosen = (torch.rand(ids.shape, generator=generator) < mask_prob) & ordinary
+        labels = torch.where(chosen, ids, IGNORE_INDEX)
+        logits = _masked_logits(model, ids.masked_fill(chosen, MASK_ID), attention, labels)
+        mlm_nll += F.cross_entropy(logits.float(), ids[chosen], reduction="sum").item()
+        correct += int((logits.argmax(-1) == ids[chosen]).sum())
+        masked += int(chosen.sum())
+        bar.update()
+
+    pll_nll = 0.0
+    for b in range(0, len(pll_rows), batch_size):
+        rows = pll_rows[b : b + batch_size]
+        ids, attention = _pad([sequences[s] for s, _ in rows])
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        for i, (_, p) in enumerate(rows):
+            labels[i, p] = ids[i, p]
+            ids[i, p] = MASK_ID
+        logits = _masked_logits(model, ids, attention, labels)
+        pll_nll += F.cross_entropy(
+            logits.float(), labels[labels != IGNORE_INDEX], reduction="sum"
+        ).item()
+        bar.update()
+    bar.close()
+    return {
+        "mlm_accuracy": correct / masked if masked else None,
+        "mlm_nll": mlm_nll / masked if masked else None,
+        "mlm_masked": masked,
+        "pll_tokens": len(pll_rows),
+        "pll_nll": pll_nll / len(pll_rows),
+        "pseudo_ppl": math.exp(pll_nll / len(pll_rows)),
+    }
+
+
+# --- entry points ---------------------------------------------------------------------------
+def evaluate_documents(
+    model: LanguageModel,
+    tokenizer: Tokenizer,
+    documents: list[str],
+    batch_size: int = 8,
+    seq_len: int | None = None,
+    stride: int | None = None,
+    max_pll_tokens: int = 2000,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Score documents with a model; the result is the JSON `nlm eval` prints (minus 'model')."""
+    if batch_size < 1:
+        raise NLMError(f"--batch-size {batch_size}: must be at least 1")
+    model.eval()
+    length = _window_length(model, seq_len)
+    n_bytes = text_bytes(documents)
+    result: dict[str, Any] = {"family": model.family, "bytes": n_bytes, "seq_len": length}
+    if not model.causal:
+        if max_pll_tokens < 1:
+            raise NLMError(f"--max-pll-tokens {max_pll_tokens}: must be at least 1")
+        stream = [i for doc in tokenizer.encode_batch(documents) for i in doc]
+        if not stream:
+            raise NLMError("the text encodes to no tokens")
+        scores = score_bert(
+            model, stream, length, batch_size, max_pll_tokens, seed, progress=progress
+        )
+        return {
+            **result,
+            "tokens": len(stream),
+            "nll": scores["pll_nll"],
+            "ppl": scores["pseudo_ppl"],
+            "ppl_kind": "pseudo",
+            "bits_per_byte": None,
+            **scores,
+        }
+    stream = token_stream(tokenizer, documents)
+    if model.family in ("rnn", "lstm"):
+        total, count = score_recurrent(model, stream, length, batch_size, progress)
+    else:
+        if model.family == "fnn":
+            overlap = fnn_context(model)
+            if overlap >= length:
+                raise NLMError(f"--seq-len {length}: must exceed the fnn's {overlap}-token context")
+            step = length - overlap
+        else:
+            step = stride or max(1, length // 2)
+            if not 1 <= step <= length:
+                raise NLMError(f"--stride {step}: must be between 1 and --seq-len {length}")
+        total, count = score_windows(model, stream, length, step, batch_size, progress)
+        result["stride"] = step
+    nll = total / count
+    return {
+        **result,
+        "tokens": count,
+        "nll": nll,
+        "ppl": math.exp(nll),
+        "ppl_kind": "causal",
+        "bits_per_byte": total / math.log(2) / n_bytes,
+    }
+
+
+def evaluate_file(
+    checkpoint: str | Path, text_path: str | Path, progress: bool = False, **options: Any
+) -> dict[str, Any]:
+    """Load a checkpoint (or run dir) and score a text file with it; see `evaluate_documents`."""
+    from nlm.checkpoint import load_checkpoint
+
+    documents = read_documents(text_path)
+    ckpt = load_checkpoint(checkpoint)
+    result = evaluate_documents(ckpt.model, ckpt.tokenizer, documents, progress=progress, **options)
+    return {"model": str(checkpoint), **result, "input": str(text_path)}

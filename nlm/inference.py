@@ -1,0 +1,539 @@
+"""Batched inference on a loaded checkpoint: score, generate, embed, fill-mask (plain PyTorch).
+
+Serving (nlm.serve) merges concurrent requests into one call of these functions; they are also
+usable on their own. Two layers:
+
+- `Engine` works on text: it tokenizes and checks each input against `Limits` (raising
+  `RequestError` with a machine-readable code), then runs many inputs as few padded forward
+  passes and decodes the answers.
+- the module-level functions work on token ids and do the padding and batching.
+
+Batching never changes an answer: causal families are right-padded for scoring and embedding
+(a causal model never looks at the padding after a token), bert gets an attention mask, and
+generation left-pads prompts as the models' contract asks (`attention_mask` marks real tokens)
+while every row samples with its own `torch.Generator`, temperature, top-k and top-p. A seeded
+request therefore gets the same tokens whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from nlm.checkpoint import Checkpoint
+from nlm.config import Config
+from nlm.errors import NLMError
+from nlm.models.base import LanguageModel
+from nlm.sampling import sample_next
+from nlm.tokenizers.base import CLS_ID, EOS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS
+
+NUM_SPECIAL = len(SPECIAL_TOKENS)
+MASK_TEXT = SPECIAL_TOKENS[MASK_ID]  # "[MASK]"
+CAUSAL_ENDPOINTS = ("generate", "score", "embed", "neighbors")
+BERT_ENDPOINTS = ("fill-mask", "score", "embed", "neighbors")
+
+
+@dataclasses.dataclass
+class Limits(Config):
+    """What one request may ask for. Configurable per deployment (serve/config.yaml args)."""
+
+    max_input_tokens: int = 512  # per input text (also capped by the model's max_positions)
+    max_new_tokens: int = 256  # per generated sequence
+    max_items: int = 64  # inputs (prompts, texts) per request
+    max_rows: int = 64  # rows in one forward pass when merged requests are run
+    max_logit_elements: int = 2**25  # rows * positions * vocab per forward pass (memory cap)
+
+
+class RequestError(NLMError):
+    """Bad input to an inference call; `code` and `status` become the HTTP error."""
+
+    def __init__(self, code: str, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+# ---------------------------------------------------------------- jobs (one input each)
+
+
+@dataclasses.dataclass
+class ScoreJob:
+    ids: list[int]  # causal: [</s>] + text tokens; bert: [CLS] + text tokens + [SEP]
+    num_bytes: int
+
+
+@dataclasses.dataclass
+class GenerationJob:
+    ids: list[int]  # [</s>] + prompt tokens
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+    stop_at_eos: bool = True  # end at </s> (the end of the document) instead of max_new_tokens
+
+
+@dataclasses.dataclass
+class EmbedJob:
+    ids: list[int]
+    start: int  # the text's tokens are ids[start:end]; only they are pooled
+    end: int
+
+
+@dataclasses.dataclass
+class FillMaskJob:
+    ids: list[int]  # [CLS] ... [SEP] with MASK_ID where the text had [MASK]
+    top_k: int
+
+
+# ---------------------------------------------------------------- padding and chunking
+
+
+def pad_right(
+    seqs: Sequence[Sequence[int]], pad_id: int = PAD_ID
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and attention mask, sequences at the left, padding after them."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+def pad_left(
+    seqs: Sequence[Sequence[int]], pad_id: int = PAD_ID
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and attention mask, sequences at the right (the models' generation layout)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        if seq:
+            ids[row, width - len(seq) :] = torch.as_tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
+def chunks(
+    lengths: Sequence[int], max_rows: int, max_elements: int, per_position: int
+) -> Iterator[list[int]]:
+    """Groups of indices (sorted by length, so padding is small) that fit one forward pass.
+
+    A group holds at most max_rows rows, and rows * longest * per_position (e.g. vocab size,
+    for the logits) stays under max_elements unless a single row alone exceeds it.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    group: list[int] = []
+    for i in order:
+        rows, width = len(group) + 1, max(lengths[i], 1)  # sorted: the newest is the longest
+        if group and (rows > max_rows or rows * width * per_position > max_elements):
+            yield group
+            group = []
+        group.append(i)
+    if group:
+        yield group
+
+
+def _run_chunked(
+    items: Sequence[Any],
+    lengths: Sequence[int],
+    limits: Limits,
+    per_position: int,
+    run: Callable[[list[Any]], list[Any]],
+) -> list[Any]:
+    """Apply `run` to length-sorted groups of items and put the answers back in input order."""
+    out: list[Any] = [None] * len(items)
+    for group in chunks(lengths, limits.max_rows, limits.max_logit_elements, per_position):
+        for i, answer in zip(group, run([items[i] for i in group]), strict=True):
+            out[i] = answer
+    return out
+
+
+# ---------------------------------------------------------------- batched model calls (ids)
+
+
+@torch.inference_mode()
+def causal_token_logprobs(
+    model: LanguageModel, seqs: Sequence[Sequence[int]]
+) -> list[torch.Tensor]:
+    """For each sequence, log p(seq[t] | seq[:t]) for t >= 1 (a float tensor of len(seq) - 1).
+
+    Right padding: a causal model's outputs at real positions never see the padding after them.
+    """
+    ids, _ = pad_right(seqs)
+    logits = model(ids).logits.float()
+    out = []
+    for row, seq in enumerate(seqs):
+        n = len(seq) - 1
+        logp = torch.log_softmax(logits[row, :n], dim=-1)
+        out.append(logp.gather(-1, ids[row, 1 : n + 1, None]).squeeze(-1))
+    return out
+
+
+@torch.inference_mode()
+def bert_logits(model: LanguageModel, seqs: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """(len(seq), V) MLM logits per sequence; right-padded with an attention mask."""
+    ids, mask = pad_right(seqs)
+    logits = model(ids, token_type_ids=torch.zeros_like(ids), attention_mask=mask).logits.float()
+    return [logits[row, : len(seq)] for row, seq in enumerate(seqs)]
+
+
+@torch.inference_mode()
+def pooled_hidden(
+    model: LanguageModel, seqs: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]]
+) -> torch.Tensor:
+    """(B, H) mean of the final hidden states over each span [start, end) of its sequence."""
+    ids, mask = pad_right(seqs)
+    if model.causal:
+        hidden = model(ids).hidden
+    else:
+        hidden = model(ids, token_type_ids=torch.zeros_like(ids), attention_mask=mask).hidden
+    hidden = hidden.float()
+    return torch.stack([hidden[row, a:b].mean(dim=0) for row, (a, b) in enumerate(spans)])
+
+
+def pseudo_log_likelihoods(
+    model: LanguageModel, seqs: Sequence[Sequence[int]], limits: Limits
+) -> list[torch.Tensor]:
+    """bert: for [CLS] x1..xn [SEP], log p(x_i | x with x_i masked) for every i (n values).
+
+    Salazar et al. 2020: one masked copy of the sentence per token, all run as one batch.
+    """
+    copies: list[list[int]] = []
+    owner: list[tuple[int, int]] = []  # (sequence, masked position)
+    for s, seq in enumerate(seqs):
+        for pos in range(1, len(seq) - 1):
+            masked = list(seq)
+            masked[pos] = MASK_ID
+            copies.append(masked)
+            owner.append((s, pos))
+    vocab = model.config.vocab_size
+
+    def run(group: list[tuple[list[int], tuple[int, int]]]) -> list[float]:
+        logits = bert_logits(model, [c for c, _ in group])
+        out = []
+        for row, (_, (s, pos)) in enumerate(group):
+            logp = torch.log_softmax(logits[row][pos], dim=-1)
+            out.append(float(logp[seqs[s][pos]]))
+        return out
+
+    values = _run_chunked(
+        list(zip(copies, owner, strict=True)), [len(c) for c in copies], limits, vocab, run
+    )
+    per_seq: list[list[float]] = [[] for _ in seqs]
+    for (s, _), v in zip(owner, values, strict=True):
+        per_seq[s].append(v)
+    return [torch.tensor(v, dtype=torch.float64) for v in per_seq]
+
+
+# ---------------------------------------------------------------- generation
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: LanguageModel, jobs: Sequence[GenerationJob]
+) -> list[tuple[list[int], list[float], bool]]:
+    """Continue every job's prompt in one batch -> (new ids, their log-probs, ended at </s>).
+
+    Uses the model's incremental decoding (`_prefill` / `_decode`, see nlm/models/base.py) on
+    left-padded prompts, but samples each row on its own: its own seeded generator and its
+    own temperature / top-k / top-p, exactly as `model.generate` would for that prompt alone.
+    A row that is done (its max_new_tokens reached, or </s> sampled with stop_at_eos; the </s>
+    is not returned) feeds </s> until every row is done.
+    """
+    ids, mask = pad_left([j.ids for j in jobs])
+    steps = max(j.max_new_tokens for j in jobs)
+    attention_mask = None if bool(mask.all()) else mask
+    generators = [torch.Generator().manual_seed(j.seed) for j in jobs]
+    new_ids: list[list[int]] = [[] for _ in jobs]
+    logprobs: list[list[float]] = [[] for _ in jobs]
+    ended = [False] * len(jobs)
+    logits, cache = model._prefill(ids, attention_mask, steps)
+    for step in range(steps):
+        chosen = torch.full((len(jobs),), EOS_ID, dtype=torch.long)
+        for row, job in enumerate(jobs):
+            if ended[row] or step >= job.max_new_tokens:
+                continue
+            token, logprob = sample_next(
+                logits[row : row + 1], job.temperature, job.top_k, job.top_p, generators[row]
+            )
+            chosen[row] = token[0]
+            if job.stop_at_eos and int(token[0]) == EOS_ID:
+                ended[row] = True
+                continue
+            new_ids[row].append(int(token[0]))
+            logprobs[row].append(float(logprob[0]))
+        done = all(e or step + 1 >= j.max_new_tokens for e, j in zip(ended, jobs, strict=True))
+        if done:
+            break
+        logits, cache = model._decode(chosen, cache)
+    return list(zip(new_ids, logprobs, ended, strict=True))
+
+
+# ---------------------------------------------------------------- the text layer
+
+
+def _max_positions(model: LanguageModel) -> int | None:
+    """The longest input the model accepts (gpt/bert block size), None when unbounded."""
+    for owner in (model, model.config):
+        for name in ("max_positions", "block_size", "max_position_embeddings"):
+            value = getattr(owner, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+def _metric(metrics: dict[str, Any], *names: str) -> float | None:
+    """The first of `names` found in metrics.json, top level or under "test"/"eval"/"final"."""
+    scopes = [metrics] + [
+        metrics[k] for k in ("test", "eval", "final") if isinstance(metrics.get(k), dict)
+    ]
+    for scope in scopes:
+        for name in names:
+            value = scope.get(name)
+            if (
+                isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+            ):
+                return float(value)
+    return None
+
+
+class Engine:
+    """A loaded checkpoint answering batches of text requests (what a serving replica holds)."""
+
+    def __init__(self, checkpoint: Checkpoint, limits: Limits | None = None) -> None:
+        self.checkpoint = checkpoint
+        self.model = checkpoint.model.eval()
+        self.tokenizer = checkpoint.tokenizer
+        self.family = checkpoint.family
+        self.limits = limits or Limits()
+        self.max_positions = _max_positions(self.model)
+        self.endpoints = CAUSAL_ENDPOINTS if self.model.causal else BERT_ENDPOINTS
+        # bert adds [CLS] and [SEP]; causal families read the text after a </s> boundary.
+        extra = 1 if self.model.causal else 2
+        cap = self.limits.max_input_tokens
+        self.max_text_tokens = min(cap, self.max_positions - extra) if self.max_positions else cap
+
+    def info(self) -> dict[str, Any]:
+        metrics = self.checkpoint.metrics
+        return {
+            "family": self.family,
+            "endpoints": list(self.endpoints),
+            "parameters": self.model.num_parameters(),
+            "vocab_size": self.tokenizer.vocab_size,
+            "tokenizer": self.tokenizer.kind,
+            "max_positions": self.max_positions,
+            "test_ppl": _metric(
+                metrics, "test_ppl", "test_perplexity", "ppl", "perplexity", "val_ppl"
+            ),
+            "bits_per_byte": _metric(
+                metrics, "test_bits_per_byte", "bits_per_byte", "bpb", "val_bits_per_byte"
+            ),
+            "metrics": metrics,
+        }
+
+    # ---- checking and encoding one input
+
+    def _require(self, endpoint: str) -> None:
+        if endpoint not in self.endpoints:
+            raise RequestError(
+                "wrong_family",
+                f"/v1/{endpoint} does not apply to a {self.family} model "
+                f"(it serves: {', '.join('/v1/' + e for e in self.endpoints)})",
+            )
+
+    def _encode(self, text: str, what: str = "text") -> list[int]:
+        if not isinstance(text, str):
+            raise RequestError("invalid_request", f"field '{what}': expected a string", 422)
+        if not text.strip():
+            raise RequestError("empty_input", f"field '{what}': empty input")
+        # A cheap bound first, so a megabyte of text is refused before it is tokenized.
+        if len(text) > 64 * self.max_text_tokens + 1024:
+            raise RequestError("input_too_long", self._too_long(what, f"{len(text)} characters"))
+        ids = self.tokenizer.encode(text)
+        if not ids:
+            raise RequestError("empty_input", f"field '{what}': the text has no tokens")
+        if len(ids) > self.max_text_tokens:
+            raise RequestError("input_too_long", self._too_long(what, f"{len(ids)} tokens"))
+        return ids
+
+    def _too_long(self, what: str, size: str) -> str:
+        return f"field '{what}': input too long ({size}; this model takes at most {self.max_text_tokens} tokens)"
+
+    def score_job(self, text: str) -> ScoreJob:
+        self._require("score")
+        ids = self._encode(text)
+        ids = [EOS_ID, *ids] if self.model.causal else [CLS_ID, *ids, SEP_ID]
+        return ScoreJob(ids, len(text.encode("utf-8")))
+
+    def generation_job(
+        self,
+        prompt: str,
+        max_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop_at_eos: bool = True,
+    ) -> GenerationJob:
+        self._require("generate")
+        if max_tokens > self.limits.max_new_tokens:
+            raise RequestError(
+                "too_many_tokens",
+                f"field 'max_tokens': {max_tokens} new tokens requested, the limit is {self.limits.max_new_tokens}",
+            )
+        ids = [EOS_ID, *self._encode(prompt, "prompt")]
+        if self.max_positions and len(ids) + max_tokens > self.max_positions:
+            raise RequestError(
+                "too_many_tokens",
+                f"field 'max_tokens': prompt ({len(ids)} tokens with the document boundary) plus "
+                f"{max_tokens} new tokens exceeds this model's {self.max_positions} positions",
+            )
+        if seed is None:
+            seed = random.SystemRandom().randrange(2**63)
+        return GenerationJob(ids, max_tokens, temperature, top_k, top_p, seed, stop_at_eos)
+
+    def embed_job(self, text: str) -> EmbedJob:
+        self._require("embed")
+        ids = self._encode(text)
+        if self.model.causal:
+            return EmbedJob(ids, 0, len(ids))
+        return EmbedJob([CLS_ID, *ids, SEP_ID], 1, len(ids) + 1)
+
+    def fill_mask_job(self, text: str, top_k: int) -> FillMaskJob:
+        self._require("fill-mask")
+        pieces = text.split(MASK_TEXT)
+        if len(pieces) == 1:
+            raise RequestError("no_mask", f"field 'text': no {MASK_TEXT} in the text")
+        ids: list[int] = []
+        for i, piece in enumerate(pieces):
+            if i:
+                ids.append(MASK_ID)
+            if piece.strip():
+                ids.extend(self.tokenizer.encode(piece))
+        if len(ids) > self.max_text_tokens:
+            raise RequestError("input_too_long", self._too_long("text", f"{len(ids)} tokens"))
+        return FillMaskJob(
+            [CLS_ID, *ids, SEP_ID], min(top_k, self.tokenizer.vocab_size - NUM_SPECIAL)
+        )
+
+    # ---- running many inputs at once
+
+    def _vocab(self) -> int:
+        return self.model.config.vocab_size
+
+    def score(self, jobs: Sequence[ScoreJob]) -> list[dict[str, Any]]:
+        if self.model.causal:
+            per_token = _run_chunked(
+                [j.ids for j in jobs],
+                [len(j.ids) for j in jobs],
+                self.limits,
+                self._vocab(),
+                lambda group: causal_token_logprobs(self.model, group),
+            )
+            measure = "log-likelihood"
+        else:
+            per_token = pseudo_log_likelihoods(self.model, [j.ids for j in jobs], self.limits)
+            measure = "pseudo-log-likelihood"
+        out = []
+        for job, logp in zip(jobs, per_token, strict=True):
+            total, n = float(logp.double().sum()), int(logp.numel())
+            out.append(
+                {
+                    "measure": measure,
+                    "num_tokens": n,
+                    "num_bytes": job.num_bytes,
+                    "logprob": total,
+                    "ppl": math.exp(min(-total / n, 700.0)),
+                    "bits_per_byte": -total / math.log(2) / max(job.num_bytes, 1),
+                }
+            )
+        return out
+
+    def embed(self, jobs: Sequence[EmbedJob]) -> list[list[float]]:
+        def run(group: list[EmbedJob]) -> list[torch.Tensor]:
+            return list(
+                pooled_hidden(self.model, [j.ids for j in group], [(j.start, j.end) for j in group])
+            )
+
+        vectors = _run_chunked(jobs, [len(j.ids) for j in jobs], self.limits, self._vocab(), run)
+        return [v.tolist() for v in vectors]
+
+    def fill_mask(self, jobs: Sequence[FillMaskJob]) -> list[dict[str, Any]]:
+        def run(group: list[FillMaskJob]) -> list[dict[str, Any]]:
+            answers = []
+            for job, logits in zip(
+                group, bert_logits(self.model, [j.ids for j in group]), strict=True
+            ):
+                positions = [i for i, t in enumerate(job.ids) if t == MASK_ID]
+                scores = logits[positions]
+                scores[:, :NUM_SPECIAL] = float("-inf")  # never propose [MASK], <pad>, ...
+                probs, ids = scores.softmax(dim=-1).topk(job.top_k, dim=-1)
+                answers.append(
+                    {
+                        "masks": [
+                            {
+                                "position": m,
+                                "candidates": [
+                                    {
+                                        "token": self.tokenizer.id_to_token(int(t)),
+                                        "token_id": int(t),
+                                        "prob": float(p),
+                                    }
+                                    for t, p in zip(ids[m], probs[m], strict=True)
+                                ],
+                            }
+                            for m in range(len(positions))
+                        ]
+                    }
+                )
+            return answers
+
+        return _run_chunked(jobs, [len(j.ids) for j in jobs], self.limits, self._vocab(), run)
+
+    def generate(self, jobs: Sequence[GenerationJob]) -> list[dict[str, Any]]:
+        results = _run_chunked(
+            jobs,
+            [len(j.ids) + j.max_new_tokens for j in jobs],
+            self.limits,
+            self._vocab(),
+            lambda group: generate_batch(self.model, group),
+        )
+        out = []
+        for job, (ids, logprobs, ended) in zip(jobs, results, strict=True):
+            out.append(
+                {
+                    "text": self.tokenizer.decode(ids, skip_special=True),
+                    "tokens": [self.tokenizer.id_to_token(i) for i in ids],
+                    "token_ids": ids,
+                    "logprobs": logprobs,
+                    "prompt_tokens": len(job.ids) - 1,
+                    "seed": job.seed,
+                    "finish_reason": "end_of_document" if ended else "length",
+                }
+            )
+        return out
+
+    def neighbors(self, word: str, k: int) -> list[dict[str, Any]]:
+        from nlm.wordvectors import neighbors
+
+        self._require("neighbors")
+        try:
+            pairs = neighbors(self.model, self.tokenizer, word, k=k)
+        except NLMError as exc:
+            code = (
+                "unknown_word"
+                if "unknown word" in str(exc) or "special token" in str(exc)
+                else "bad_request"
+            )
+            raise RequestError(code, str(exc), 404 if code == "unknown_word" else 400) from None
+        return [{"token": t, "cosine": c} for t, c in pairs]

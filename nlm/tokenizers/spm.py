@@ -1,0 +1,189 @@
+"""SentencePiece subword tokenizers: BPE ("spm-bpe") and unigram ("spm-unigram").
+
+Trained on a seeded reservoir sample of at most `sample_size` texts drawn in one pass over an
+iterator, so training memory does not grow with the corpus. The seven special tokens are pinned to ids 0-6:
+<pad> <unk> <s> </s> through SentencePiece's own meta-piece ids, [CLS] [SEP] [MASK] as control
+symbols (they fill the next free ids in order). Special tokens written literally in a text are
+cut out before SentencePiece sees it (in training and in encode), so WikiText's `<unk>` becomes
+the unknown id rather than the pieces "<", "unk", ">".
+
+Normalization is "identity": decode(encode(text)) gives the text back up to whitespace runs,
+for Chinese full-width punctuation too (NFKC would rewrite it). Saved as DIR/tokenizer.json and
+DIR/spm.model; the trainer is single-threaded and seeded, so the same texts and seed give the
+same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+
+from nlm.errors import NLMError
+from nlm.tokenizers.base import (
+    SPECIAL_IDS,
+    SPECIAL_TOKENS,
+    Tokenizer,
+    keep_in_decode,
+    split_specials,
+    write_json,
+)
+
+VERSION = 1
+DEFAULT_VOCAB_SIZE = 8000
+
+
+def _plain_texts(texts: Iterable[str]) -> Iterator[str]:
+    """Texts without their literal special tokens (not text to learn pieces from)."""
+    for text in texts:
+        text = " ".join(p for p in split_specials(text) if p not in SPECIAL_IDS).strip()
+        if text:
+            yield text
+
+
+def reservoir_sample(items: Iterable[str], size: int, seed: int) -> list[str]:
+    """A uniform sample of at most `size` items in one pass, holding only the sample (Algorithm R)."""
+    rng = random.Random(seed)
+    sample: list[str] = []
+    for n, item in enumerate(items):
+        if n < size:
+            sample.append(item)
+        else:
+            j = rng.randrange(n + 1)
+            if j < size:
+                sample[j] = item
+    return sample
+
+
+class SentencePieceTokenizer(Tokenizer):
+    model_type: str  # SentencePiece's name: "bpe" | "unigram"
+
+    def __init__(self, model_proto: bytes, source: str = "SentencePiece model") -> None:
+        self.model_proto = model_proto
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.LoadFromSerializedProto(model_proto)
+        except (RuntimeError, OSError) as exc:
+            raise NLMError(f"{source}: corrupt SentencePiece model ({exc})") from None
+        pieces = tuple(self.sp.id_to_piece(i) for i in range(len(SPECIAL_TOKENS)))
+        if pieces != SPECIAL_TOKENS:
+            raise NLMError(f"{source}: special tokens are {pieces}, expected {SPECIAL_TOKENS}")
+
+    @classmethod
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int | None = None,
+        seed: int = 0,
+        sample_size: int = 100_000,
+        byte_fallback: bool = False,
+        character_coverage: float = 0.9995,
+        num_threads: int = 1,
+    ) -> SentencePieceTokenizer:
+        if sample_size < 1:
+            raise NLMError(f"sample_size={sample_size}: must be at least 1")
+        # The bounded sample is drawn here, not by SentencePiece's input_sentence_size: its
+        # random seed is process-global and honoured only on first use, so a second tokenizer
+        # trained in the same process would ignore its seed.
+        sample = reservoir_sample(_plain_texts(texts), sample_size, seed)
+        if not sample:
+            raise NLMError(f"no text to train a {cls.kind} tokenizer on")
+        model = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(sample),
+                model_writer=model,
+                model_type=cls.model_type,
+                vocab_size=vocab_size or DEFAULT_VOCAB_SIZE,
+                hard_vocab_limit=False,  # a small text gets a smaller vocabulary, not an error
+                pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+                pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
+                control_symbols=list(SPECIAL_TOKENS[4:]),
+                input_sentence_size=0,  # already sampled
+                max_sentence_length=1 << 16,  # WikiText paragraphs exceed the 4192-byte default
+                normalization_rule_name="identity",
+                byte_fallback=byte_fallback,
+                character_coverage=character_coverage,
+                num_threads=num_threads,
+                minloglevel=2,
+            )  # fmt: skip
+        except RuntimeError as exc:
+            raise NLMError(f"cannot train a {cls.kind} tokenizer: {exc}") from None
+        return cls(model.getvalue())
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
+        """One batched SentencePiece call; num_threads=1 by default because the corpus pipeline
+        already runs one tokenizer per Ray actor (SentencePiece would otherwise take every core)."""
+        parts = [split_specials(t) for t in texts]
+        plain = [p for ps in parts for p in ps if p not in SPECIAL_IDS]
+        encoded = iter(self.sp.encode(plain, num_threads=num_threads)) if plain else iter(())
+        out = []
+        for ps in parts:
+            ids: list[int] = []
+            for p in ps:
+                if p in SPECIAL_IDS:
+                    ids.append(SPECIAL_IDS[p])
+                else:
+                    ids.extend(next(encoded))
+            out.append(ids)
+        return out
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        # Runs of ordinary pieces decode with SentencePiece; special ids are shown by name
+        # (SentencePiece itself would drop control symbols and show <unk> as " ⁇ ").
+        words: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            i = int(i)
+            if i >= len(SPECIAL_TOKENS):
+                run.append(i)
+                continue
+            if run:
+                words.append(self.sp.decode(run).strip())
+                run = []
+            if keep_in_decode(i, skip_special):
+                words.append(SPECIAL_TOKENS[i])
+        if run:
+            words.append(self.sp.decode(run).strip())
+        return " ".join(w for w in words if w)
+
+    def id_to_token(self, token_id: int) -> str:
+        return self.sp.id_to_piece(token_id)
+
+    def token_to_id(self, token: str) -> int | None:
+        token_id = self.sp.piece_to_id(token)
+        # SentencePiece answers <unk>'s id for any unknown piece.
+        return None if token_id == SPECIAL_IDS["<unk>"] and token != "<unk>" else token_id
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_json(directory / "tokenizer.json", {"kind": self.kind, "version": VERSION})
+        (directory / "spm.model").write_bytes(self.model_proto)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> SentencePieceTokenizer:
+        path = Path(directory) / "spm.model"
+        if not path.is_file():
+            raise NLMError(f"{path}: missing (not a saved {cls.kind} tokenizer?)")
+        return cls(path.read_bytes(), source=str(path))
+
+
+class BPETokenizer(SentencePieceTokenizer):
+    kind = "spm-bpe"
+    model_type = "bpe"
+
+
+class UnigramTokenizer(SentencePieceTokenizer):
+    kind = "spm-unigram"
+    model_type = "unigram"

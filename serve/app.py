@@ -1,0 +1,404 @@
+"""The Ray Serve application: a FastAPI ingress (`Gateway`) in front of one `ModelServer`
+deployment per checkpoint (serve/deployments.py).
+
+    nlm serve runs/gpt-small runs/bert-small runs/lstm      # local: nlm/cli/serve.py builds this
+    serve deploy serve/config.yaml                          # a cluster: import_path build_app
+
+`build_app({"checkpoints": [...], ...})` is the application builder both use. Model names come
+from the checkpoint or run directory's name (`name=path` overrides); they are the deployment
+names too, so serve/config.yaml can size each model's replicas.
+
+The gateway validates bodies (schemas.py), routes by model name, and turns every failure into
+JSON {"error": {"code", "message"}} with a 4xx status (503 while a replica restarts), so no input
+can produce a 500. When NLM_API_TOKEN is set, every /v1/ endpoint wants
+`Authorization: Bearer <token>`; /healthz and the OpenAPI schema stay open.
+"""
+
+# No `from __future__ import annotations` here: Serve's class-based FastAPI ingress needs the
+# route annotations as real types to see request bodies.
+import asyncio
+import dataclasses
+import hmac
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
+from nlm.serve.deployments import (
+    DEFAULT_BATCH_WAIT_TIMEOUT_S,
+    DEFAULT_MAX_BATCH_SIZE,
+    ModelServer,
+    endpoint_method,
+)
+from nlm.serve.schemas import (
+    ERROR_RESPONSES,
+    EmbedRequest,
+    EmbedResponse,
+    FillMaskBatchResponse,
+    FillMaskRequest,
+    FillMaskResponse,
+    GenerateBatchResponse,
+    GenerateRequest,
+    GenerateResponse,
+    Health,
+    ModelsResponse,
+    NeighborsRequest,
+    NeighborsResponse,
+    ScoreBatchResponse,
+    ScoreRequest,
+    ScoreResponse,
+)
+from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nlm.checkpoint import read_checkpoint_config, resolve_checkpoint_dir
+from nlm.config import Config
+from nlm.errors import NLMError
+from nlm.inference import BERT_ENDPOINTS, CAUSAL_ENDPOINTS, Limits
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "NLM_API_TOKEN"
+GATEWAY = "Gateway"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+OPEN_PATHS = ("/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+
+# ---------------------------------------------------------------- the application's arguments
+
+
+@dataclasses.dataclass
+class AppArgs(Config):
+    """`args` of serve/config.yaml (and what `nlm serve` passes)."""
+
+    checkpoints: list[str] = dataclasses.field(default_factory=list)  # "path" or "name=path"
+    limits: dict[str, Any] = dataclasses.field(default_factory=dict)  # nlm.inference.Limits fields
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE  # 1 turns batching off
+    batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S
+    num_cpus: float | None = None  # per model replica; None keeps the deployment's default
+    torch_threads: int | None = None  # per model replica; None: 1
+    num_replicas: int | None = (
+        None  # per model; None keeps the default (1, or the config's autoscaling)
+    )
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    name: str
+    path: Path
+    family: str
+
+
+def model_name(path: Path) -> str:
+    """A run directory's name (runs/gpt-small -> gpt-small), also for its model/ subdirectory."""
+    path = path.resolve()
+    name = path.parent.name if path.name == "model" and path.parent.name else path.name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-._") or "model"
+
+
+def parse_checkpoints(specs: list[str]) -> list[ModelSpec]:
+    """ "path" or "name=path" entries -> checked, uniquely named models (NLMError otherwise)."""
+    if not specs:
+        raise NLMError("no checkpoints given (args.checkpoints is empty)")
+    models: list[ModelSpec] = []
+    for spec in specs:
+        if not isinstance(spec, str) or not spec:
+            raise NLMError(f"checkpoint {spec!r}: expected a path or name=path")
+        name, sep, path_text = spec.partition("=")
+        if not sep or "/" in name or not name:
+            name, path_text = "", spec
+        path = Path(path_text).expanduser()
+        config = read_checkpoint_config(path)  # NLMError for a missing or foreign directory
+        name = name or model_name(path)
+        if not NAME_RE.match(name) or name == GATEWAY:
+            raise NLMError(
+                f"checkpoint {spec!r}: model name '{name}' must match {NAME_RE.pattern} and not be '{GATEWAY}'"
+            )
+        if any(m.name == name for m in models):
+            raise NLMError(
+                f"checkpoint {spec!r}: two models named '{name}'; give one another name with name=path"
+            )
+        models.append(ModelSpec(name, resolve_checkpoint_dir(path).resolve(), config["family"]))
+    return models
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The application builder (`import_path: nlm.serve.app:build_app` in serve/config.yaml)."""
+    spec = AppArgs.from_dict(dict(args or {}), source="application args")
+    if not isinstance(spec.checkpoints, list):
+        raise NLMError("application args (field 'checkpoints'): expected a list of paths")
+    if not isinstance(spec.max_batch_size, int) or spec.max_batch_size < 1:
+        raise NLMError(
+            f"application args (field 'max_batch_size'): must be an integer >= 1, got {spec.max_batch_size!r}"
+        )
+    limits = Limits.from_dict(dict(spec.limits), source="application args (field 'limits')")
+    models = parse_checkpoints(spec.checkpoints)
+
+    handles: dict[str, Any] = {}
+    for model in models:
+        options: dict[str, Any] = {
+            "name": model.name,
+            "user_config": {
+                "max_batch_size": spec.max_batch_size,
+                "batch_wait_timeout_s": spec.batch_wait_timeout_s,
+            },
+            # Queue room for a full batch (field notes): never below max_batch_size.
+            "max_ongoing_requests": max(2 * spec.max_batch_size, 8),
+        }
+        if spec.num_cpus is not None:
+            options["ray_actor_options"] = {"num_cpus": spec.num_cpus}
+        if spec.num_replicas is not None:
+            options["num_replicas"] = spec.num_replicas
+        handles[model.name] = ModelServer.options(**options).bind(
+            model.name, str(model.path), limits.to_dict(), spec.torch_threads
+        )
+    catalog = {
+        m.name: {
+            "family": m.family,
+            "endpoints": list(BERT_ENDPOINTS if m.family == "bert" else CAUSAL_ENDPOINTS),
+        }
+        for m in models
+    }
+    gateway_options: dict[str, Any] = {}
+    if spec.num_cpus is not None:
+        gateway_options["ray_actor_options"] = {"num_cpus": spec.num_cpus}
+    return Gateway.options(**gateway_options).bind(
+        handles, catalog, limits.max_items, os.environ.get(TOKEN_ENV) or None
+    )
+
+
+# ---------------------------------------------------------------- errors as JSON
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def error_response(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+def describe_validation(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    more = len(exc.errors()) - 3
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+api = FastAPI(
+    title="nlm",
+    version="1",
+    description="Neural language models (fnn, rnn, lstm, gpt, bert) served with Ray Serve. "
+    'Errors are {"error": {"code", "message"}}.',
+)
+bearer = HTTPBearer(auto_error=False, description=f"required when the server has {TOKEN_ENV} set")
+SECURED = [Security(bearer)]  # declares the scheme in OpenAPI; the middleware enforces it
+_api_token: dict[str, str | None] = {"value": None}  # set by the Gateway replica at start
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return error_response(422, "invalid_request", describe_validation(exc))
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
+    return error_response(
+        exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)
+    )
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc.status, exc.code, exc.message)
+
+
+@api.middleware("http")
+async def _authorize(request: Request, call_next: Any) -> Any:
+    token = _api_token["value"]
+    if token and request.url.path not in OPEN_PATHS:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), token.encode()
+        ):
+            return error_response(
+                401,
+                "unauthorized",
+                f"missing or wrong bearer token ({TOKEN_ENV} is set on the server)",
+            )
+    return await call_next(request)
+
+
+# ---------------------------------------------------------------- the ingress deployment
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=512)
+@serve.ingress(api)
+class Gateway:
+    def __init__(
+        self,
+        models: dict[str, DeploymentHandle],
+        catalog: dict[str, dict[str, Any]],
+        max_items: int,
+        api_token: str | None,
+    ) -> None:
+        self.models = models
+        self.catalog = catalog
+        self.max_items = max_items
+        _api_token["value"] = api_token or os.environ.get(TOKEN_ENV) or None
+
+    def _handle(self, model: str, endpoint: str) -> DeploymentHandle:
+        if model not in self.models:
+            raise ApiError(
+                404,
+                "unknown_model",
+                f"unknown model '{model}' (serving: {', '.join(sorted(self.models))})",
+            )
+        if endpoint not in self.catalog[model]["endpoints"]:
+            family = self.catalog[model]["family"]
+            serving = [m for m, c in sorted(self.catalog.items()) if endpoint in c["endpoints"]]
+            raise ApiError(
+                400,
+                "wrong_family",
+                f"/v1/{endpoint} does not apply to '{model}', a {family} model "
+                f"(models that serve it: {', '.join(serving) or 'none'})",
+            )
+        return self.models[model]
+
+    async def _call(
+        self, model: str, endpoint: str, body: dict[str, Any], items: int = 1
+    ) -> dict[str, Any]:
+        handle = self._handle(model, endpoint)
+        if items > self.max_items:
+            raise ApiError(
+                400,
+                "too_many_inputs",
+                f"{items} inputs in one request; the limit is {self.max_items}",
+            )
+        method = endpoint_method(endpoint)
+        try:
+            answer = await getattr(handle, method).remote(body)
+        except (
+            RayActorError,
+            ReplicaUnavailableError,
+            DeploymentUnavailableError,
+            BackPressureError,
+        ) as exc:
+            raise ApiError(
+                503,
+                "unavailable",
+                f"model '{model}' is restarting or overloaded, retry: {type(exc).__name__}",
+            ) from None
+        except RayTaskError as exc:  # a bug, not bad input: say so rather than hide it
+            log.exception("model %s failed on /v1/%s", model, endpoint)
+            raise ApiError(
+                500, "internal", f"model '{model}' failed: {type(exc.cause).__name__}"
+            ) from None
+        if "error" in answer:
+            raise ApiError(
+                answer.get("status", 400), answer["error"]["code"], answer["error"]["message"]
+            )
+        return answer
+
+    @staticmethod
+    def _shape(
+        model: str, inputs: str | list[str], results: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """One input in, one flat object out; a list in, {"results": [...]} out."""
+        if isinstance(inputs, str):
+            return {"model": model, **results[0]}
+        return {"model": model, "results": results}
+
+    @api.get("/healthz", response_model=Health)
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", "models": len(self.models)}
+
+    @api.get(
+        "/v1/models", response_model=ModelsResponse, responses=ERROR_RESPONSES, dependencies=SECURED
+    )
+    async def list_models(self) -> dict[str, Any]:
+        try:
+            infos = await asyncio.gather(*(h.info.remote() for h in self.models.values()))
+        except (
+            RayActorError,
+            ReplicaUnavailableError,
+            DeploymentUnavailableError,
+            BackPressureError,
+        ) as exc:
+            raise ApiError(
+                503, "unavailable", f"a model is restarting, retry: {type(exc).__name__}"
+            ) from None
+        return {"models": list(infos)}
+
+    @api.post(
+        "/v1/generate",
+        response_model=GenerateResponse | GenerateBatchResponse,
+        responses=ERROR_RESPONSES,
+        dependencies=SECURED,
+    )
+    async def generate(self, body: GenerateRequest) -> dict[str, Any]:
+        """Continue a prompt (or a list of them): text, tokens and per-token log-probs. Causal families."""
+        answer = await self._call(body.model, "generate", body.model_dump(), _count(body.prompt))
+        return self._shape(body.model, body.prompt, answer["results"])
+
+    @api.post(
+        "/v1/score",
+        response_model=ScoreResponse | ScoreBatchResponse,
+        responses=ERROR_RESPONSES,
+        dependencies=SECURED,
+    )
+    async def score(self, body: ScoreRequest) -> dict[str, Any]:
+        """Total log-prob, per-token perplexity and bits/byte (bert: pseudo-log-likelihood)."""
+        answer = await self._call(body.model, "score", body.model_dump(), _count(body.text))
+        return self._shape(body.model, body.text, answer["results"])
+
+    @api.post(
+        "/v1/fill-mask",
+        response_model=FillMaskResponse | FillMaskBatchResponse,
+        responses=ERROR_RESPONSES,
+        dependencies=SECURED,
+    )
+    async def fill_mask(self, body: FillMaskRequest) -> dict[str, Any]:
+        """Top-k candidates for every [MASK] in the text. bert."""
+        answer = await self._call(body.model, "fill-mask", body.model_dump(), _count(body.text))
+        return self._shape(body.model, body.text, answer["results"])
+
+    @api.post(
+        "/v1/embed", response_model=EmbedResponse, responses=ERROR_RESPONSES, dependencies=SECURED
+    )
+    async def embed(self, body: EmbedRequest) -> dict[str, Any]:
+        """A vector per text: the mean of the final hidden states over the text's tokens."""
+        answer = await self._call(body.model, "embed", body.model_dump(), _count(body.texts))
+        vectors = answer["results"]
+        return {"model": body.model, "dim": len(vectors[0]), "embeddings": vectors}
+
+    @api.post(
+        "/v1/neighbors",
+        response_model=NeighborsResponse,
+        responses=ERROR_RESPONSES,
+        dependencies=SECURED,
+    )
+    async def neighbors(self, body: NeighborsRequest) -> dict[str, Any]:
+        """Nearest vocabulary entries to a word by cosine of the input embeddings."""
+        answer = await self._call(body.model, "neighbors", body.model_dump())
+        return {"model": body.model, "word": body.word, "neighbors": answer["neighbors"]}
+
+
+def _count(inputs: str | list[str]) -> int:
+    return 1 if isinstance(inputs, str) else len(inputs)

@@ -1,0 +1,222 @@
+"""One Ray Serve deployment per checkpoint: `ModelServer`, with dynamic batching.
+
+Why one deployment per model rather than a multiplexed one: the five families answer different
+endpoints and have very different costs (a 64-token gpt generation against a one-shot fnn
+score), so each gets its own replicas, autoscaling and batch size; and multiplexing together
+with batching has served the wrong model (ray #56633), which separate deployments rule out.
+
+Every endpoint works the same way:
+1. `generate(body)` (one HTTP request) checks and tokenizes its inputs right here, so a bad
+   input is answered on its own and never fails a batch it would have joined;
+2. it then awaits the `@serve.batch` method, which gathers the inputs of all requests that
+   arrived within `batch_wait_timeout_s` (up to `max_batch_size` requests), runs them as a few
+   padded forward passes (nlm.inference) on one worker thread, and hands each request its rows.
+A request may carry a list of inputs: batching is across requests and within them.
+
+Answers are plain dicts. Errors are returned as {"error": {...}, "status": n} values rather
+than raised, so they cross the Ray boundary as data and the gateway turns them into HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from ray import serve
+
+from nlm.checkpoint import load_checkpoint
+from nlm.inference import Engine, Limits, RequestError
+
+DEFAULT_MAX_BATCH_SIZE = 32
+DEFAULT_BATCH_WAIT_TIMEOUT_S = 0.01
+# A batch that runs longer than this means the worker thread is wedged: fail the health check
+# so Serve replaces the replica.
+STUCK_AFTER_S = 600.0
+
+_batched = serve.batch(
+    max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S
+)
+
+
+def error(code: str, message: str, status: int = 400) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message}, "status": status}
+
+
+def as_list(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+@serve.deployment(
+    # Local sizes; serve/config.yaml carries the cluster's. max_ongoing_requests must stay
+    # >= max_batch_size or batches can never fill (field notes, ray #43288).
+    ray_actor_options={"num_cpus": 0.25},
+    max_ongoing_requests=2 * DEFAULT_MAX_BATCH_SIZE,
+    health_check_period_s=5,
+    health_check_timeout_s=30,
+)
+class ModelServer:
+    def __init__(
+        self,
+        name: str,
+        path: str,
+        limits: dict[str, Any] | None = None,
+        torch_threads: int | None = None,
+    ) -> None:
+        # Ray gives fractional-CPU actors OMP_NUM_THREADS=1; say how many we want explicitly.
+        torch.set_num_threads(torch_threads or 1)
+        self.name = name
+        self.engine = Engine(load_checkpoint(path), Limits.from_dict(limits or {}, source="limits"))
+        # One worker thread runs every forward pass: the event loop stays free to accept (and
+        # batch) requests meanwhile, and two endpoints never fight over the cores.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"nlm-{name}")
+        self.max_batch_size = DEFAULT_MAX_BATCH_SIZE
+        self.batch_wait_timeout_s = DEFAULT_BATCH_WAIT_TIMEOUT_S
+        self.stats = {
+            e: {"requests": 0, "items": 0, "batches": 0, "largest_batch": 0}
+            for e in self.engine.endpoints
+        }
+        self.busy_since: float | None = None
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """user_config: {max_batch_size, batch_wait_timeout_s}; max_batch_size 1 = no batching."""
+        unknown = set(config) - {"max_batch_size", "batch_wait_timeout_s"}
+        if unknown:
+            raise ValueError(f"user_config: unknown field(s) {sorted(unknown)}")
+        self.max_batch_size = int(config.get("max_batch_size", self.max_batch_size))
+        self.batch_wait_timeout_s = float(
+            config.get("batch_wait_timeout_s", self.batch_wait_timeout_s)
+        )
+        for method in (
+            self._generate_batch,
+            self._score_batch,
+            self._embed_batch,
+            self._fill_mask_batch,
+        ):
+            method.set_max_batch_size(self.max_batch_size)
+            method.set_batch_wait_timeout_s(self.batch_wait_timeout_s)
+
+    def check_health(self) -> None:
+        if self.busy_since is not None and time.monotonic() - self.busy_since > STUCK_AFTER_S:
+            raise RuntimeError(f"a batch has been running for over {STUCK_AFTER_S:.0f} s")
+
+    async def info(self) -> dict[str, Any]:
+        context = serve.get_replica_context()
+        return {
+            "name": self.name,
+            **self.engine.info(),
+            "replica": {
+                "pid": os.getpid(),
+                "replica_id": context.replica_id.unique_id,
+                "max_batch_size": self.max_batch_size,
+                "batch_wait_timeout_s": self.batch_wait_timeout_s,
+                "stats": self.stats,
+            },
+        }
+
+    # ---- the endpoints (one call per HTTP request)
+
+    async def generate(self, body: dict[str, Any]) -> dict[str, Any]:
+        params = {k: body[k] for k in ("temperature", "top_k", "top_p", "seed", "stop_at_eos")}
+        return await self._serve(
+            body["prompt"],
+            lambda p: self.engine.generation_job(p, body["max_tokens"], **params),
+            self._generate_batch,
+        )
+
+    async def score(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await self._serve(body["text"], self.engine.score_job, self._score_batch)
+
+    async def embed(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await self._serve(body["texts"], self.engine.embed_job, self._embed_batch)
+
+    async def fill_mask(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await self._serve(
+            body["text"],
+            lambda t: self.engine.fill_mask_job(t, body["top_k"]),
+            self._fill_mask_batch,
+        )
+
+    async def neighbors(self, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            found = await self._compute(self.engine.neighbors, body["word"], body["k"])
+        except RequestError as exc:
+            return error(exc.code, str(exc), exc.status)
+        return {"neighbors": found}
+
+    async def _serve(
+        self, inputs: str | list[str], prepare: Callable[[str], Any], batched: Callable
+    ) -> dict[str, Any]:
+        texts = as_list(inputs)
+        limit = self.engine.limits.max_items
+        if len(texts) > limit:
+            return error(
+                "too_many_inputs", f"{len(texts)} inputs in one request; the limit is {limit}"
+            )
+        try:
+            jobs = [prepare(t) for t in texts]
+        except RequestError as exc:
+            return error(exc.code, str(exc), exc.status)
+        return {"results": await batched(jobs)}
+
+    # ---- the batched halves: a list of requests (each a list of jobs) -> a list of answers
+
+    async def _run_batch(
+        self, endpoint: str, requests: list[list[Any]], run: Callable[[list[Any]], list[Any]]
+    ) -> list[list[Any]]:
+        flat = [job for jobs in requests for job in jobs]
+        stats = self.stats[endpoint]
+        stats["requests"] += len(requests)
+        stats["items"] += len(flat)
+        stats["batches"] += 1
+        stats["largest_batch"] = max(stats["largest_batch"], len(requests))
+        if self.max_batch_size > 1:
+            answers = await self._compute(run, flat)  # the engine splits it into padded passes
+        else:
+            # Batching off: one input per forward pass, like a server without batching.
+            answers = []
+            for job in flat:
+                answers.extend(await self._compute(run, [job]))
+        out, start = [], 0
+        for jobs in requests:
+            out.append(answers[start : start + len(jobs)])
+            start += len(jobs)
+        return out
+
+    async def _compute(self, fn: Callable, *args: Any) -> Any:
+        def timed() -> Any:
+            self.busy_since = time.monotonic()
+            try:
+                return fn(*args)
+            finally:
+                self.busy_since = None
+
+        return await asyncio.get_running_loop().run_in_executor(self.executor, timed)
+
+    @_batched
+    async def _generate_batch(self, requests: list[list[Any]]) -> list[list[Any]]:
+        return await self._run_batch("generate", requests, self.engine.generate)
+
+    @_batched
+    async def _score_batch(self, requests: list[list[Any]]) -> list[list[Any]]:
+        return await self._run_batch("score", requests, self.engine.score)
+
+    @_batched
+    async def _embed_batch(self, requests: list[list[Any]]) -> list[list[Any]]:
+        return await self._run_batch("embed", requests, self.engine.embed)
+
+    @_batched
+    async def _fill_mask_batch(self, requests: list[list[Any]]) -> list[list[Any]]:
+        return await self._run_batch("fill-mask", requests, self.engine.fill_mask)
+
+
+def endpoint_method(endpoint: str) -> str:
+    """The ModelServer method behind /v1/<endpoint>."""
+    return endpoint.replace("-", "_")
+
+
+__all__: Sequence[str] = ["ModelServer", "endpoint_method", "error"]

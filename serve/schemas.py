@@ -1,0 +1,210 @@
+"""The HTTP API's request and response bodies (pydantic). FastAPI turns them into the OpenAPI
+schema, which is the contract clients (and the schemathesis fuzz test) rely on.
+
+Requests are strict (`extra="forbid"`, no "5" -> 5 coercion), so a typo or a wrong type is a
+422 naming the field rather than a silently ignored parameter. Limits that depend on the
+deployment (longest input, most new tokens, most inputs per request) are checked at run time
+against `Limits` and answered with 400, because they are configuration, not schema.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Family = Literal["fnn", "rnn", "lstm", "gpt", "bert"]
+ModelName = Annotated[
+    str, Field(min_length=1, max_length=128, description="a name from GET /v1/models")
+]
+Text = Annotated[str, Field(max_length=100_000)]
+OneOrMany = Text | Annotated[list[Text], Field(min_length=1, max_length=1024)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+# ---------------------------------------------------------------- errors
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="machine-readable: unknown_model, wrong_family, empty_input, ...")
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": what}
+    for status, what in [
+        (400, "bad input: empty, too long, too many tokens or items, wrong model family"),
+        (401, "missing or wrong bearer token (only when NLM_API_TOKEN is set)"),
+        (404, "unknown model or word"),
+        (422, "the body does not match the schema (wrong type, unknown field, out of range)"),
+        (503, "the model's replica is restarting; retry"),
+    ]
+}
+
+
+# ---------------------------------------------------------------- requests
+
+
+class GenerateRequest(_Strict):
+    model: ModelName
+    prompt: OneOrMany = Field(description="a prompt, or a list of prompts answered together")
+    max_tokens: int = Field(32, ge=1, le=1_000_000, description="new tokens per prompt")
+    temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 means greedy")
+    top_k: int | None = Field(None, ge=1, le=1_000_000)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = Field(
+        None, ge=0, le=2**63 - 1, description="same seed, same output, whatever else is batched"
+    )
+    stop_at_eos: bool = Field(True, description="end at </s> (end of document) before max_tokens")
+
+
+class ScoreRequest(_Strict):
+    model: ModelName
+    text: OneOrMany
+
+
+class FillMaskRequest(_Strict):
+    model: ModelName
+    text: OneOrMany = Field(description="text with one or more [MASK] tokens")
+    top_k: int = Field(5, ge=1, le=1000)
+
+
+class EmbedRequest(_Strict):
+    model: ModelName
+    texts: OneOrMany
+
+
+class NeighborsRequest(_Strict):
+    model: ModelName
+    word: Annotated[str, Field(min_length=1, max_length=200)]
+    k: int = Field(10, ge=1, le=1000)
+
+
+# ---------------------------------------------------------------- responses
+
+
+class EndpointStats(BaseModel):
+    requests: int = Field(description="HTTP requests that reached this replica's batcher")
+    items: int = Field(description="inputs (a request may carry a list)")
+    batches: int = Field(description="batched executions; fewer than requests means batching")
+    largest_batch: int = Field(description="most requests merged into one execution")
+
+
+class ReplicaInfo(BaseModel):
+    pid: int
+    replica_id: str
+    max_batch_size: int
+    batch_wait_timeout_s: float
+    stats: dict[str, EndpointStats]
+
+
+class ModelInfo(BaseModel):
+    name: str
+    family: Family
+    endpoints: list[str]
+    parameters: int
+    vocab_size: int
+    tokenizer: str = Field(description="tokenizer kind: word, char, spm-bpe, spm-unigram")
+    max_positions: int | None = Field(description="longest input the model accepts, if bounded")
+    test_ppl: float | None = Field(description="from the checkpoint's metrics.json, if recorded")
+    bits_per_byte: float | None = Field(
+        description="from the checkpoint's metrics.json, if recorded"
+    )
+    metrics: dict[str, Any] = Field(description="the checkpoint's metrics.json as saved")
+    replica: ReplicaInfo = Field(
+        description="the replica that answered, with its batching counters"
+    )
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelInfo]
+
+
+class Generation(BaseModel):
+    text: str
+    tokens: list[str]
+    token_ids: list[int]
+    logprobs: list[float] = Field(description="log-prob of each new token under the model (T=1)")
+    prompt_tokens: int
+    seed: int = Field(description="the seed used; send it back to reproduce this output")
+    finish_reason: Literal["length", "end_of_document"]
+
+
+class GenerateResponse(Generation):
+    model: str
+
+
+class GenerateBatchResponse(BaseModel):
+    model: str
+    results: list[Generation]
+
+
+class Score(BaseModel):
+    measure: Literal["log-likelihood", "pseudo-log-likelihood"]
+    num_tokens: int
+    num_bytes: int
+    logprob: float = Field(description="total natural-log probability of the text's tokens")
+    ppl: float = Field(description="per-token perplexity, exp(-logprob / num_tokens)")
+    bits_per_byte: float = Field(description="-logprob / ln 2 / UTF-8 bytes")
+
+
+class ScoreResponse(Score):
+    model: str
+
+
+class ScoreBatchResponse(BaseModel):
+    model: str
+    results: list[Score]
+
+
+class Candidate(BaseModel):
+    token: str
+    token_id: int
+    prob: float
+
+
+class MaskFill(BaseModel):
+    position: int = Field(description="index of the [MASK] among the text's masks, from 0")
+    candidates: list[Candidate]
+
+
+class FillMask(BaseModel):
+    masks: list[MaskFill]
+
+
+class FillMaskResponse(FillMask):
+    model: str
+
+
+class FillMaskBatchResponse(BaseModel):
+    model: str
+    results: list[FillMask]
+
+
+class EmbedResponse(BaseModel):
+    model: str
+    dim: int
+    embeddings: list[list[float]]
+
+
+class Neighbor(BaseModel):
+    token: str
+    cosine: float
+
+
+class NeighborsResponse(BaseModel):
+    model: str
+    word: str
+    neighbors: list[Neighbor]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    models: int

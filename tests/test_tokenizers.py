@@ -1,0 +1,178 @@
+"""Tokenizers: round trips on real English and segmented Chinese text, the vocabulary rules,
+fixed special ids, save/load, byte-determinism, and clear errors for bad saved tokenizers."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from nlm.errors import NLMError
+from nlm.tokenizers import KINDS, load_tokenizer, train_tokenizer
+from nlm.tokenizers.base import SPECIAL_TOKENS, UNK_ID, fingerprint
+
+SPM_VOCAB = 1000
+
+
+@pytest.fixture(scope="module")
+def wt2_lines(data_mirror) -> list[str]:
+    lines = (data_mirror / "wikitext-2" / "valid.txt").read_text(encoding="utf-8").splitlines()
+    return [line for line in lines if line.strip()][:1500]
+
+
+@pytest.fixture(scope="module")
+def pku_lines(data_mirror) -> list[str]:
+    lines = (data_mirror / "pku" / "pku_test_gold.utf8").read_text(encoding="utf-8").splitlines()
+    return [line for line in lines if line.strip()][:800]
+
+
+def _train(kind: str, lines: list[str], segmented: bool = False):
+    # byte_fallback: rare characters become byte pieces instead of <unk>, so round trips are exact.
+    # Chinese needs room for its ~2400 characters.
+    vocab_size = 3000 if segmented else SPM_VOCAB
+    spm = {"vocab_size": vocab_size, "byte_fallback": True} if kind.startswith("spm-") else {}
+    return train_tokenizer(kind, iter(lines), segmented=segmented, seed=0, **spm)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("corpus", ["wt2", "pku"])
+def test_round_trip_and_save_load(kind, corpus, wt2_lines, pku_lines, tmp_path):
+    lines, segmented = (wt2_lines, False) if corpus == "wt2" else (pku_lines, True)
+    tok = _train(kind, lines, segmented)  # a one-shot iterator: training streams
+    sample = lines[:50]
+    for line in sample:
+        text = tok.decode(tok.encode(line))
+        if kind == "char" and segmented:  # the segmentation spaces are not characters
+            assert text == "".join(line.split())
+        elif kind == "char":  # exact, spaces included
+            assert text == line
+        else:  # words and pieces: whitespace runs become single spaces
+            assert text == " ".join(line.split())
+    assert tok.encode_batch(sample) == [tok.encode(line) for line in sample]
+
+    tok.save(tmp_path / "tok")
+    again = load_tokenizer(tmp_path / "tok")
+    assert type(again) is type(tok) and again.vocab_size == tok.vocab_size
+    assert again.encode_batch(sample) == tok.encode_batch(sample)
+    assert [again.id_to_token(i) for i in range(tok.vocab_size)] == [
+        tok.id_to_token(i) for i in range(tok.vocab_size)
+    ]
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_special_ids_fixed_and_literal_specials(kind, wt2_lines):
+    tok = _train(kind, wt2_lines[:300])
+    for i, token in enumerate(SPECIAL_TOKENS):
+        assert tok.id_to_token(i) == token
+        assert tok.token_to_id(token) == i
+    assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
+    assert (tok.cls_id, tok.sep_id, tok.mask_id) == (4, 5, 6)
+    # WikiText's literal <unk> is the unknown token; a fill-mask query's [MASK] is the mask id.
+    ids = tok.encode("the <unk> of [MASK]")
+    assert UNK_ID in ids and 6 in ids and ids.count(UNK_ID) == 1
+    assert tok.decode(ids) == "the <unk> of [MASK]"
+    assert tok.decode(ids, skip_special=True).strip() == "the <unk> of"  # char keeps the space
+    assert tok.decode([0, 0, *tok.encode("the")]) == "the"  # <pad> never shows
+    assert tok.token_to_id("surely-not-a-token-§§§") is None
+
+
+def test_word_vocabulary_rules():
+    text = ["b a c a", "b a d <unk>", "e c"]  # a:3 b:2 c:2 d:1 e:1
+    everything = train_tokenizer("word", text)
+    assert everything.tokens[7:] == ["a", "b", "c", "d", "e"]  # count desc, then token
+    assert everything.counts[7:] == [3, 2, 2, 1, 1]
+    assert "<unk>" not in everything.tokens[7:]  # literal <unk> is not a word
+
+    frequent = train_tokenizer("word", text, min_count=2)
+    assert frequent.tokens[7:] == ["a", "b", "c"]
+    assert frequent.encode("d a x") == [UNK_ID, 7, UNK_ID]
+
+    top = train_tokenizer("word", text, vocab_size=7 + 2)  # V counts the specials
+    assert top.vocab_size == 9 and top.tokens[7:] == ["a", "b"]
+    assert top.encode("c a") == [UNK_ID, 7]
+
+    both = train_tokenizer("word", text, vocab_size=100, min_count=2)
+    assert both.tokens[7:] == ["a", "b", "c"]
+
+    with pytest.raises(NLMError, match="vocab_size"):
+        train_tokenizer("word", text, vocab_size=5)
+    with pytest.raises(NLMError, match="min_count"):
+        train_tokenizer("word", text, min_count=0)
+
+
+def test_word_vocabulary_on_segmented_chinese(pku_lines):
+    tok = train_tokenizer("word", pku_lines, vocab_size=500)
+    assert tok.vocab_size == 500
+    counts = tok.counts[7:]
+    assert counts == sorted(counts, reverse=True)
+    counter = Counter(w for line in pku_lines for w in line.split())
+    expected = sorted(counter.items(), key=lambda item: (-item[1], item[0]))[:493]
+    assert tok.tokens[7:] == [w for w, _ in expected]
+    assert tok.tokens[7:9] == ["，", "的"]  # People's Daily's most frequent words
+    frequent = train_tokenizer("word", pku_lines, min_count=5)
+    assert min(frequent.counts[7:]) >= 5
+    assert frequent.vocab_size < train_tokenizer("word", pku_lines).vocab_size
+
+
+def test_char_vocabulary_rules():
+    tok = train_tokenizer("char", ["aab", "bc a"], min_count=2)
+    assert tok.tokens[7:] == ["a", "b"]
+    assert tok.encode("abc") == [7, 8, UNK_ID]
+    seg = train_tokenizer("char", ["中国  人民"], segmented=True)
+    assert " " not in seg.tokens and seg.decode(seg.encode("人民  中国")) == "人民中国"
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_saved_files_are_byte_deterministic(kind, pku_lines, tmp_path):
+    for name in ("one", "two"):
+        _train(kind, pku_lines[:400], segmented=True).save(tmp_path / name)
+    one = {p.name: p.read_bytes() for p in (tmp_path / "one").iterdir()}
+    two = {p.name: p.read_bytes() for p in (tmp_path / "two").iterdir()}
+    assert one == two
+    assert fingerprint(tmp_path / "one") == fingerprint(tmp_path / "two")
+    assert json.loads(one["tokenizer.json"])["kind"] == kind
+
+
+def test_spm_seed_and_sample(wt2_lines):
+    def proto(seed: int) -> bytes:
+        return train_tokenizer(
+            "spm-bpe", wt2_lines, vocab_size=SPM_VOCAB, sample_size=200, seed=seed
+        ).model_proto
+
+    # the seed picks the bounded sample: same seed, same model; another seed, another sample
+    assert proto(0) == proto(0)
+    assert proto(0) != proto(1)
+    with pytest.raises(NLMError, match="sample_size"):
+        train_tokenizer("spm-bpe", wt2_lines, sample_size=0)
+    with pytest.raises(NLMError, match="min_count"):
+        train_tokenizer("spm-unigram", wt2_lines, min_count=2)
+
+
+def test_bad_kinds_and_bad_saved_tokenizers(tmp_path, wt2_lines):
+    with pytest.raises(NLMError, match="unknown tokenizer kind 'wordpiece'"):
+        train_tokenizer("wordpiece", ["a b"])
+    with pytest.raises(NLMError, match="no text"):
+        train_tokenizer("word", iter([]))
+    with pytest.raises(NLMError, match="no such tokenizer directory"):
+        load_tokenizer(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NLMError, match="tokenizer.json: missing"):
+        load_tokenizer(tmp_path / "empty")
+
+    train_tokenizer("word", wt2_lines[:50]).save(tmp_path / "word")
+    (tmp_path / "word" / "vocab.json").write_text('[["<pad>", 0], ["oops"', encoding="utf-8")
+    with pytest.raises(NLMError, match="vocab.json: corrupt"):
+        load_tokenizer(tmp_path / "word")
+    (tmp_path / "word" / "tokenizer.json").write_text('{"kind": "nope"}')
+    with pytest.raises(NLMError, match="unknown tokenizer kind 'nope'"):
+        load_tokenizer(tmp_path / "word")
+    (tmp_path / "word" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(NLMError, match="tokenizer.json: corrupt"):
+        load_tokenizer(tmp_path / "word")
+
+    _train("spm-unigram", wt2_lines[:200]).save(tmp_path / "spm")
+    model = tmp_path / "spm" / "spm.model"
+    model.write_bytes(model.read_bytes()[:100])
+    with pytest.raises(NLMError, match="corrupt SentencePiece model"):
+        load_tokenizer(tmp_path / "spm")

@@ -1,0 +1,79 @@
+"""Small shard directories for the training tests, written with nlm.shards' own writer pieces
+(ClmPacker, ShardWriter, write_manifest) so they follow the shard contract exactly, without
+paying for a Ray Data `nlm prepare` run in every test."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from nlm.objectives import make_nsp_pairs
+from nlm.shards import (
+    MLM_SCHEMA,
+    PIPELINE_VERSION,
+    ClmPacker,
+    Manifest,
+    ShardWriter,
+    schema_for,
+    write_manifest,
+)
+from nlm.tokenizers import train_tokenizer
+from nlm.tokenizers.base import EOS_ID, fingerprint
+
+
+def corpus_lines(data_mirror: Path, limit: int) -> list[str]:
+    text = (data_mirror / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith(" =")]
+    return lines[:limit]
+
+
+def write_shards(
+    out: Path,
+    lines: list[str],
+    *,
+    objective: str = "clm",
+    seq_len: int = 16,
+    vocab_size: int = 256,
+    rows_per_file: int = 64,
+    val_every: int = 10,
+) -> Path:
+    """Every val_every-th line goes to val; the rest to train. Returns `out`."""
+    tokenizer = train_tokenizer("word", lines, vocab_size=vocab_size)
+    tokenizer.save(out / "tokenizer")
+    splits = {"train": [l for i, l in enumerate(lines) if i % val_every], "val": lines[::val_every]}
+    fs = pafs.LocalFileSystem()
+    summary = {}
+    for split, docs in splits.items():
+        writer = ShardWriter(fs, str(out), split, schema_for(objective), rows_per_file)
+        ids = [tokenizer.encode(d) for d in docs]
+        if objective == "clm":
+            packer = ClmPacker(seq_len)
+            for doc in ids:
+                table = packer.push(np.array(doc + [EOS_ID], dtype=np.int32))
+                if table is not None:
+                    writer.write(table)
+            tokens = packer.tokens
+        else:
+            # a "document" is 4 consecutive lines, a "sentence" one line (cut to fit)
+            documents = [[d[: seq_len // 2] for d in ids[i : i + 4]] for i in range(0, len(ids), 4)]
+            rows = make_nsp_pairs(documents, random.Random(0), max_length=seq_len)
+            writer.write(pa.Table.from_pylist(rows, schema=MLM_SCHEMA))
+            tokens = sum(len(r["input_ids"]) for r in rows)
+        files = writer.close()
+        summary[split] = {"rows": writer.rows, "tokens": tokens, "documents": len(docs), "files": files}
+    manifest = Manifest(
+        pipeline_version=PIPELINE_VERSION,
+        objective=objective,
+        seq_len=seq_len,
+        seed=0,
+        tokenizer={"kind": "word", "vocab_size": tokenizer.vocab_size, "fingerprint": fingerprint(out / "tokenizer")},
+        sources=[{"path": "wikitext-2/valid.txt", "bytes": 0}],
+        splits=summary,
+        skipped={"documents": 0, "reasons": {}, "examples": []},
+    )
+    write_manifest(fs, str(out), manifest)
+    return out
