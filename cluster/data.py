@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 import random
-import shutil
 import sys
 import tempfile
 import time
@@ -37,9 +36,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-
 from nlm.cluster.data_sources import Skips, Unit, find_sources, is_val, plan_units, read_documents
 from nlm.cluster.data_tokenize import META, TRAIN, VAL, peak_rss_bytes, process_unit
+
 from nlm.config import Config
 from nlm.errors import NLMError
 from nlm.shards import (
@@ -271,7 +270,6 @@ def _start_ray() -> bool:
     import logging
 
     import ray
-
     from nlm.cluster.launch import ensure_ray
 
     if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
@@ -329,7 +327,12 @@ def _progress(cfg: PrepareConfig, total_bytes: int):
 
     disable = None if cfg.progress is None else not cfg.progress
     return tqdm(
-        total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=disable, file=sys.stderr
+        total=total_bytes,
+        unit="B",
+        unit_scale=True,
+        desc="prepare",
+        disable=disable,
+        file=sys.stderr,
     )
 
 
@@ -369,7 +372,16 @@ def prepare(cfg: PrepareConfig) -> tuple[Manifest, PrepareStats]:
             started_locally = _start_ray()
             workers = _worker_count(cfg, started_locally)
             manifest, stats = _run(
-                cfg, fs, root, units, sources, skips, tok, tokenizer_files, workers, not started_locally
+                cfg,
+                fs,
+                root,
+                units,
+                sources,
+                skips,
+                tok,
+                tokenizer_files,
+                workers,
+                not started_locally,
             )
             _upload_dir(tok_dir, fs, f"{root}/tokenizer")
             manifest.tokenizer["fingerprint"] = fingerprint(tok_dir)
@@ -397,7 +409,10 @@ def _run(
     schema = schema_for(cfg.objective)
     width = cfg.seq_len + 1
     rows_per_file = cfg.rows_per_file or max(1, (4 * MiB) // width)
-    writers = {s: ShardWriter(fs, root, name, schema, rows_per_file) for s, name in ((TRAIN, "train"), (VAL, "val"))}
+    writers = {
+        s: ShardWriter(fs, root, name, schema, rows_per_file)
+        for s, name in ((TRAIN, "train"), (VAL, "val"))
+    }
     packers = {s: ClmPacker(cfg.seq_len) for s in (TRAIN, VAL)}
     documents = {TRAIN: 0, VAL: 0}
     tokens = {TRAIN: 0, VAL: 0}
@@ -459,7 +474,15 @@ def _run(
         skipped=skips.to_dict(),
         settings={
             k: getattr(cfg, k)
-            for k in ("format", "line_docs", "text_column", "segmented", "val_fraction", "max_doc_bytes", "skip_bad")
+            for k in (
+                "format",
+                "line_docs",
+                "text_column",
+                "segmented",
+                "val_fraction",
+                "max_doc_bytes",
+                "skip_bad",
+            )
         },
     )
     stats = PrepareStats(

@@ -162,7 +162,10 @@ def plan_units(
         if src.format == "text" and not line_docs:
             if src.size > max_doc_bytes:
                 close_group()
-                skips.add("too_long", f"{src.uri}: document is {src.size} bytes, over --max-doc-bytes {max_doc_bytes}")
+                skips.add(
+                    "too_long",
+                    f"{src.uri}: document is {src.size} bytes, over --max-doc-bytes {max_doc_bytes}",
+                )
                 continue
             if group and sum(s for _, s in group) + src.size > unit_bytes:
                 close_group()
@@ -189,7 +192,10 @@ def _parquet_units(src: Source, first_index: int, text_column: str, skips: Skips
         skips.add("unreadable", f"{src.uri}: cannot read as Parquet ({exc})")
         return []
     if text_column not in names:
-        skips.add("missing_text", f"{src.uri} (field '{text_column}'): no such column (columns: {', '.join(names)})")
+        skips.add(
+            "missing_text",
+            f"{src.uri} (field '{text_column}'): no such column (columns: {', '.join(names)})",
+        )
         return []
     units, row = [], 0
     total_rows = max(meta.num_rows, 1)
@@ -280,10 +286,15 @@ def _file_documents(unit: Unit, skips: Skips) -> Iterator[tuple[str, bytes]]:
 
 
 def _reason(exc: OSError) -> str:
-    return exc.strerror or str(exc).strip().splitlines()[0]
+    if exc.strerror:
+        return exc.strerror
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.split("Detail: ", 1)[-1]  # pyarrow: "Error reading bytes ... Detail: [errno 5] ..."
 
 
-def _read_range(fs: pafs.FileSystem, path: str, unit: Unit, max_doc_bytes: int) -> tuple[bytes, int]:
+def _read_range(
+    fs: pafs.FileSystem, path: str, unit: Unit, max_doc_bytes: int
+) -> tuple[bytes, int]:
     """The bytes of the lines that start in [start, end), and the file offset of the first."""
     with fs.open_input_file(path) as f:
         begin = unit.start
@@ -358,7 +369,9 @@ def _line_documents(
         if line.endswith(b"\r"):
             line = line[:-1]
         if len(line) > max_doc_bytes:
-            skips.add("too_long", f"{where(index)}: document is over --max-doc-bytes {max_doc_bytes}")
+            skips.add(
+                "too_long", f"{where(index)}: document is over --max-doc-bytes {max_doc_bytes}"
+            )
             continue
         if not line.strip():
             continue

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-
 from nlm.cluster.data_sources import Skips, Unit, is_val, read_documents
+
 from nlm.errors import NLMError
 from nlm.tokenizers.base import EOS_ID, Tokenizer
 
@@ -181,8 +181,8 @@ def process_unit(tok: Tokenizer, unit: Unit, opts: dict[str, Any]) -> pa.Table:
             docs[split].append(text)
             sizes[split].append(len(raw))
     except NLMError as exc:
-        meta["error"] = str(exc)
-        docs = {TRAIN: [], VAL: []}
+        meta["error"] = str(exc)  # the driver stops at the first one, in unit order
+        docs, sizes = {TRAIN: [], VAL: []}, {TRAIN: [], VAL: []}
 
     columns: dict[str, list[Any]] = {name: [] for name in UNIT_SCHEMA.names}
 

@@ -39,8 +39,9 @@ def table_to_chunk(table: pa.Table, objective: str) -> Chunk:
     if objective == "clm":
         values = ids.values.to_numpy(zero_copy_only=False)
         width = len(values) // n if n else 0
+        # One copy per chunk: Arrow's buffers are read-only, torch wants writable memory.
         return {
-            "input_ids": torch.from_numpy(np.asarray(values, dtype=np.int32).reshape(n, width)),
+            "input_ids": torch.from_numpy(np.array(values, dtype=np.int32).reshape(n, width)),
             "stream_pos": torch.from_numpy(table.column("stream_pos").to_numpy().astype(np.int64)),
         }
     lengths = np.diff(ids.offsets.to_numpy())

@@ -225,7 +225,9 @@ class Trainer:
 
         # DeepSpeed's ZeRO-3 calls a collective torch 2.13 deprecates, once per parameter
         # gather: thousands of identical lines per run otherwise.
-        warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+        warnings.filterwarnings(
+            "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
+        )
         self.plan, self.session = plan, session
         self.config = config = plan.train
         self.rank, self.world_size = session.rank, session.world_size

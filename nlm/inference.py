@@ -29,10 +29,11 @@ from nlm.checkpoint import Checkpoint
 from nlm.config import Config
 from nlm.errors import NLMError
 from nlm.models.base import LanguageModel
-from nlm.sampling import sample_next
+from nlm.sampling import check_sampling_args, sample_next
 from nlm.tokenizers.base import CLS_ID, EOS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS
 
 NUM_SPECIAL = len(SPECIAL_TOKENS)
+MIN_TEMPERATURE = 1e-4  # colder than this samples greedily
 MASK_TEXT = SPECIAL_TOKENS[MASK_ID]  # "[MASK]"
 CAUSAL_ENDPOINTS = ("generate", "score", "embed", "neighbors")
 BERT_ENDPOINTS = ("fill-mask", "score", "embed", "neighbors")
@@ -386,6 +387,12 @@ class Engine:
         stop_at_eos: bool = True,
     ) -> GenerationJob:
         self._require("generate")
+        try:
+            check_sampling_args(temperature, top_k, top_p)
+        except NLMError as exc:
+            raise RequestError("invalid_request", str(exc), 422) from None
+        if max_tokens < 1:
+            raise RequestError("invalid_request", "field 'max_tokens': must be >= 1", 422)
         if max_tokens > self.limits.max_new_tokens:
             raise RequestError(
                 "too_many_tokens",
@@ -400,6 +407,8 @@ class Engine:
             )
         if seed is None:
             seed = random.SystemRandom().randrange(2**63)
+        if temperature < MIN_TEMPERATURE:
+            temperature = 0.0  # logits / 1e-30 overflow to inf; anything this cold is greedy
         return GenerationJob(ids, max_tokens, temperature, top_k, top_p, seed, stop_at_eos)
 
     def embed_job(self, text: str) -> EmbedJob:

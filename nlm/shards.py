@@ -103,7 +103,9 @@ def read_manifest(directory: str | Path) -> Manifest:
             f"{PIPELINE_VERSION}; prepare the shards again"
         )
     if manifest.objective not in OBJECTIVES:
-        raise NLMError(f"{path} (field 'objective'): {manifest.objective!r} is not one of {OBJECTIVES}")
+        raise NLMError(
+            f"{path} (field 'objective'): {manifest.objective!r} is not one of {OBJECTIVES}"
+        )
     for key in ("kind", "vocab_size", "fingerprint"):
         if key not in manifest.tokenizer:
             raise NLMError(f"{path} (field 'tokenizer.{key}'): missing")
@@ -213,7 +215,9 @@ class ShardWriter:
 
     def close(self) -> list[str]:
         if self.pending_rows or not self.files:  # an empty split still gets one (empty) file
-            self._flush(pa.concat_tables(self.pending) if self.pending else self.schema.empty_table())
+            self._flush(
+                pa.concat_tables(self.pending) if self.pending else self.schema.empty_table()
+            )
         self.pending, self.pending_rows = [], 0
         return self.files
 

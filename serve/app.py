@@ -87,7 +87,7 @@ class AppArgs(Config):
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE  # 1 turns batching off
     batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S
     num_cpus: float | None = None  # per model replica; None keeps the deployment's default
-    torch_threads: int | None = None  # per model replica; None: 1
+    torch_threads: int | None = None  # per model replica; None: the whole CPUs it reserved
     num_replicas: int | None = (
         None  # per model; None keeps the default (1, or the config's autoscaling)
     )
@@ -102,7 +102,7 @@ class ModelSpec:
 
 def model_name(path: Path) -> str:
     """A run directory's name (runs/gpt-small -> gpt-small), also for its model/ subdirectory."""
-    path = path.resolve()
+    path = Path(os.path.abspath(path))  # not resolve(): a symlink's own name is the one meant
     name = path.parent.name if path.name == "model" and path.parent.name else path.name
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-._") or "model"
 
@@ -194,7 +194,8 @@ def error_response(status: int, code: str, message: str) -> JSONResponse:
 def describe_validation(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors()[:3]:
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        where = "body" if all(p.isdigit() for p in loc) else ".".join(loc)
         parts.append(f"{where}: {err.get('msg', 'invalid')}")
     more = len(exc.errors()) - 3
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
@@ -208,7 +209,6 @@ api = FastAPI(
 )
 bearer = HTTPBearer(auto_error=False, description=f"required when the server has {TOKEN_ENV} set")
 SECURED = [Security(bearer)]  # declares the scheme in OpenAPI; the middleware enforces it
-_api_token: dict[str, str | None] = {"value": None}  # set by the Gateway replica at start
 
 
 @api.exception_handler(RequestValidationError)
@@ -231,7 +231,13 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 
 @api.middleware("http")
 async def _authorize(request: Request, call_next: Any) -> Any:
-    token = _api_token["value"]
+    token = os.environ.get(TOKEN_ENV)
+    if request.method == "POST" and request.headers.get("content-type", "").startswith(
+        "application/x-www-form-urlencoded"
+    ):
+        # curl -d sends JSON labelled as a form unless told otherwise; read it as JSON.
+        headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
+        request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
     if token and request.url.path not in OPEN_PATHS:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -246,6 +252,12 @@ async def _authorize(request: Request, call_next: Any) -> Any:
 
 
 # ---------------------------------------------------------------- the ingress deployment
+# Serve pickles the class by value when it is decorated: whatever its methods use must be
+# defined above this point.
+
+
+def _count(inputs: str | list[str]) -> int:
+    return 1 if isinstance(inputs, str) else len(inputs)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=512)
@@ -261,7 +273,11 @@ class Gateway:
         self.models = models
         self.catalog = catalog
         self.max_items = max_items
-        _api_token["value"] = api_token or os.environ.get(TOKEN_ENV) or None
+        if api_token:
+            # Serve freezes a copy of `api` (and this module's globals) when the class is
+            # decorated, so the middleware cannot share a variable with us: the replica's own
+            # environment is the one place both see.
+            os.environ[TOKEN_ENV] = api_token
 
     def _handle(self, model: str, endpoint: str) -> DeploymentHandle:
         if model not in self.models:
@@ -398,7 +414,3 @@ class Gateway:
         """Nearest vocabulary entries to a word by cosine of the input embeddings."""
         answer = await self._call(body.model, "neighbors", body.model_dump())
         return {"model": body.model, "word": body.word, "neighbors": answer["neighbors"]}
-
-
-def _count(inputs: str | list[str]) -> int:
-    return 1 if isinstance(inputs, str) else len(inputs)

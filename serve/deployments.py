@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import ray
 import torch
 from ray import serve
 
@@ -67,8 +68,12 @@ class ModelServer:
         limits: dict[str, Any] | None = None,
         torch_threads: int | None = None,
     ) -> None:
-        # Ray gives fractional-CPU actors OMP_NUM_THREADS=1; say how many we want explicitly.
-        torch.set_num_threads(torch_threads or 1)
+        # Default: as many torch threads as whole CPUs this replica reserved (at least one).
+        # Ray sets OMP_NUM_THREADS=1 for fractional actors, so say it explicitly either way.
+        if torch_threads is None:
+            reserved = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+            torch_threads = max(1, int(reserved))
+        torch.set_num_threads(torch_threads)
         self.name = name
         self.engine = Engine(load_checkpoint(path), Limits.from_dict(limits or {}, source="limits"))
         # One worker thread runs every forward pass: the event loop stays free to accept (and

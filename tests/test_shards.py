@@ -12,10 +12,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from nlm.cluster.data import PrepareConfig, prepare
 from nlm.cluster.data_sources import Skips, find_sources, is_val, plan_units, read_documents
 from nlm.cluster.data_tokenize import document_ids, split_sentences
+
 from nlm.errors import NLMError
 from nlm.shards import MANIFEST, check_tokenizer, clm_stream, iter_tables, read_manifest
 from nlm.tokenizers import load_tokenizer, train_tokenizer
@@ -38,7 +38,9 @@ def paragraphs(data_mirror: Path) -> list[str]:
     return kept
 
 
-def write_files(directory: Path, paragraphs: list[str], n_files: int, prefix: str = "doc") -> list[Path]:
+def write_files(
+    directory: Path, paragraphs: list[str], n_files: int, prefix: str = "doc"
+) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(n_files):
@@ -91,7 +93,9 @@ def test_clm_round_trip_and_packing(ray_local, tmp_path, paragraphs, word_tokeni
         val_fraction=0.1,
     )
     tok = load_tokenizer(out / "tokenizer")
-    texts = [line for f in files for line in f.read_text(encoding="utf-8").split("\n") if line.strip()]
+    texts = [
+        line for f in files for line in f.read_text(encoding="utf-8").split("\n") if line.strip()
+    ]
     for split, val in (("train", False), ("val", True)):
         expected = reference_stream(tok, texts, val, 0.1)
         assert manifest.splits[split]["tokens"] == len(expected)
@@ -135,11 +139,23 @@ def test_same_command_gives_identical_bytes(ray_local, tmp_path, paragraphs):
 
 def test_split_is_stable_when_files_are_added(ray_local, tmp_path, paragraphs, word_tokenizer):
     write_files(tmp_path / "in", paragraphs[:200], 2, prefix="a")
-    first, m1 = run(ray_local, input=[str(tmp_path / "in")], output=str(tmp_path / "s1"),
-                    line_docs=True, tokenizer_from=str(word_tokenizer), val_fraction=0.2)
+    first, m1 = run(
+        ray_local,
+        input=[str(tmp_path / "in")],
+        output=str(tmp_path / "s1"),
+        line_docs=True,
+        tokenizer_from=str(word_tokenizer),
+        val_fraction=0.2,
+    )
     write_files(tmp_path / "in", paragraphs[200:], 2, prefix="b")  # sorts after the old files
-    second, m2 = run(ray_local, input=[str(tmp_path / "in")], output=str(tmp_path / "s2"),
-                     line_docs=True, tokenizer_from=str(word_tokenizer), val_fraction=0.2)
+    second, m2 = run(
+        ray_local,
+        input=[str(tmp_path / "in")],
+        output=str(tmp_path / "s2"),
+        line_docs=True,
+        tokenizer_from=str(word_tokenizer),
+        val_fraction=0.2,
+    )
     assert m2.splits["val"]["documents"] > m1.splits["val"]["documents"] > 0
     for split in ("train", "val"):
         old, new = clm_stream(first, split), clm_stream(second, split)
@@ -152,15 +168,26 @@ def test_split_is_stable_when_files_are_added(ray_local, tmp_path, paragraphs, w
 
 def test_mlm_pairs(ray_local, tmp_path, paragraphs, word_tokenizer):
     write_files(tmp_path / "in", paragraphs, 2)
-    out, manifest = run(ray_local, input=[str(tmp_path / "in")], output=str(tmp_path / "mlm"),
-                        line_docs=True, tokenizer_from=str(word_tokenizer), objective="mlm", seq_len=64)
+    out, manifest = run(
+        ray_local,
+        input=[str(tmp_path / "in")],
+        output=str(tmp_path / "mlm"),
+        line_docs=True,
+        tokenizer_from=str(word_tokenizer),
+        objective="mlm",
+        seq_len=64,
+    )
     table = pa.concat_tables(iter_tables(out, "train"))
     assert table.schema.field("token_type_ids").type == pa.list_(pa.int8())
     assert table.schema.field("nsp_label").type == pa.int8()
     labels = np.array(table.column("nsp_label").to_pylist())
     assert len(labels) > 300
     assert 0.4 < labels.mean() < 0.6  # about half the B sentences are random
-    for ids, types in zip(table.column("input_ids").to_pylist(), table.column("token_type_ids").to_pylist(), strict=True):
+    for ids, types in zip(
+        table.column("input_ids").to_pylist(),
+        table.column("token_type_ids").to_pylist(),
+        strict=True,
+    ):
         assert len(ids) <= 64 and len(types) == len(ids)
         assert ids[0] == CLS_ID and ids[-1] == SEP_ID and ids.count(SEP_ID) == 2
         first_b = ids.index(SEP_ID) + 1
@@ -172,8 +199,14 @@ def test_mlm_pairs(ray_local, tmp_path, paragraphs, word_tokenizer):
 
 def test_foreign_tokenizer_is_refused(ray_local, tmp_path, paragraphs, word_tokenizer):
     write_files(tmp_path / "in", paragraphs[:50], 1)
-    out, manifest = run(ray_local, input=[str(tmp_path / "in")], output=str(tmp_path / "s"),
-                        line_docs=True, tokenizer="char", objective="clm")
+    out, manifest = run(
+        ray_local,
+        input=[str(tmp_path / "in")],
+        output=str(tmp_path / "s"),
+        line_docs=True,
+        tokenizer="char",
+        objective="clm",
+    )
     with pytest.raises(NLMError, match="fingerprint"):
         check_tokenizer(manifest, word_tokenizer)
     (out / MANIFEST).unlink()
@@ -183,12 +216,24 @@ def test_foreign_tokenizer_is_refused(ray_local, tmp_path, paragraphs, word_toke
 
 def test_many_small_files_give_many_blocks(ray_local, tmp_path, paragraphs, word_tokenizer):
     files = write_files(tmp_path / "in", paragraphs, 60)
-    out, manifest = run(ray_local, input=[str(tmp_path / "in")], output=str(tmp_path / "s"),
-                        tokenizer_from=str(word_tokenizer), unit_bytes=4_000, rows_per_file=40,
-                        val_fraction=0.0)
+    out, manifest = run(
+        ray_local,
+        input=[str(tmp_path / "in")],
+        output=str(tmp_path / "s"),
+        tokenizer_from=str(word_tokenizer),
+        unit_bytes=4_000,
+        rows_per_file=40,
+        val_fraction=0.0,
+    )
     # One document per file; ~1.5 kB files, 4 kB units: about 25 units.
-    units = plan_units(find_sources([str(tmp_path / "in")]), line_docs=False, unit_bytes=4_000,
-                       max_doc_bytes=1 << 20, text_column="text", skips=Skips(False))
+    units = plan_units(
+        find_sources([str(tmp_path / "in")]),
+        line_docs=False,
+        unit_bytes=4_000,
+        max_doc_bytes=1 << 20,
+        text_column="text",
+        skips=Skips(False),
+    )
     assert len(units) >= 20
     train = manifest.files("train")
     assert len(train) >= 10 and train == sorted(train)
@@ -207,9 +252,16 @@ def test_jsonl_and_parquet_inputs(ray_local, tmp_path, paragraphs, word_tokenize
     with open(tmp_path / "in" / "a.jsonl", "w", encoding="utf-8") as f:
         for p in paragraphs[:60]:
             f.write(json.dumps({"id": 1, "text": p}) + "\n")
-    pq.write_table(pa.table({"text": paragraphs[60:120]}), tmp_path / "in" / "b.parquet", row_group_size=16)
-    out, manifest = run(ray_local, input=[str(tmp_path / "in")], output=str(tmp_path / "s"),
-                        tokenizer_from=str(word_tokenizer), val_fraction=0.0)
+    pq.write_table(
+        pa.table({"text": paragraphs[60:120]}), tmp_path / "in" / "b.parquet", row_group_size=16
+    )
+    out, manifest = run(
+        ray_local,
+        input=[str(tmp_path / "in")],
+        output=str(tmp_path / "s"),
+        tokenizer_from=str(word_tokenizer),
+        val_fraction=0.0,
+    )
     tok = load_tokenizer(out / "tokenizer")
     expected = reference_stream(tok, paragraphs[:120], False, 0.0)
     stream = clm_stream(out, "train")
@@ -238,17 +290,39 @@ def test_line_ranges_cover_every_line_once(tmp_path):
     path = tmp_path / "c.txt"
     path.write_text("\n".join(lines), encoding="utf-8")  # no final newline
     for unit_bytes in (1, 5, 64, 1000, 100_000):
-        units = plan_units(find_sources([str(path)]), line_docs=True, unit_bytes=unit_bytes,
-                           max_doc_bytes=1 << 20, text_column="text", skips=Skips(False))
-        got = [text for u in units for text, _ in read_documents(
-            u, line_docs=True, text_column="text", max_doc_bytes=1 << 20, skips=Skips(False))]
+        units = plan_units(
+            find_sources([str(path)]),
+            line_docs=True,
+            unit_bytes=unit_bytes,
+            max_doc_bytes=1 << 20,
+            text_column="text",
+            skips=Skips(False),
+        )
+        got = [
+            text
+            for u in units
+            for text, _ in read_documents(
+                u, line_docs=True, text_column="text", max_doc_bytes=1 << 20, skips=Skips(False)
+            )
+        ]
         assert got == lines, unit_bytes
     # A line over the limit is skipped (or fatal) wherever the unit boundaries fall.
     skips = Skips(True)
-    units = plan_units(find_sources([str(path)]), line_docs=True, unit_bytes=50,
-                       max_doc_bytes=200, text_column="text", skips=skips)
-    got = [t for u in units for t, _ in read_documents(u, line_docs=True, text_column="text",
-                                                       max_doc_bytes=200, skips=skips)]
+    units = plan_units(
+        find_sources([str(path)]),
+        line_docs=True,
+        unit_bytes=50,
+        max_doc_bytes=200,
+        text_column="text",
+        skips=skips,
+    )
+    got = [
+        t
+        for u in units
+        for t, _ in read_documents(
+            u, line_docs=True, text_column="text", max_doc_bytes=200, skips=skips
+        )
+    ]
     assert got == lines[:200] + ["tail"]
     assert skips.reasons == {"too_long": 1}
     assert skips.examples[0].startswith(f"{path}:201:")

@@ -38,7 +38,7 @@ def write_shards(
     objective: str = "clm",
     seq_len: int = 16,
     vocab_size: int = 256,
-    rows_per_file: int = 64,
+    rows_per_file: int = 1024,
     val_every: int = 10,
 ) -> Path:
     """Every val_every-th line goes to val; the rest to train. Returns `out`."""

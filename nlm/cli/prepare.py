@@ -36,23 +36,48 @@ def parse_size(text: str | int) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file with any of the options below (flags win)")
     g = p.add_argument_group("input")
-    g.add_argument("--input", action="extend", nargs="+", metavar="PATH",
-                   help="files, directories, globs or URIs (s3://, gs://); repeatable")
-    g.add_argument("--corpus", help="a named corpus instead (wt2-mini, pku-lm, shakespeare): its train file")
-    g.add_argument("--format", choices=["auto", "text", "jsonl", "parquet"], help="default: by file suffix")
-    g.add_argument("--line-docs", action="store_true", default=None, help="text: one document per line")
-    g.add_argument("--text-column", help="JSONL field / Parquet column with the text (default text)")
-    g.add_argument("--max-doc-bytes", type=parse_size, help="longest document accepted (default 64M)")
-    g.add_argument("--skip-bad", action="store_true", default=None,
-                   help="skip bad documents (counted in the manifest) instead of stopping")
+    g.add_argument(
+        "--input",
+        action="extend",
+        nargs="+",
+        metavar="PATH",
+        help="files, directories, globs or URIs (s3://, gs://); repeatable",
+    )
+    g.add_argument(
+        "--corpus", help="a named corpus instead (wt2-mini, pku-lm, shakespeare): its train file"
+    )
+    g.add_argument(
+        "--format", choices=["auto", "text", "jsonl", "parquet"], help="default: by file suffix"
+    )
+    g.add_argument(
+        "--line-docs", action="store_true", default=None, help="text: one document per line"
+    )
+    g.add_argument(
+        "--text-column", help="JSONL field / Parquet column with the text (default text)"
+    )
+    g.add_argument(
+        "--max-doc-bytes", type=parse_size, help="longest document accepted (default 64M)"
+    )
+    g.add_argument(
+        "--skip-bad",
+        action="store_true",
+        default=None,
+        help="skip bad documents (counted in the manifest) instead of stopping",
+    )
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer", choices=["spm-bpe", "spm-unigram", "word", "char"])
     g.add_argument("--tokenizer-from", metavar="DIR", help="reuse a saved tokenizer")
     g.add_argument("--vocab-size", type=int)
     g.add_argument("--min-count", type=int, help="word/char: keep units seen at least this often")
-    g.add_argument("--segmented", action=argparse.BooleanOptionalAction, default=None,
-                   help="pre-segmented text (pku/msr Chinese): whitespace is the word boundary")
-    g.add_argument("--sample-bytes", type=parse_size, help="tokenizer training sample (default 32M)")
+    g.add_argument(
+        "--segmented",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="pre-segmented text (pku/msr Chinese): whitespace is the word boundary",
+    )
+    g.add_argument(
+        "--sample-bytes", type=parse_size, help="tokenizer training sample (default 32M)"
+    )
     g = p.add_argument_group("output")
     g.add_argument("--output", help="shard directory (local path or URI)")
     g.add_argument("--objective", choices=["clm", "mlm"])
@@ -65,8 +90,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, help="tokenizer actors (default: one per core)")
     g.add_argument("--cpus-per-worker", type=float, help="logical CPUs per actor (default 0.5)")
     g.add_argument("--unit-bytes", type=parse_size, help="text per work unit (default 4M)")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar (default: when stderr is a terminal)")
+    g.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar (default: when stderr is a terminal)",
+    )
 
 
 def load_yaml(path: str) -> dict[str, Any]:

@@ -148,9 +148,15 @@ def run(args: argparse.Namespace) -> int:
     from nlm.serve.app import build_app
 
     app = build_app(app_args(args))
-    how = ensure_ray()
-    if how != "joined":
+    if not os.environ.get("RAY_ADDRESS"):
         check_port_free(args.host, args.port)
+    try:
+        how = ensure_ray()
+    except NLMError:
+        raise
+    except Exception as exc:  # Ray's own start-up failures (an overloaded machine, ports)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NLMError(f"could not start Ray: {first}") from None
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -187,10 +193,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _shutdown(how: str) -> None:
     import ray
-    from ray import serve
 
     if how == "local":
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+        # The whole local instance goes, so its actors need no graceful Serve shutdown (which
+        # waits up to 30 s for the controller on a busy machine).
+        ray.shutdown()

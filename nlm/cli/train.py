@@ -1,0 +1,135 @@
+"""`nlm train`: pretrain a model with Ray Train + DeepSpeed.
+
+    nlm train --data shards/wt2 --model gpt --preset small --workers 2 --zero-stage 2 \\
+              --max-steps 2000 --out runs/gpt-small
+    nlm train --config configs/gpt-small.yaml --max-steps 500     # flags override the file
+    nlm train --out runs/gpt-small --resume --max-steps 4000       # RUN/config.yaml + flags
+
+Every TrainConfig field is a flag (--zero-stage for zero_stage, ...). The resolved config is
+written to RUN/config.yaml. Prints the final metrics as one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Field -> help. Every TrainConfig field gets a flag; these say what it means.
+HELP = {
+    "data": "shard directory from `nlm prepare`",
+    "model": "fnn | rnn | lstm | gpt | bert",
+    "preset": "model size: tiny | small | base (| notes for fnn/rnn/lstm)",
+    "out": "run directory (config.yaml, metrics.jsonl, tb/, checkpoints/, model/)",
+    "workers": "Ray Train workers (data-parallel ranks)",
+    "cpus_per_worker": "logical CPUs each worker reserves (fractional is fine)",
+    "device": "auto | cpu | cuda (one GPU per worker, nccl, bf16)",
+    "zero_stage": "DeepSpeed ZeRO stage 0..3",
+    "torch_threads": "torch threads per worker (0: node cores / workers on the node)",
+    "micro_batch": "sequences per worker per micro-batch (rnn/lstm: parallel streams)",
+    "grad_accum": "micro-batches per optimizer step",
+    "max_steps": "optimizer steps to train for",
+    "shuffle": "shuffle rows within each chunk (not for rnn/lstm)",
+    "chunk_rows": "rows read per chunk (0: automatic)",
+    "optimizer": "adamw | sgd",
+    "lr": "peak learning rate",
+    "min_lr": "learning rate at the end of the cosine decay",
+    "warmup_steps": "linear warm-up steps",
+    "lr_schedule": "cosine | constant (after warm-up)",
+    "weight_decay": "AdamW weight decay (matrices only)",
+    "momentum": "SGD momentum",
+    "grad_clip": "gradient norm clipping (0: off)",
+    "mlm_prob": "bert: fraction of tokens masked",
+    "seed": "random seed",
+    "eval_every": "steps between validation evaluations",
+    "eval_rows": "val rows per worker to score (0: all)",
+    "log_every": "steps between metric lines",
+    "checkpoint_every": "steps between checkpoints (0: at every evaluation)",
+    "keep_checkpoints": "checkpoints to keep (the last K)",
+    "max_failures": "worker-group restarts from the last checkpoint before giving up",
+    "resume": "continue the run in --out from its latest checkpoint",
+    "storage": "Ray Train storage for checkpoints (default: RUN); s3://... for multi-node",
+    "shared_fs": "--out is on storage every node sees (needed for multi-node runs)",
+    "betas": "AdamW betas, e.g. 0.9,0.95",
+    "model_overrides": "model config field, KEY=VALUE (repeatable), e.g. dropout=0.3",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from nlm.cluster.train_config import TrainConfig
+
+    parser.add_argument("--config", help="YAML file of TrainConfig fields; flags override it")
+    hints = typing.get_type_hints(TrainConfig)
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        kind = hints[field.name]
+        text = HELP.get(field.name, field.name)
+        if field.name == "model_overrides":
+            parser.add_argument("--set", dest="model_overrides", action="append", metavar="KEY=VALUE", help=text)
+        elif kind is bool:
+            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif field.name == "betas":
+            parser.add_argument(flag, dest=field.name, type=_floats, default=None, help=text)
+        else:
+            parser.add_argument(flag, dest=field.name, type=kind, default=None, help=text)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def resolve_config(args: argparse.Namespace) -> Any:
+    """--config FILE (or RUN/config.yaml with --resume), then the flags given on top."""
+    from nlm.cluster.train_config import TrainConfig, read_yaml
+    from nlm.errors import NLMError
+
+    data: dict[str, Any] = {}
+    source = "command line"
+    if args.config:
+        data = read_yaml(args.config)
+        source = args.config
+    elif args.resume and args.out:
+        saved = Path(args.out) / "config.yaml"
+        if not saved.is_file():
+            raise NLMError(f"{saved}: no such file; nothing to resume in {args.out}")
+        data, source = read_yaml(saved), str(saved)
+    for field in dataclasses.fields(TrainConfig):
+        value = getattr(args, field.name, None)
+        if value is None:
+            continue
+        if field.name == "model_overrides":
+            overrides = dict(data.get("model_overrides") or {})
+            overrides.update(_key_values(value))
+            value = overrides
+        data[field.name] = value
+    return TrainConfig.from_dict(data, source=source).check(source)
+
+
+def run(args: argparse.Namespace) -> int:
+    from nlm.cluster.trainer import train
+
+    config = resolve_config(args)
+    summary = train(config, progress=not args.no_progress)
+    print(json.dumps(summary))
+    return 0
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
+def _key_values(items: list[str]) -> dict[str, Any]:
+    from nlm.errors import NLMError
+
+    result = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise NLMError(f"--set {item!r}: expected KEY=VALUE")
+        result[key.strip()] = yaml.safe_load(value)  # 0.3 -> float, true -> bool
+    return result

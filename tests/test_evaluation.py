@@ -1,0 +1,158 @@
+"""Evaluation: windowed/stateful scoring equals a brute-force score, bits/byte is tokenizer
+independent, bert's pseudo-perplexity and MLM accuracy, and bad text is a clear NLMError."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nlm.errors import NLMError
+from nlm.evaluation import evaluate_documents, read_documents, text_bytes, token_stream
+from nlm.models import build_model
+from nlm.tokenizers import train_tokenizer
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def documents(data_mirror) -> list[str]:
+    return read_documents(data_mirror / "wikitext-2" / "test.txt")[:6]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(data_mirror):
+    lines = (data_mirror / "wikitext-2" / "valid.txt").read_text(encoding="utf-8").splitlines()
+    return train_tokenizer("word", lines[:400], vocab_size=400)
+
+
+def _model(family: str, vocab_size: int):
+    torch.manual_seed(0)
+    return build_model(family, "tiny", vocab_size=vocab_size).eval()
+
+
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum"
+    ).item()
+
+
+def test_read_documents_and_bytes(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text(" first line \n\n   \nzweite Zeile – ü\n", encoding="utf-8")
+    docs = read_documents(path)
+    assert docs == ["first line", "zweite Zeile – ü"]
+    # one newline per document; "–" is 3 UTF-8 bytes and "ü" 2
+    assert text_bytes(docs) == len("first line\n") + len("zweite Zeile  \n") + 3 + 2
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no such file"),
+        (b"", "no text to evaluate"),
+        (b"  \n\n \t\n", "no text to evaluate"),
+        (b"good line\nbad \xff byte\n", r"t.txt:2: not UTF-8 \(byte 0xff at byte offset 14\)"),
+    ],
+)
+def test_read_documents_errors(content, message, tmp_path):
+    path = tmp_path / "t.txt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(NLMError, match=message):
+        read_documents(path)
+
+
+@pytest.mark.parametrize("family", ["fnn", "rnn", "lstm", "gpt"])
+def test_causal_score_equals_brute_force(family, documents, tokenizer):
+    """Every prediction of `</s> doc1 </s> doc2 ...` is scored once, with the context the
+    scheme promises: fnn exact (n-1 overlap), rnn/lstm exact with one stream (state carried),
+    gpt the window each token falls in (checked token by token)."""
+    docs = [" ".join(doc.split()[:25]) for doc in documents[:3]]  # ~80 predictions
+    model = _model(family, tokenizer.vocab_size)
+    stream = token_stream(tokenizer, docs)
+    n = len(stream) - 1
+    seq_len, stride = 16, 8
+    result = evaluate_documents(
+        model, tokenizer, docs, batch_size=3, seq_len=seq_len, stride=stride
+    )
+    if family in ("rnn", "lstm"):  # one stream: the state carries over every window boundary
+        result = evaluate_documents(model, tokenizer, docs, batch_size=1, seq_len=seq_len)
+    with torch.no_grad():
+        if family == "gpt":
+            expected = 0.0
+            for j in range(1, n + 1):  # prediction j is scored in window ceil((j - L) / stride)
+                start = max(0, math.ceil((j - seq_len) / stride)) * stride
+                logits = model(stream[None, start:j]).logits[0, -1]
+                expected += _nll(logits[None], stream[j : j + 1])
+        else:
+            expected = _nll(model(stream[None, :-1]).logits, stream[None, 1:])
+    assert result["tokens"] == n
+    assert result["nll"] == pytest.approx(expected / n, rel=1e-5)
+    assert result["ppl"] == pytest.approx(math.exp(expected / n), rel=1e-5)
+    assert result["bits_per_byte"] == pytest.approx(
+        expected / math.log(2) / text_bytes(docs), rel=1e-5
+    )
+
+
+def test_recurrent_parallel_streams_score_every_token(documents, tokenizer):
+    model = _model("lstm", tokenizer.vocab_size)
+    one = evaluate_documents(model, tokenizer, documents, batch_size=1, seq_len=32)
+    many = evaluate_documents(model, tokenizer, documents, batch_size=5, seq_len=32)
+    assert many["tokens"] == one["tokens"] == len(token_stream(tokenizer, documents)) - 1
+    # streams 2..5 start without context: close to, not equal to, the one-stream score
+    assert many["nll"] != one["nll"]
+    assert many["nll"] == pytest.approx(one["nll"], rel=0.05)
+
+
+def test_bits_per_byte_is_tokenizer_independent(documents, tokenizer):
+    char = train_tokenizer("char", documents)
+    by_word = evaluate_documents(_model("gpt", tokenizer.vocab_size), tokenizer, documents)
+    by_char = evaluate_documents(_model("gpt", char.vocab_size), char, documents)
+    assert by_word["bytes"] == by_char["bytes"] == text_bytes(documents)
+    assert by_char["tokens"] > 3 * by_word["tokens"]
+    for r in (by_word, by_char):
+        assert r["bits_per_byte"] == pytest.approx(
+            r["nll"] * r["tokens"] / math.log(2) / r["bytes"]
+        )
+    # an untrained model is near-uniform: about log2(V) bits per token
+    assert by_char["nll"] == pytest.approx(math.log(char.vocab_size), rel=0.1)
+
+
+def test_bert_pseudo_perplexity_and_mlm(documents, tokenizer):
+    model = _model("bert", tokenizer.vocab_size)
+    result = evaluate_documents(model, tokenizer, documents, max_pll_tokens=5, seq_len=32, seed=1)
+    assert result["ppl_kind"] == "pseudo" and result["bits_per_byte"] is None
+    assert result["pll_tokens"] == 5 and result["mlm_masked"] > 0
+    assert 0.0 <= result["mlm_accuracy"] <= 1.0
+    assert result == evaluate_documents(
+        model, tokenizer, documents, max_pll_tokens=5, seq_len=32, seed=1
+    )
+
+    # brute force: mask each of the first five ordinary tokens of the first sequence alone
+    ids = [i for doc in tokenizer.encode_batch(documents) for i in doc][:30]
+    sequence = torch.tensor([4, *ids, 5])  # [CLS] ... [SEP]
+    positions = [p for p in range(1, len(sequence) - 1) if sequence[p] >= 7][:5]
+    total = 0.0
+    with torch.no_grad():
+        for p in positions:
+            masked = sequence.clone()
+            masked[p] = 6
+            logits = model(masked[None]).logits[0, p]
+            total += _nll(logits[None], sequence[p : p + 1])
+    assert result["pll_nll"] == pytest.approx(total / 5, rel=1e-5)
+    assert result["ppl"] == pytest.approx(math.exp(total / 5), rel=1e-5)
+
+
+def test_bad_options(documents, tokenizer):
+    gpt = _model("gpt", tokenizer.vocab_size)  # tiny: 64 positions
+    with pytest.raises(NLMError, match="--seq-len 65: exceeds the gpt model's 64 positions"):
+        evaluate_documents(gpt, tokenizer, documents, seq_len=65)
+    with pytest.raises(NLMError, match="--stride 40"):
+        evaluate_documents(gpt, tokenizer, documents, seq_len=32, stride=40)
+    with pytest.raises(NLMError, match="fnn's 3-token context"):
+        evaluate_documents(_model("fnn", tokenizer.vocab_size), tokenizer, documents, seq_len=3)
+    with pytest.raises(NLMError, match="--batch-size 0"):
+        evaluate_documents(gpt, tokenizer, documents, batch_size=0)
