@@ -344,10 +344,14 @@ def prepare(cfg: PrepareConfig) -> tuple[Manifest, PrepareStats]:
     cfg = resolve_inputs(cfg)
     sources = find_sources(cfg.input, cfg.format)
     skips = Skips(cfg.skip_bad)
+    # Small corpora get smaller units, so that every worker has some: at least ~16 units.
+    # (The plan depends on the inputs and config only, never on the cluster.)
+    total = sum(s.size for s in sources)
+    unit_bytes = min(cfg.unit_bytes, max(64 * 1024, total // 16))
     units = plan_units(
         sources,
         line_docs=cfg.line_docs,
-        unit_bytes=cfg.unit_bytes,
+        unit_bytes=unit_bytes,
         max_doc_bytes=cfg.max_doc_bytes,
         text_column=cfg.text_column,
         skips=skips,
@@ -370,7 +374,7 @@ def prepare(cfg: PrepareConfig) -> tuple[Manifest, PrepareStats]:
             tok_dir = Path(tmp)
             tokenizer_files = {p.name: p.read_bytes() for p in sorted(tok_dir.iterdir())}
             started_locally = _start_ray()
-            workers = _worker_count(cfg, started_locally)
+            workers = min(_worker_count(cfg, started_locally), max(1, len(units)))
             manifest, stats = _run(
                 cfg,
                 fs,

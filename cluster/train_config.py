@@ -44,6 +44,7 @@ class TrainConfig(Config):
     max_steps: int = 1000  # optimizer steps
     shuffle: bool = True  # shuffle rows within a chunk (never for rnn/lstm streams)
     chunk_rows: int = 0  # rows read per chunk; 0: micro_batch*64, or 65536 for rnn/lstm
+    materialize_mb: int = 1024  # load a train split up to this size into Ray's object store
 
     # optimisation
     optimizer: str = "adamw"  # adamw | sgd
@@ -66,6 +67,7 @@ class TrainConfig(Config):
     keep_checkpoints: int = 2
     max_failures: int = 2  # worker-group restarts from the last checkpoint before giving up
     resume: bool = False  # continue from RUN/checkpoints (the latest)
+    placement_timeout_s: float = 0.0  # wait this long for the cluster to place workers; 0: default
     storage: str = ""  # Ray Train storage; default RUN/checkpoints. s3://... for multi-node
     shared_fs: bool = False  # RUN is on a filesystem every node sees (needed for multi-node)
 
@@ -96,8 +98,19 @@ class TrainConfig(Config):
         for name in positive:
             if getattr(self, name) < 1:
                 raise bad(name, f"must be at least 1, got {getattr(self, name)}")
-        non_negative = ("warmup_steps", "chunk_rows", "eval_rows", "checkpoint_every",
-                        "max_failures", "torch_threads", "weight_decay", "grad_clip", "min_lr")
+        non_negative = (
+            "warmup_steps",
+            "chunk_rows",
+            "eval_rows",
+            "checkpoint_every",
+            "max_failures",
+            "torch_threads",
+            "materialize_mb",
+            "placement_timeout_s",
+            "weight_decay",
+            "grad_clip",
+            "min_lr",
+        )
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise bad(name, f"must not be negative, got {getattr(self, name)}")
@@ -164,8 +177,7 @@ def _check_types(config: Config, source: str) -> None:
         expected = hints[field.name]
         if not _matches(value, expected):
             raise NLMError(
-                f"{source} (field '{field.name}'): expected {_type_name(expected)}, "
-                f"got {value!r}"
+                f"{source} (field '{field.name}'): expected {_type_name(expected)}, got {value!r}"
             )
         if expected is float and isinstance(value, int):  # 1 in YAML means 1.0
             setattr(config, field.name, float(value))

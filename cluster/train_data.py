@@ -50,7 +50,9 @@ def table_to_chunk(table: pa.Table, objective: str) -> Chunk:
     input_ids = np.zeros((n, longest), dtype=np.int32)
     input_ids[inside] = ids.values.to_numpy(zero_copy_only=False)
     types = np.zeros((n, longest), dtype=np.int8)
-    types[inside] = table.column("token_type_ids").combine_chunks().values.to_numpy(zero_copy_only=False)
+    types[inside] = (
+        table.column("token_type_ids").combine_chunks().values.to_numpy(zero_copy_only=False)
+    )
     return {
         "input_ids": torch.from_numpy(input_ids),
         "token_type_ids": torch.from_numpy(types),

@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-
 from nlm.cluster.deepspeed_config import deepspeed_config
 from nlm.cluster.train_config import TrainConfig
 from nlm.cluster.train_data import (
@@ -50,6 +49,7 @@ from nlm.cluster.train_data import (
 )
 from nlm.cluster.train_metrics import MetricsLog, flops_per_token, peak_flops
 from nlm.cluster.train_plan import CHECKPOINT_META, CHECKPOINT_PREFIX, CHECKPOINTS, RunPlan
+
 from nlm.errors import NLMError
 
 DS_TAG = "ds"  # DeepSpeed's tag inside every checkpoint directory
@@ -107,6 +107,11 @@ class RaySession:
         import ray.train
         from ray.data.collate_fn import ArrowBatchCollateFn
 
+        if split == "val":
+            # The val split is small and read once per attempt (then cached): plain pyarrow
+            # spares a second Ray Data execution, which costs seconds to start on a busy node.
+            yield from read_share(self.plan, split, self.rank, self.world_size, rows)
+            return
         objective = self.plan.objective
 
         class ToChunk(ArrowBatchCollateFn):
@@ -165,32 +170,7 @@ class LocalSession:
         return torch.device("cpu")
 
     def chunks(self, split: str, rows: int) -> Iterator[Chunk]:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        from nlm.shards import filesystem
-
-        files = self.plan.train_files if split == "train" else self.plan.val_files
-        total = self.plan.train_rows if split == "train" else self.plan.val_rows
-        share = total // self.world_size  # equal shares, like Ray's split(equal=True)
-        first, last = self.rank * share, (self.rank + 1) * share
-        pending: list[pa.Table] = []
-        pending_rows = offset = 0
-        for path in files:
-            fs, fs_path = filesystem(path)
-            table = pq.read_table(fs_path, filesystem=fs)
-            lo, hi = max(first, offset), min(last, offset + table.num_rows)
-            offset += table.num_rows
-            if lo >= hi:
-                continue
-            pending.append(table.slice(lo - (offset - table.num_rows), hi - lo))
-            pending_rows += hi - lo
-            while pending_rows >= rows:
-                merged = pa.concat_tables(pending)
-                yield table_to_chunk(merged.slice(0, rows), self.plan.objective)
-                pending, pending_rows = [merged.slice(rows)], pending_rows - rows
-        if pending_rows:
-            yield table_to_chunk(pa.concat_tables(pending), self.plan.objective)
+        yield from read_share(self.plan, split, self.rank, self.world_size, rows)
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
@@ -212,6 +192,39 @@ class LocalSession:
 
         for old in list_checkpoints(self.plan.storage)[: -self.keep]:
             shutil.rmtree(old["path"], ignore_errors=True)
+
+
+def read_share(plan: RunPlan, split: str, rank: int, world_size: int, rows: int) -> Iterator[Chunk]:
+    """Rank `rank`'s equal contiguous share of a split, straight from the Parquet files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nlm.shards import filesystem
+
+    files = plan.train_files if split == "train" else plan.val_files
+    total = plan.train_rows if split == "train" else plan.val_rows
+    share = total // world_size  # equal shares, like Ray's split(equal=True)
+    first, last = rank * share, (rank + 1) * share
+    pending: list[pa.Table] = []
+    pending_rows = offset = 0
+    for path in files:
+        if offset >= last:
+            break
+        fs, fs_path = filesystem(path)
+        table = pq.read_table(fs_path, filesystem=fs)
+        start = offset
+        offset += table.num_rows
+        lo, hi = max(first, start), min(last, offset)
+        if lo >= hi:
+            continue
+        pending.append(table.slice(lo - start, hi - lo))
+        pending_rows += hi - lo
+        while pending_rows >= rows:
+            merged = pa.concat_tables(pending)
+            yield table_to_chunk(merged.slice(0, rows), plan.objective)
+            pending, pending_rows = [merged.slice(rows)], pending_rows - rows
+    if pending_rows:
+        yield table_to_chunk(pa.concat_tables(pending), plan.objective)
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -313,7 +326,10 @@ class Trainer:
         total = _all_reduce_sum([float(rows)], self.device)[0]
         dropped = self.plan.train_rows - int(total)
         per_epoch = batches_per_epoch(
-            rows, kind=self.kind, batch_size=self.config.micro_batch, chunk=self.config.rows_per_chunk
+            rows,
+            kind=self.kind,
+            batch_size=self.config.micro_batch,
+            chunk=self.config.rows_per_chunk,
         )
         unused = rows - per_epoch * self.config.micro_batch
         self.log.write(
@@ -340,11 +356,15 @@ class Trainer:
             from nlm.objectives import mask_tokens
 
             masked, labels = mask_tokens(
-                batch["input_ids"], self.plan.vocab_size, generator=generator,
+                batch["input_ids"],
+                self.plan.vocab_size,
+                generator=generator,
                 mask_prob=self.config.mlm_prob,
             )
             masked, labels = masked.to(self.device), labels.to(self.device)
-            rest = self.to_device({k: batch[k] for k in ("token_type_ids", "attention_mask", "nsp_label")})
+            rest = self.to_device(
+                {k: batch[k] for k in ("token_type_ids", "attention_mask", "nsp_label")}
+            )
             out = self.engine(
                 masked,
                 token_type_ids=rest["token_type_ids"],
@@ -353,7 +373,9 @@ class Trainer:
                 nsp_labels=rest["nsp_label"],
             )
             targets = labels[labels != IGNORE_INDEX]
-            mlm_loss = torch.nn.functional.cross_entropy(out.logits.float(), targets, reduction="sum")
+            mlm_loss = torch.nn.functional.cross_entropy(
+                out.logits.float(), targets, reduction="sum"
+            )
             nsp = out.nsp_logits.float()
             sums = {
                 "mlm_loss": mlm_loss.detach(),
@@ -387,8 +409,9 @@ class Trainer:
             config.micro_batch * config.grad_accum * self.world_size * self.plan.seq_len
         )
         batches = self.batches()
-        progress = _progress(self.rank == 0 and isinstance(self.session, LocalSession),
-                             self.step, config.max_steps)
+        progress = _progress(
+            self.rank == 0 and isinstance(self.session, LocalSession), self.step, config.max_steps
+        )
         interval_start, interval_steps, loss_sum = time.perf_counter(), 0, 0.0
         while self.step < config.max_steps:
             lr = lr_at(self.step, config)
@@ -406,7 +429,9 @@ class Trainer:
 
             if self.step % config.log_every == 0 or last:
                 elapsed = time.perf_counter() - interval_start
-                loss = _all_reduce_sum([loss_sum / interval_steps], self.device)[0] / self.world_size
+                loss = (
+                    _all_reduce_sum([loss_sum / interval_steps], self.device)[0] / self.world_size
+                )
                 if not math.isfinite(loss):
                     raise NLMError(
                         f"training diverged: loss is {loss} at step {self.step} (lr {lr:g}); "
@@ -467,7 +492,9 @@ class Trainer:
         self.state = saved_state
         self.engine.train()
         keys = sorted(totals)
-        summed = dict(zip(keys, _all_reduce_sum([totals[k] for k in keys], self.device), strict=True))
+        summed = dict(
+            zip(keys, _all_reduce_sum([totals[k] for k in keys], self.device), strict=True)
+        )
         if self.kind == "mlm":
             mlm_loss = summed["mlm_loss"] / max(1.0, summed["mlm_tokens"])
             result = {
@@ -479,7 +506,11 @@ class Trainer:
             }
         else:
             loss = summed["loss"] / max(1.0, summed["tokens"])
-            result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(summed["tokens"])}
+            result = {
+                "val_loss": loss,
+                "val_ppl": math.exp(min(loss, 50.0)),
+                "val_tokens": int(summed["tokens"]),
+            }
         result = {k: round(v, 5) if isinstance(v, float) else v for k, v in result.items()}
         self.final = {"step": self.step, **result}
         return result
@@ -583,7 +614,9 @@ class Trainer:
         state_dict = None
         with _gathered(module, self.config.zero_stage == 3):
             if self.rank == 0:
-                state_dict = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+                state_dict = {
+                    k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()
+                }
         # The probe: the first val micro-batch, through the engine on every rank (ZeRO-3's
         # forward is collective), and through the exported model on rank 0.
         probe = next(_eval_batches(self.val_chunk, self.kind, min(4, chunk_rows(self.val_chunk))))
@@ -594,8 +627,13 @@ class Trainer:
             run_dir = Path(self.plan.run_dir)
             extra = {"training": {"run": str(run_dir), "config": self.plan.config}}
             metrics = {**self.final, "params": self.num_params, "tokens": self.tokens}
-            save_checkpoint(run_dir / "model", model, load_tokenizer(self.plan.tokenizer_dir),
-                            metrics=metrics, extra=extra)
+            save_checkpoint(
+                run_dir / "model",
+                model,
+                load_tokenizer(self.plan.tokenizer_dir),
+                metrics=metrics,
+                extra=extra,
+            )
             exported = load_checkpoint(run_dir / "model").model.to(self.device)
             diff = (self.probe_logits(exported, probe) - engine_logits).abs().max().item()
             tolerance = 1e-4 if self.device.type == "cpu" else 5e-2  # bf16 engine on GPU
@@ -610,8 +648,11 @@ class Trainer:
         with torch.no_grad():
             ids = batch["input_ids"].to(self.device)
             if self.kind == "mlm":
-                out = model(ids, token_type_ids=batch["token_type_ids"].to(self.device),
-                            attention_mask=batch["attention_mask"].to(self.device))
+                out = model(
+                    ids,
+                    token_type_ids=batch["token_type_ids"].to(self.device),
+                    attention_mask=batch["attention_mask"].to(self.device),
+                )
             else:
                 out = model(ids[:, :-1])
         model.train(was_training)
@@ -637,14 +678,16 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 def _eval_batches(chunk: Chunk, kind: str, batch_size: int) -> Iterator[Batch]:
     """Every row of the val chunk once, in order (streams for rnn/lstm, last batch partial)."""
     if kind == "stream":
-        yield from micro_batches([chunk], kind=kind, batch_size=batch_size, seed=0, epoch=0,
-                                 rank=0, shuffle=False)
+        yield from micro_batches(
+            [chunk], kind=kind, batch_size=batch_size, seed=0, epoch=0, rank=0, shuffle=False
+        )
         return
     rows = chunk_rows(chunk)
     for start in range(0, rows, batch_size):
         part = {k: v[start : start + batch_size] for k, v in chunk.items()}
-        yield from micro_batches([part], kind=kind, batch_size=chunk_rows(part), seed=0,
-                                 epoch=0, rank=0, shuffle=False)
+        yield from micro_batches(
+            [part], kind=kind, batch_size=chunk_rows(part), seed=0, epoch=0, rank=0, shuffle=False
+        )
 
 
 def _concat_chunks(pieces: list[Chunk], kind: str) -> Chunk:

@@ -15,6 +15,7 @@ from typing import Any
 
 from nlm.cluster.deepspeed_config import check_zero_stage
 from nlm.cluster.train_config import TrainConfig
+
 from nlm.config import Config
 from nlm.errors import NLMError
 
@@ -36,6 +37,7 @@ class RunPlan(Config):
     val_files: list[str]
     train_rows: int
     val_rows: int
+    train_mb: float  # size of the train split's token ids in memory
     model_config: dict[str, Any]  # the resolved model config (vocab_size included)
     num_params: int
     device: str  # cpu | cuda
@@ -74,7 +76,9 @@ def plan_run(config: TrainConfig, device: str = "cpu") -> RunPlan:
     fields.update(config.model_overrides)
     cls = model_class(config.model)
     model_config = cls.config_class.from_dict(fields, source=f"model_overrides of {config.model}")
-    context = getattr(model_config, "block_size", None) or getattr(model_config, "max_positions", None)
+    context = getattr(model_config, "block_size", None) or getattr(
+        model_config, "max_positions", None
+    )
     if context is not None and manifest.seq_len > context:
         raise NLMError(
             f"{config.data}: rows of seq_len {manifest.seq_len} do not fit the {config.model} "
@@ -125,6 +129,7 @@ def plan_run(config: TrainConfig, device: str = "cpu") -> RunPlan:
         val_files=split_paths(config.data, manifest, "val"),
         train_rows=train_rows,
         val_rows=val_rows,
+        train_mb=train_rows * (manifest.seq_len + 1) * 4 / 2**20,
         model_config=model_config.to_dict(),
         num_params=num_params,
         device=device,
@@ -150,7 +155,9 @@ def list_checkpoints(storage: str) -> list[dict[str, Any]]:
             continue  # incomplete: the upload did not finish
         with fs.open_input_stream(meta_path) as f:
             meta = json.loads(f.read().decode("utf-8"))
-        meta["path"] = info.path if "://" not in storage else f"{storage.split('://')[0]}://{info.path}"
+        meta["path"] = (
+            info.path if "://" not in storage else f"{storage.split('://')[0]}://{info.path}"
+        )
         metas.append(meta)
     return sorted(metas, key=lambda m: m["step"])
 

@@ -24,9 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nlm.cluster.deepspeed_config import check_zero_stage
 from nlm.cluster.train_config import TrainConfig
 from nlm.cluster.train_metrics import read_metrics
 from nlm.cluster.train_plan import CHECKPOINTS, RunPlan, plan_run
+
 from nlm.errors import NLMError
 
 DATA_CPUS = 1.0  # kept free for Ray Data's read tasks (each asks for one CPU)
@@ -36,15 +38,18 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     """Train per `config`; returns the final metrics (also in RUN/model/metrics.json)."""
     from nlm.cluster.launch import check_resources, ensure_ray
 
-    config = config.check()
-    ensure_ray()
-    device = resolve_device(config)
-    plan = plan_run(config, device)
+    # Every check that needs no cluster comes first: bad input fails before Ray starts.
+    plan = plan_run(config.check())
     config = plan.train
+    ensure_ray()
+    plan.device = resolve_device(config)
+    check_zero_stage(config.zero_stage, plan.device)
+    device = plan.device
     check_storage(plan)
     worker = worker_resources(config, device)
     check_resources(
         [worker] * config.workers + [{"CPU": DATA_CPUS}],
+        config.placement_timeout_s or None,
         what=f"{config.workers} training workers and Ray Data",
     )
 
@@ -117,17 +122,18 @@ def check_storage(plan: RunPlan) -> None:
 def make_trainer(plan: RunPlan, worker: dict[str, float]) -> Any:
     import ray.data
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from nlm.cluster.train_loop import train_worker
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     config = plan.train
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the run draws one bar of its own
-    datasets = {
-        "train": ray.data.read_parquet(plan.train_files, shuffle=None),
-        "val": ray.data.read_parquet(plan.val_files, shuffle=None),
-    }
+    train_rows = ray.data.read_parquet(plan.train_files, shuffle=None)
+    if plan.train_mb <= config.materialize_mb:
+        # Read once into the object store: every epoch then splits blocks already in memory
+        # instead of starting Parquet read tasks again (seconds per epoch on a small node).
+        train_rows = train_rows.materialize()
+    datasets = {"train": train_rows}  # val is small: each worker reads its share directly
     # preserve_order makes the split deterministic: the same rows reach the same rank on every
     # epoch and after a restart, which is what lets a resumed run skip to its data position.
     options = ray.data.ExecutionOptions(preserve_order=True)
@@ -171,7 +177,9 @@ def _follow(run_dir: Path, config: TrainConfig, thread: threading.Thread, enable
                     bar.set_description(f"train {config.model} (start at {record['step']})")
                 elif "loss" in record:
                     bar.n = record["step"]
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    bar.set_postfix(
+                        loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}"
+                    )
                 elif "val_loss" in record:
                     bar.set_postfix(val_ppl=f"{record['val_ppl']:.1f}")
                 bar.refresh()
@@ -211,4 +219,3 @@ def wait_for(predicate: Any, timeout_s: float, interval_s: float = 0.5) -> bool:
             return True
         time.sleep(interval_s)
     return False
-

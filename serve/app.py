@@ -21,14 +21,13 @@ import dataclasses
 import hmac
 import logging
 import os
-import re
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
+from nlm.serve.catalog import parse_checkpoints
 from nlm.serve.deployments import (
     DEFAULT_BATCH_WAIT_TIMEOUT_S,
     DEFAULT_MAX_BATCH_SIZE,
@@ -63,7 +62,6 @@ from ray.serve.exceptions import (
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nlm.checkpoint import read_checkpoint_config, resolve_checkpoint_dir
 from nlm.config import Config
 from nlm.errors import NLMError
 from nlm.inference import BERT_ENDPOINTS, CAUSAL_ENDPOINTS, Limits
@@ -71,8 +69,6 @@ from nlm.inference import BERT_ENDPOINTS, CAUSAL_ENDPOINTS, Limits
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "NLM_API_TOKEN"
-GATEWAY = "Gateway"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 OPEN_PATHS = ("/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
 
 # ---------------------------------------------------------------- the application's arguments
@@ -91,46 +87,6 @@ class AppArgs(Config):
     num_replicas: int | None = (
         None  # per model; None keeps the default (1, or the config's autoscaling)
     )
-
-
-@dataclasses.dataclass
-class ModelSpec:
-    name: str
-    path: Path
-    family: str
-
-
-def model_name(path: Path) -> str:
-    """A run directory's name (runs/gpt-small -> gpt-small), also for its model/ subdirectory."""
-    path = Path(os.path.abspath(path))  # not resolve(): a symlink's own name is the one meant
-    name = path.parent.name if path.name == "model" and path.parent.name else path.name
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-._") or "model"
-
-
-def parse_checkpoints(specs: list[str]) -> list[ModelSpec]:
-    """ "path" or "name=path" entries -> checked, uniquely named models (NLMError otherwise)."""
-    if not specs:
-        raise NLMError("no checkpoints given (args.checkpoints is empty)")
-    models: list[ModelSpec] = []
-    for spec in specs:
-        if not isinstance(spec, str) or not spec:
-            raise NLMError(f"checkpoint {spec!r}: expected a path or name=path")
-        name, sep, path_text = spec.partition("=")
-        if not sep or "/" in name or not name:
-            name, path_text = "", spec
-        path = Path(path_text).expanduser()
-        config = read_checkpoint_config(path)  # NLMError for a missing or foreign directory
-        name = name or model_name(path)
-        if not NAME_RE.match(name) or name == GATEWAY:
-            raise NLMError(
-                f"checkpoint {spec!r}: model name '{name}' must match {NAME_RE.pattern} and not be '{GATEWAY}'"
-            )
-        if any(m.name == name for m in models):
-            raise NLMError(
-                f"checkpoint {spec!r}: two models named '{name}'; give one another name with name=path"
-            )
-        models.append(ModelSpec(name, resolve_checkpoint_dir(path).resolve(), config["family"]))
-    return models
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

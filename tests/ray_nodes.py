@@ -56,6 +56,9 @@ class Node:
     proc: subprocess.Popen
     pgid: int
     log: Path
+    args: list[str]
+    name: str
+    restarts: int = 0
 
 
 @dataclass
@@ -103,7 +106,7 @@ class LocalCluster:
             proc = subprocess.Popen(
                 cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
-        node = Node(proc, os.getpgid(proc.pid), log)
+        node = Node(proc, os.getpgid(proc.pid), log, args, name)
         self.nodes.append(node)
         return node
 
@@ -156,10 +159,19 @@ class LocalCluster:
         raise TimeoutError(f"{count} nodes not up after {timeout} s; logs in {self.temp_dir}")
 
     def check_running(self) -> None:
-        for node in self.nodes:
-            if node.proc.poll() is not None:
-                tail = node.log.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"ray start exited ({node.proc.returncode}):\n{tail}")
+        for i, node in enumerate(self.nodes):
+            if node.proc.poll() is None:
+                continue
+            tail = node.log.read_text(errors="replace")[-3000:]
+            # On a loaded 2-core machine a raylet can miss Ray's fixed 30 s registration
+            # window ("timed out during startup"); a worker node gets another try.
+            if node.name != "head" and "timed out during startup" in tail and node.restarts < 2:
+                _signal_group(node.pgid, signal.SIGKILL)
+                self.nodes.pop(i)
+                again = self._start(node.args, f"{node.name}-retry{node.restarts + 1}")
+                again.restarts = node.restarts + 1
+                return
+            raise RuntimeError(f"ray start exited ({node.proc.returncode}):\n{tail}")
 
     def submit(self, *entrypoint: str, runtime_env: dict | None = None, timeout: float = 180):
         """`ray job submit --working-dir . -- ENTRYPOINT`; waits for the job, returns the run."""

@@ -27,7 +27,9 @@ from nlm.tokenizers.base import EOS_ID, fingerprint
 
 def corpus_lines(data_mirror: Path, limit: int) -> list[str]:
     text = (data_mirror / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")
-    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith(" =")]
+    lines = [
+        line.strip() for line in text.splitlines() if line.strip() and not line.startswith(" =")
+    ]
     return lines[:limit]
 
 
@@ -44,7 +46,10 @@ def write_shards(
     """Every val_every-th line goes to val; the rest to train. Returns `out`."""
     tokenizer = train_tokenizer("word", lines, vocab_size=vocab_size)
     tokenizer.save(out / "tokenizer")
-    splits = {"train": [l for i, l in enumerate(lines) if i % val_every], "val": lines[::val_every]}
+    splits = {
+        "train": [line for i, line in enumerate(lines) if i % val_every],
+        "val": lines[::val_every],
+    }
     fs = pafs.LocalFileSystem()
     summary = {}
     for split, docs in splits.items():
@@ -64,13 +69,22 @@ def write_shards(
             writer.write(pa.Table.from_pylist(rows, schema=MLM_SCHEMA))
             tokens = sum(len(r["input_ids"]) for r in rows)
         files = writer.close()
-        summary[split] = {"rows": writer.rows, "tokens": tokens, "documents": len(docs), "files": files}
+        summary[split] = {
+            "rows": writer.rows,
+            "tokens": tokens,
+            "documents": len(docs),
+            "files": files,
+        }
     manifest = Manifest(
         pipeline_version=PIPELINE_VERSION,
         objective=objective,
         seq_len=seq_len,
         seed=0,
-        tokenizer={"kind": "word", "vocab_size": tokenizer.vocab_size, "fingerprint": fingerprint(out / "tokenizer")},
+        tokenizer={
+            "kind": "word",
+            "vocab_size": tokenizer.vocab_size,
+            "fingerprint": fingerprint(out / "tokenizer"),
+        },
         sources=[{"path": "wikitext-2/valid.txt", "bytes": 0}],
         splits=summary,
         skipped={"documents": 0, "reasons": {}, "examples": []},

@@ -1,7 +1,8 @@
 """`nlm generate`: sample a continuation of a prompt from a causal checkpoint.
 
 The prompt is read like a document start in training: `</s>` then the prompt's tokens.
-Sampling stops at `--max-tokens` or at the first `</s>` (the end of the document). Prints the
+Sampling stops at `--max-tokens` or at the first `</s>` (the end of the document). A gpt sees
+only its `block_size` positions, so a longer prompt is cut from the left. Prints the
 prompt (as the tokenizer sees it) plus the continuation; `--json` prints one JSON object instead.
 """
 
@@ -29,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     from nlm.checkpoint import load_checkpoint
     from nlm.errors import NLMError
+    from nlm.evaluation import max_positions
     from nlm.tokenizers.base import EOS_ID
 
     if args.max_tokens < 1:
@@ -37,10 +39,16 @@ def run(args: argparse.Namespace) -> int:
     if not ckpt.model.causal:
         raise NLMError(f"{ckpt.path}: a {ckpt.family} checkpoint cannot generate text (not causal)")
     prompt = [EOS_ID, *ckpt.tokenizer.encode(args.prompt)]
+    context = prompt
+    limit = max_positions(ckpt.model)  # gpt: prompt and sample must fit its positions
+    if limit is not None:
+        if args.max_tokens >= limit:
+            raise NLMError(f"--max-tokens {args.max_tokens}: the model has only {limit} positions")
+        context = prompt[-(limit - args.max_tokens) :]  # keep the end of a long prompt
     generator = torch.Generator().manual_seed(args.seed)
     with torch.inference_mode():
         new_ids, logprobs = ckpt.model.generate(
-            torch.tensor([prompt]),
+            torch.tensor([context]),
             max_new_tokens=args.max_tokens,
             temperature=args.temperature,
             top_k=args.top_k,

@@ -141,15 +141,18 @@ def run(args: argparse.Namespace) -> int:
         # has cached the (unset) mode, so Ray would skip making a token that its GCS then
         # demands. Deciding before the import keeps the two in step.
         os.environ.setdefault("RAY_AUTH_MODE", "token")
-    # Build first: a bad checkpoint path fails here, in a second, before Ray starts.
+    # Checkpoints and port first: bad input fails here, before Ray is imported or started.
+    from nlm.serve.catalog import parse_checkpoints
+
+    parse_checkpoints(list(args.checkpoints))
+    if not os.environ.get("RAY_ADDRESS"):
+        check_port_free(args.host, args.port)
     from ray import serve
 
     from nlm.cluster.launch import ensure_ray
     from nlm.serve.app import build_app
 
     app = build_app(app_args(args))
-    if not os.environ.get("RAY_ADDRESS"):
-        check_port_free(args.host, args.port)
     try:
         how = ensure_ray()
     except NLMError:

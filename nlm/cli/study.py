@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab-size", type=int)
     parser.add_argument("--seq-len", type=int)
     parser.add_argument("--workers", type=int, help="Ray Train workers per model (default 2)")
-    parser.add_argument("--max-steps", type=int, help="training steps per model")
+    parser.add_argument("--max-steps", type=int, help="training steps per model (default 1500)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
     parser.add_argument("--random", type=int, dest="n_words", help="words to draw (default 20)")
     parser.add_argument("--k", type=int, help="neighbours per word (default 10)")
     parser.add_argument("--seed", type=int, help="seed of the word draw (default 7)")
@@ -32,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
 
 
-FLAGS = ("corpus", "preset", "vocab_size", "seq_len", "workers", "max_steps", "n_words", "k")
+FLAGS = ("corpus", "preset", "vocab_size", "seq_len", "workers", "max_steps", "lr", "n_words", "k")
 FLAGS += ("seed", "which", "min_count")
 
 

@@ -36,6 +36,7 @@ HELP = {
     "max_steps": "optimizer steps to train for",
     "shuffle": "shuffle rows within each chunk (not for rnn/lstm)",
     "chunk_rows": "rows read per chunk (0: automatic)",
+    "materialize_mb": "keep a train split up to this many MB in Ray's object store (0: stream it)",
     "optimizer": "adamw | sgd",
     "lr": "peak learning rate",
     "min_lr": "learning rate at the end of the cosine decay",
@@ -53,6 +54,7 @@ HELP = {
     "keep_checkpoints": "checkpoints to keep (the last K)",
     "max_failures": "worker-group restarts from the last checkpoint before giving up",
     "resume": "continue the run in --out from its latest checkpoint",
+    "placement_timeout_s": "seconds to wait for the cluster to place the workers (0: default)",
     "storage": "Ray Train storage for checkpoints (default: RUN); s3://... for multi-node",
     "shared_fs": "--out is on storage every node sees (needed for multi-node runs)",
     "betas": "AdamW betas, e.g. 0.9,0.95",
@@ -70,9 +72,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kind = hints[field.name]
         text = HELP.get(field.name, field.name)
         if field.name == "model_overrides":
-            parser.add_argument("--set", dest="model_overrides", action="append", metavar="KEY=VALUE", help=text)
+            parser.add_argument(
+                "--set", dest="model_overrides", action="append", metavar="KEY=VALUE", help=text
+            )
         elif kind is bool:
-            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+            parser.add_argument(
+                flag,
+                dest=field.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=text,
+            )
         elif field.name == "betas":
             parser.add_argument(flag, dest=field.name, type=_floats, default=None, help=text)
         else:
@@ -120,7 +130,9 @@ def _floats(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected numbers separated by commas, got {text!r}"
+        ) from None
 
 
 def _key_values(items: list[str]) -> dict[str, Any]:

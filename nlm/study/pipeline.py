@@ -33,10 +33,13 @@ class StudyConfig(Config):
     models: list[str] = dataclasses.field(default_factory=lambda: ["fnn", "rnn", "lstm"])
     preset: str = "notes"
     presets: dict[str, str] = dataclasses.field(default_factory=dict)  # per-family override
-    vocab_size: int = 1000
+    vocab_size: int = 1007  # the notes' 1000 words + the 7 special tokens (<unk> among them)
     seq_len: int = 64
     workers: int = 2
-    max_steps: int = 300
+    max_steps: int = 1500
+    # tiny models learn slowly at the trainer's default 3e-4: the study's short budget needs more
+    lr: float = 3e-3
+    warmup_steps: int = 100
     prepare_args: list[str] = dataclasses.field(default_factory=list)  # extra `nlm prepare` flags
     train_args: list[str] = dataclasses.field(default_factory=list)  # extra `nlm train` flags
     n_words: int = 20
@@ -60,6 +63,10 @@ class StudyConfig(Config):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise bad(name, f"{value!r} is not a positive integer")
+        if not isinstance(self.lr, int | float) or not self.lr > 0:
+            raise bad("lr", f"{self.lr!r} is not a positive number")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise bad("warmup_steps", f"{self.warmup_steps!r} is not a non-negative integer")
         if self.which not in WHICH:
             raise bad("which", f"{self.which!r} is not one of {', '.join(WHICH)}")
         for name in ("prepare_args", "train_args"):
@@ -105,6 +112,7 @@ def plan(config: StudyConfig, out: Path) -> list[Step]:
         train = ["train", "--data", str(shards), "--model", family]
         train += ["--preset", config.presets.get(family, config.preset)]
         train += ["--workers", str(config.workers), "--max-steps", str(config.max_steps)]
+        train += ["--lr", str(config.lr), "--warmup-steps", str(config.warmup_steps)]
         train += ["--out", str(run_dir)]
         steps.append(
             Step(f"train-{family}", train + config.train_args, run_dir / "model" / "config.json")

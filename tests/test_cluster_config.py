@@ -1,0 +1,177 @@
+"""The shipped cluster files validate against Ray's own schema, keep the dashboard on the head's
+loopback, and carry the labels the jobs use; the embedded default (nlm.cluster.launch) joins,
+starts or refuses Ray as documented."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from nlm.cluster.launch import check_resources, ensure_ray
+from ray.autoscaler._private.util import prepare_config, validate_config
+from ray_nodes import fake_autoscaling_config, free_ports
+
+from nlm.errors import NLMError
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "cluster.yaml"
+ONPREM = REPO / "cluster" / "onprem.yaml"
+
+
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def validated(path: Path) -> dict:
+    """What `ray up` does before touching a cloud: fill in defaults, then Ray's schema."""
+    config = prepare_config(load(path))
+    validate_config(config)
+    return config
+
+
+def start_commands(config: dict) -> str:
+    return "\n".join(config["head_start_ray_commands"] + config["worker_start_ray_commands"])
+
+
+@pytest.mark.parametrize("path", [CLUSTER, ONPREM], ids=["cloud", "onprem"])
+def test_cluster_files_validate_against_rays_schema(path):
+    config = validated(path)
+    assert config["head_node_type"] in config["available_node_types"]
+
+
+@pytest.mark.parametrize("path", [CLUSTER, ONPREM], ids=["cloud", "onprem"])
+def test_a_misspelt_key_is_rejected_by_the_same_check(path):
+    config = load(path)
+    config["idle_timout_minutes"] = 5
+    with pytest.raises(jsonschema.ValidationError, match="idle_timout_minutes"):
+        validate_config(prepare_config(config))
+
+
+def test_cloud_cluster_node_types_and_labels():
+    config = validated(CLUSTER)
+    assert config["provider"]["type"] == "aws"
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}, "the head runs no tasks"
+    by_label = {
+        label: [name for name, t in types.items() if label in t["resources"]]
+        for label in ("data", "trainer")
+    }
+    assert len(by_label["data"]) == 1 and len(by_label["trainer"]) == 1
+    data, trainer = types[by_label["data"][0]], types[by_label["trainer"][0]]
+    for node_type in (data, trainer):
+        assert node_type["min_workers"] == 0 < node_type["max_workers"]
+    assert trainer["node_config"]["InstanceType"].startswith(("g", "p")), "a GPU instance"
+    assert not data["node_config"]["InstanceType"].startswith(("g", "p"))
+    assert 0 < config["idle_timeout_minutes"] <= 30
+
+
+@pytest.mark.parametrize("path", [CLUSTER, ONPREM], ids=["cloud", "onprem"])
+def test_dashboard_stays_on_the_head_and_auth_is_explicit(path):
+    config = validated(path)
+    head = "\n".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head
+    assert "0.0.0.0" not in start_commands(config)
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        assert "RAY_AUTH_MODE=token" in commands[-1]
+    assert "~/.ray/auth_token" in config["file_mounts"], "every node gets the shared token"
+
+
+@pytest.mark.parametrize("path", [CLUSTER, ONPREM], ids=["cloud", "onprem"])
+def test_setup_installs_a_pinned_revision(path):
+    config = validated(path)
+    setup = "\n".join(load(path)["setup_commands"])
+    assert "git clone" in setup and 'git checkout --quiet --detach "$NLM_REVISION"' in setup
+    assert "NLM_REVISION=" in setup
+    assert "make .venv/bin/nlm" in setup
+    # The venv's bin is on PATH for `ray start`: job entrypoints run the `python` found there.
+    assert "nlm/.venv/bin:$PATH" in start_commands(config)
+
+
+@pytest.mark.parametrize("path", [CLUSTER, ONPREM], ids=["cloud", "onprem"])
+def test_every_shell_command_parses(path):
+    config = load(path)
+    keys = [k for k in config if k.endswith("_commands")]
+    for key in keys:
+        for command in config[key]:
+            check = subprocess.run(["bash", "-n", "-c", command], capture_output=True, text=True)
+            assert check.returncode == 0, f"{path.name} {key}: {command!r}: {check.stderr}"
+
+
+def test_onprem_lists_fixed_machines_and_labels_them_by_hardware():
+    config = validated(ONPREM)
+    raw = load(ONPREM)
+    assert config["provider"]["type"] == "local"
+    assert raw["provider"]["head_ip"] and len(raw["provider"]["worker_ips"]) >= 1
+    (node_type,) = config["available_node_types"].values()
+    assert (
+        node_type["min_workers"] == node_type["max_workers"] == len(raw["provider"]["worker_ips"])
+    )
+    worker = "\n".join(config["worker_start_ray_commands"])
+    assert '\\"trainer\\"' in worker and '\\"data\\"' in worker
+
+
+def test_fake_autoscaling_config_is_derived_from_cluster_yaml():
+    config = fake_autoscaling_config(CLUSTER, "127.0.0.1:6379")
+    validate_config(copy.deepcopy(config))
+    worker = {k: v for k, v in config["available_node_types"].items() if k != "ray.head.default"}
+    ((name, node_type),) = worker.items()
+    assert name in load(CLUSTER)["available_node_types"]
+    assert node_type["resources"]["trainer"] == 1
+    assert node_type["min_workers"] == 0 and node_type["max_workers"] == 2
+
+
+# --- the embedded default -------------------------------------------------------------------
+
+
+def run_ensure_ray(address: str) -> subprocess.CompletedProcess:
+    """ensure_ray() in a fresh process (this one may already have Ray initialised)."""
+    code = (
+        "import sys\n"
+        "from nlm.cluster.launch import ensure_ray\n"
+        "from nlm.errors import NLMError\n"
+        "try:\n    ensure_ray()\n"
+        "except NLMError as e:\n    print(f'nlm: error: {e}', file=sys.stderr); sys.exit(2)\n"
+    )
+    env = dict(os.environ, RAY_ADDRESS=address)
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_ray_address_nobody_answers_fails_at_once_with_one_line():
+    (port,) = free_ports(1)
+    result = run_ensure_ray(f"127.0.0.1:{port}")
+    assert result.returncode == 2
+    assert f"cannot join the Ray cluster at RAY_ADDRESS=127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_job_server_url_as_ray_address_is_explained():
+    result = run_ensure_ray("http://127.0.0.1:8265")
+    assert result.returncode == 2
+    assert "job server's HTTP address" in result.stderr and "ray job submit" in result.stderr
+
+
+def test_ensure_ray_keeps_an_existing_instance(ray_local):
+    assert ensure_ray() == "existing"
+
+
+def test_check_resources_passes_when_the_cluster_has_room(ray_local):
+    check_resources([{"CPU": 0.5}] * 2, timeout_s=30, what="two small workers")
+
+
+def test_check_resources_fails_clearly_instead_of_hanging(ray_local):
+    with pytest.raises(NLMError) as info:
+        check_resources([{"CPU": 1, "trainer": 1}] * 3, timeout_s=2, what="3 training workers")
+    message = str(info.value)
+    assert "cannot place 3 training workers within 2 s" in message
+    assert "3 x {CPU: 1, trainer: 1}" in message and "trainer: 3" in message
+    # The probe's placement group is gone again: nothing stays reserved.
+    assert ray_local.available_resources().get("CPU") == ray_local.cluster_resources()["CPU"]

@@ -1,0 +1,101 @@
+"""`ray job submit` on a real two-node Ray cluster on this machine.
+
+The head carries the "data" label, the second node the "trainer" label (as cluster.yaml's
+node types do); a corpus job and a training job are submitted with the real CLI, both succeed,
+and the training workers run on the trainer node (checked by node id: both nodes report the
+same IP). A job asking for more than the cluster has fails with one clear line, in bounded time.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+from ray_nodes import LocalCluster
+
+pytestmark = pytest.mark.slow
+
+TRAIN = "tests/cluster_jobs/probe_train.py"
+CORPUS = "tests/cluster_jobs/probe_corpus.py"
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    cluster = LocalCluster.create()
+    try:
+        cluster.start_head("--num-cpus=1", '--resources={"data": 2}')
+        cluster.wait_for_nodes(1, timeout=150)
+        cluster.start_worker("--num-cpus=2", '--resources={"trainer": 2}')
+        cluster.wait_for_nodes(2, timeout=150)
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+def submit(cluster: LocalCluster, *entrypoint: str) -> str:
+    """`ray job submit --no-wait` under our own submission id."""
+    job_id = f"nlm-test-{uuid.uuid4().hex[:8]}"
+    result = cluster.ray(
+        "job", "submit", "--address", cluster.dashboard_url, "--submission-id", job_id,
+        "--no-wait", "--working-dir", ".", "--", *entrypoint,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    return job_id
+
+
+def follow(cluster: LocalCluster, job_id: str, timeout: float = 240) -> tuple[str, str]:
+    """`ray job logs --follow` until the job ends; then its final status and its logs."""
+    logs = cluster.ray(
+        "job", "logs", "--address", cluster.dashboard_url, "--follow", job_id, timeout=timeout
+    ).stdout
+    status = cluster.ray("job", "status", "--address", cluster.dashboard_url, job_id).stdout
+    for word in ("SUCCEEDED", "FAILED", "STOPPED"):
+        if word in status:
+            return word, logs
+    return status, logs
+
+
+def node_ids_with(nodes: list[dict], label: str) -> set[str]:
+    return {n["node_id"] for n in nodes if n["resources"].get(label)}
+
+
+def test_corpus_and_training_jobs_land_on_their_labelled_nodes(two_nodes, tmp_path: Path):
+    corpus_out, train_out = tmp_path / "corpus", tmp_path / "train"
+    # Submitted together: the two jobs ask for different labels and do not compete.
+    corpus = submit(two_nodes, "python", CORPUS, "--out", str(corpus_out), "--rows", "2000")
+    train = submit(
+        two_nodes, "python", TRAIN, "--out", str(train_out), "--workers", "2",
+        "--resources", '{"CPU": 0.5, "trainer": 0.5}',
+    )  # fmt: skip
+
+    status, logs = follow(two_nodes, train)
+    assert status == "SUCCEEDED", logs[-3000:]
+    status, corpus_logs = follow(two_nodes, corpus)
+    assert status == "SUCCEEDED", corpus_logs[-3000:]
+
+    nodes = json.loads((train_out / "nodes.json").read_text())
+    assert len(nodes) == 2
+    trainer_nodes = node_ids_with(nodes, "trainer")
+    ranks = [json.loads((train_out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert {r["node_id"] for r in ranks} <= trainer_nodes, "workers left the trainer node"
+    assert [r["sum"] for r in ranks] == [3.0, 3.0], "the all-reduce saw both ranks"
+
+    summary = json.loads((corpus_out / "summary.json").read_text())
+    assert summary["rows"] == 2000
+    assert set(summary["node_ids"]) <= node_ids_with(nodes, "data")
+
+
+def test_a_job_the_cluster_cannot_hold_fails_with_a_clear_message(two_nodes, tmp_path: Path):
+    # Three workers with a whole "trainer" each; the cluster has two.
+    job = submit(
+        two_nodes, "python", TRAIN, "--out", str(tmp_path), "--workers", "3",
+        "--resources", '{"CPU": 0.5, "trainer": 1}', "--timeout", "5",
+    )  # fmt: skip
+    status, logs = follow(two_nodes, job, timeout=150)  # a hang fails here, not forever
+    assert status == "FAILED"
+    assert "nlm: error: the Ray cluster cannot place 3 workers within 5 s" in logs
+    assert "trainer: 3" in logs and "trainer: 2" in logs  # needed vs. what the cluster has
+    assert "Traceback" not in logs
+    assert not list(tmp_path.glob("rank*.json")), "no worker started"
