@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -37,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 from nlm.cluster.data_sources import Skips, Unit, find_sources, is_val, plan_units, read_documents
-from nlm.cluster.data_tokenize import META, TRAIN, VAL, peak_rss_bytes, process_unit
+from nlm.cluster.data_tokenize import META, TRAIN, VAL, cpu_seconds, peak_rss_bytes, process_unit
 
 from nlm.config import Config
 from nlm.errors import NLMError
@@ -126,6 +127,8 @@ class PrepareStats:
     workers: int
     driver_peak_rss: int
     worker_peak_rss: int
+    driver_cpu_seconds: float  # CPU time of the driver during the pipeline
+    workers_cpu_seconds: float  # CPU time of all tokenizer actors (processes) together
 
     @property
     def tokens_per_s(self) -> float:
@@ -368,10 +371,14 @@ def prepare(cfg: PrepareConfig) -> tuple[Manifest, PrepareStats]:
     fs, root = _prepare_output(cfg)
     try:
         with tempfile.TemporaryDirectory(prefix="nlm-tokenizer-") as tmp:
-            if not cfg.tokenizer_from:
-                tok = train_on_sample(cfg, units)
-            tok.save(tmp)
             tok_dir = Path(tmp)
+            if cfg.tokenizer_from:  # the files as they are, so the fingerprint is theirs
+                for path in Path(cfg.tokenizer_from).iterdir():
+                    if path.is_file():
+                        shutil.copyfile(path, tok_dir / path.name)
+            else:
+                tok = train_on_sample(cfg, units)
+                tok.save(tok_dir)
             tokenizer_files = {p.name: p.read_bytes() for p in sorted(tok_dir.iterdir())}
             started_locally = _start_ray()
             workers = min(_worker_count(cfg, started_locally), max(1, len(units)))
@@ -421,6 +428,8 @@ def _run(
     documents = {TRAIN: 0, VAL: 0}
     tokens = {TRAIN: 0, VAL: 0}
     worker_rss = 0
+    worker_cpu: dict[int, float] = {}
+    driver_cpu = cpu_seconds()
     bar = _progress(cfg, sum(u.nbytes for u in units))
     try:
         for table in _unit_results(cfg, units, tokenizer_files, workers, restart_actors):
@@ -435,6 +444,8 @@ def _run(
                 tokens[TRAIN] += meta["tokens"]["train"]
                 tokens[VAL] += meta["tokens"]["val"]
                 worker_rss = max(worker_rss, meta["worker_peak_rss"])
+                pid, cpu = meta["worker"]
+                worker_cpu[pid] = max(worker_cpu.get(pid, 0.0), cpu)
                 bar.update(meta["bytes"])
             for s in (TRAIN, VAL):
                 part = table.filter(pa.array(split == s))
@@ -499,6 +510,8 @@ def _run(
         workers=workers,
         driver_peak_rss=peak_rss_bytes(),
         worker_peak_rss=worker_rss,
+        driver_cpu_seconds=cpu_seconds() - driver_cpu,
+        workers_cpu_seconds=sum(worker_cpu.values()),
     )
     return manifest, stats
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import random
 import re
 import resource
@@ -52,6 +53,11 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])\s*|\s*\n\s*")
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _batches(texts: Sequence[str], sizes: Sequence[int]) -> list[tuple[int, int]]:
@@ -210,6 +216,7 @@ def process_unit(tok: Tokenizer, unit: Unit, opts: dict[str, Any]) -> pa.Table:
         tokens={"train": tokens[TRAIN], "val": tokens[VAL]},
         skipped={"reasons": skips.reasons, "examples": skips.examples},
         worker_peak_rss=peak_rss_bytes(),
+        worker=[os.getpid(), cpu_seconds()],  # the actor's process and its CPU time so far
     )
     add(META, None, info=json.dumps(meta))
     if opts["objective"] == "clm":

@@ -15,8 +15,9 @@ from nlm.cluster.train_config import TrainConfig
 from nlm.errors import NLMError
 
 # Parameters below this many elements stay whole on every rank under ZeRO-3 (DeepSpeed's
-# default is 100k, which on the tiny and small presets would leave nothing partitioned).
-ZERO3_PERSISTENCE_THRESHOLD = 10_000
+# default is 100k, which on the tiny preset would leave nothing partitioned); vectors
+# (biases, norms) stay whole, matrices are split.
+ZERO3_PERSISTENCE_THRESHOLD = 1024
 
 
 def check_zero_stage(stage: int, device: str) -> None:

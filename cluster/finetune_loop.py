@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
 from nlm.cluster.deepspeed_config import deepspeed_config
 from nlm.cluster.train_config import TrainConfig
 from nlm.cluster.train_loop import (
@@ -43,6 +42,7 @@ from nlm.cluster.train_loop import (
     make_optimizer,
 )
 from nlm.cluster.train_metrics import MetricsLog, read_metrics
+
 from nlm.errors import NLMError
 from nlm.finetune.config import FinetuneConfig
 from nlm.finetune.data import collate
@@ -66,7 +66,6 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
     import shutil
 
     import ray
-
     from nlm.cluster.launch import check_resources, ensure_ray
     from nlm.cluster.trainer import _user_error, resolve_device
 

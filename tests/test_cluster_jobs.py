@@ -50,11 +50,12 @@ def follow(cluster: LocalCluster, job_id: str, timeout: float = 240) -> tuple[st
     logs = cluster.ray(
         "job", "logs", "--address", cluster.dashboard_url, "--follow", job_id, timeout=timeout
     ).stdout
-    status = cluster.ray("job", "status", "--address", cluster.dashboard_url, job_id).stdout
-    for word in ("SUCCEEDED", "FAILED", "STOPPED"):
-        if word in status:
-            return word, logs
-    return status, logs
+    result = cluster.ray("job", "status", "--address", cluster.dashboard_url, job_id)
+    said = (result.stdout + result.stderr).lower()  # "Job '<id>' succeeded" / "... failed"
+    for word in ("succeeded", "failed", "stopped"):
+        if f"job '{job_id}' {word}" in said:
+            return word.upper(), logs
+    return said, logs
 
 
 def node_ids_with(nodes: list[dict], label: str) -> set[str]:
@@ -63,15 +64,15 @@ def node_ids_with(nodes: list[dict], label: str) -> set[str]:
 
 def test_corpus_and_training_jobs_land_on_their_labelled_nodes(two_nodes, tmp_path: Path):
     corpus_out, train_out = tmp_path / "corpus", tmp_path / "train"
-    # Submitted together: the two jobs ask for different labels and do not compete.
-    corpus = submit(two_nodes, "python", CORPUS, "--out", str(corpus_out), "--rows", "2000")
+    # One after the other: two jobs submitted at once with the same --working-dir package
+    # raced in Ray's runtime-env set-up here (the second found its working dir gone).
     train = submit(
         two_nodes, "python", TRAIN, "--out", str(train_out), "--workers", "2",
         "--resources", '{"CPU": 0.5, "trainer": 0.5}',
     )  # fmt: skip
-
     status, logs = follow(two_nodes, train)
     assert status == "SUCCEEDED", logs[-3000:]
+    corpus = submit(two_nodes, "python", CORPUS, "--out", str(corpus_out), "--rows", "2000")
     status, corpus_logs = follow(two_nodes, corpus)
     assert status == "SUCCEEDED", corpus_logs[-3000:]
 

@@ -239,3 +239,35 @@ def test_study_configs_load_and_bad_fields_are_named(tmp_path):
     bad.write_text("corpus: pku\nsteps: 3\n")
     with pytest.raises(NLMError, match=r"unknown field 'steps'"):
         StudyConfig.load_yaml(bad)
+
+
+def test_study_skips_done_steps_and_writes_the_report(checkpoints, tmp_path, data_mirror):
+    import shutil
+
+    from nlm.study.pipeline import _stamp, run_study
+
+    root, _ = checkpoints
+    config = StudyConfig(corpus="wt2-mini", n_words=3, k=3, min_count=1)
+    out = tmp_path / "study"
+    for step in plan(config, out):  # every step already done with the same command
+        if step.name == "prepare":
+            step.output.parent.mkdir(parents=True)
+            step.output.write_text("{}")
+        else:
+            shutil.copytree(root / step.name.removeprefix("train-"), step.output.parents[1])
+        _stamp(out, step).parent.mkdir(parents=True, exist_ok=True)
+        _stamp(out, step).write_text(json.dumps({"argv": step.argv}))
+    data = run_study(config, out)
+    assert [m["name"] for m in data["models"]] == ["fnn", "rnn", "lstm"]
+    assert (
+        (out / "report.md").read_text(encoding="utf-8").startswith("# Word-vector study: wt2-mini")
+    )
+
+
+def test_study_reports_a_failed_step(tmp_path, data_mirror):
+    from nlm.study.pipeline import run_study
+
+    config = StudyConfig(corpus="wt2-mini", prepare_args=["--no-such-flag"])
+    with pytest.raises(NLMError, match=r"study step 'prepare' failed with exit status 2"):
+        run_study(config, tmp_path / "study")
+    assert not (tmp_path / "study" / "report.md").exists()

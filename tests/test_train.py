@@ -115,7 +115,7 @@ def test_zero3_export_gives_the_engines_logits(process_group, shards, tmp_path):
     plan = plan_run(cfg)
     trainer = run_worker(plan, LocalSession(plan))
     engine = trainer.engine
-    assert any(hasattr(p, "ds_id") and p.numel() == 0 for p in engine.module.parameters())
+    assert all(hasattr(p, "ds_id") for p in engine.module.parameters())  # ZeRO-3 owns them
 
     ids = torch.randint(7, plan.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     engine.eval()

@@ -36,9 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bert-seconds", type=float, default=15.0, help="bert's training budget")
     parser.add_argument("--max-steps", type=int, default=None, help="stop each model after N steps")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=64, help="rnn/lstm: 35 unless set")
+    parser.add_argument("--seq-len", type=int, default=None, help="default 64; rnn/lstm 35")
     parser.add_argument(
-        "--test-lines", type=int, default=None, help="evaluate on the first N lines"
+        "--test-lines", type=int, default=None, help="evaluate on the first N non-empty lines"
     )
     parser.add_argument("--min-count", type=int, default=3, help="keep words seen this often")
     parser.add_argument("--vocab-size", type=int, default=None, help="keep the top-V words")
@@ -85,7 +85,7 @@ def run_foundation_demo(
     bert_seconds: float = 15.0,
     max_steps: int | None = None,
     batch_size: int = 32,
-    seq_len: int = 64,
+    seq_len: int | None = None,
     test_lines: int | None = None,
     min_count: int | None = 3,
     vocab_size: int | None = None,
@@ -123,7 +123,7 @@ def run_foundation_demo(
         torch.manual_seed(seed)
         model = build_model(family, preset, vocab_size=tokenizer.vocab_size)
         budget = bert_seconds if family == "bert" else seconds
-        length = seq_len if family in ("fnn", "gpt", "bert") else min(seq_len, 35)
+        length = seq_len or (35 if family in ("rnn", "lstm") else 64)
         run_dir = out_dir / family
         run_dir.mkdir(parents=True, exist_ok=True)
         steps, elapsed, loss = train_model(

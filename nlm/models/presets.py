@@ -35,7 +35,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "rnn": {
         "tiny": dict(vocab_size=256, embed_dim=32, hidden_size=32, n_layer=1, dropout=0.0),
-        "small": dict(vocab_size=WT2_VOCAB, embed_dim=256, hidden_size=256, n_layer=2, dropout=0.3),
+        "small": dict(vocab_size=WT2_VOCAB, embed_dim=256, hidden_size=256, n_layer=2, dropout=0.2),
         "base": dict(vocab_size=WT2_VOCAB, embed_dim=650, hidden_size=650, n_layer=2, dropout=0.5),
         "notes": dict(
             vocab_size=1008, embed_dim=10, hidden_size=32, n_layer=2, dropout=0.0, tie_weights=False
@@ -43,7 +43,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "lstm": {
         "tiny": dict(vocab_size=256, embed_dim=32, hidden_size=32, n_layer=1, dropout=0.0),
-        "small": dict(vocab_size=WT2_VOCAB, embed_dim=256, hidden_size=256, n_layer=2, dropout=0.3),
+        "small": dict(vocab_size=WT2_VOCAB, embed_dim=256, hidden_size=256, n_layer=2, dropout=0.2),
         "base": dict(vocab_size=WT2_VOCAB, embed_dim=650, hidden_size=650, n_layer=2, dropout=0.5),
         "notes": dict(
             vocab_size=1008, embed_dim=10, hidden_size=32, n_layer=2, dropout=0.0, tie_weights=False
