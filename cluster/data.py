@@ -38,7 +38,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 from nlm.cluster.data_sources import Skips, Unit, find_sources, is_val, plan_units, read_documents
-from nlm.cluster.data_tokenize import META, TRAIN, VAL, cpu_seconds, peak_rss_bytes, process_unit
+from nlm.cluster.data_tokenize import (
+    META,
+    TRAIN,
+    VAL,
+    cpu_seconds,
+    peak_rss_bytes,
+    private_rss_bytes,
+    process_unit,
+)
 
 from nlm.config import Config
 from nlm.errors import NLMError
@@ -127,6 +135,8 @@ class PrepareStats:
     workers: int
     driver_peak_rss: int
     worker_peak_rss: int
+    driver_private_rss: int  # largest anonymous RSS seen (sampled once per unit)
+    worker_private_rss: int
     driver_cpu_seconds: float  # CPU time of the driver during the pipeline
     workers_cpu_seconds: float  # CPU time of all tokenizer actors (processes) together
 
@@ -428,6 +438,7 @@ def _run(
     documents = {TRAIN: 0, VAL: 0}
     tokens = {TRAIN: 0, VAL: 0}
     worker_rss = 0
+    private_rss = {"driver": 0, "worker": 0}
     worker_cpu: dict[int, float] = {}
     driver_cpu = cpu_seconds()
     bar = _progress(cfg, sum(u.nbytes for u in units))
@@ -444,6 +455,8 @@ def _run(
                 tokens[TRAIN] += meta["tokens"]["train"]
                 tokens[VAL] += meta["tokens"]["val"]
                 worker_rss = max(worker_rss, meta["worker_peak_rss"])
+                private_rss["worker"] = max(private_rss["worker"], meta["worker_private_rss"])
+                private_rss["driver"] = max(private_rss["driver"], private_rss_bytes())
                 pid, cpu = meta["worker"]
                 worker_cpu[pid] = max(worker_cpu.get(pid, 0.0), cpu)
                 bar.update(meta["bytes"])
@@ -510,6 +523,8 @@ def _run(
         workers=workers,
         driver_peak_rss=peak_rss_bytes(),
         worker_peak_rss=worker_rss,
+        driver_private_rss=private_rss["driver"],
+        worker_private_rss=private_rss["worker"],
         driver_cpu_seconds=cpu_seconds() - driver_cpu,
         workers_cpu_seconds=sum(worker_cpu.values()),
     )

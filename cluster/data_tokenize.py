@@ -55,6 +55,19 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def private_rss_bytes() -> int:
+    """Resident anonymous memory now: RSS without the object store's shared pages (which
+    count in RSS once a process has touched them) and without mapped files. 0 off Linux."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -216,6 +229,7 @@ def process_unit(tok: Tokenizer, unit: Unit, opts: dict[str, Any]) -> pa.Table:
         tokens={"train": tokens[TRAIN], "val": tokens[VAL]},
         skipped={"reasons": skips.reasons, "examples": skips.examples},
         worker_peak_rss=peak_rss_bytes(),
+        worker_private_rss=private_rss_bytes(),
         worker=[os.getpid(), cpu_seconds()],  # the actor's process and its CPU time so far
     )
     add(META, None, info=json.dumps(meta))

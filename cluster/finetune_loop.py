@@ -80,7 +80,9 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
     if config.overwrite:
         for name in ("metrics.jsonl", "tb", "model", RUN_NAME):
             path = run_dir / name
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(
+                missing_ok=True
+            )
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_text(run_dir / "config.yaml", _yaml(config.to_dict()))
     _write_text(run_dir / "plan.json", json.dumps(plan.to_dict(), indent=2) + "\n")
@@ -102,7 +104,9 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
         raise _user_error(error[0]) or error[0]
     metrics_path = run_dir / "model" / "metrics.json"
     if not metrics_path.is_file():
-        raise RuntimeError(f"{run_dir}: fine-tuning finished but wrote no model/ (see the Ray logs)")
+        raise RuntimeError(
+            f"{run_dir}: fine-tuning finished but wrote no model/ (see the Ray logs)"
+        )
     summary = json.loads(metrics_path.read_text(encoding="utf-8"))
     return {**summary, "run": str(run_dir), "model_dir": str(run_dir / "model")}
 
@@ -171,8 +175,12 @@ def finetune_worker(loop_config: dict[str, Any]) -> None:
     else:
         device = torch.device("cpu")
     worker = FinetuneWorker(
-        plan, payload, context.get_world_rank(), context.get_world_size(),
-        context.get_local_world_size(), device,
+        plan,
+        payload,
+        context.get_world_rank(),
+        context.get_world_size(),
+        context.get_local_world_size(),
+        device,
     )
     worker.train()
 
@@ -181,18 +189,34 @@ def optimizer_config(plan: FinetunePlan) -> TrainConfig:
     """The pretraining loop's TrainConfig, for its optimizer, schedule and DeepSpeed helpers."""
     c = plan.finetune
     return TrainConfig(
-        data="-", out=plan.run_dir, model=plan.family, micro_batch=c.micro_batch,
-        grad_accum=c.grad_accum, max_steps=plan.max_steps, optimizer="adamw", lr=c.lr,
-        min_lr=min(c.min_lr, c.lr), warmup_steps=plan.warmup_steps, lr_schedule="cosine",
-        weight_decay=c.weight_decay, betas=[0.9, 0.999], grad_clip=c.grad_clip,
-        zero_stage=c.zero_stage, seed=c.seed,
+        data="-",
+        out=plan.run_dir,
+        model=plan.family,
+        micro_batch=c.micro_batch,
+        grad_accum=c.grad_accum,
+        max_steps=plan.max_steps,
+        optimizer="adamw",
+        lr=c.lr,
+        min_lr=min(c.min_lr, c.lr),
+        warmup_steps=plan.warmup_steps,
+        lr_schedule="cosine",
+        weight_decay=c.weight_decay,
+        betas=[0.9, 0.999],
+        grad_clip=c.grad_clip,
+        zero_stage=c.zero_stage,
+        seed=c.seed,
     )
 
 
 class FinetuneWorker:
     def __init__(
-        self, plan: FinetunePlan, payload: dict[str, Any], rank: int, world_size: int,
-        local_world_size: int, device: torch.device,
+        self,
+        plan: FinetunePlan,
+        payload: dict[str, Any],
+        rank: int,
+        world_size: int,
+        local_world_size: int,
+        device: torch.device,
     ) -> None:
         import deepspeed
 
@@ -236,11 +260,16 @@ class FinetuneWorker:
         """Micro-batches, epoch after epoch: shuffled, grouped by length in pools of 50."""
         epoch, size = 0, self.config.micro_batch
         while True:
-            generator = torch.Generator().manual_seed(self.config.seed * 1009 + epoch * 31 + self.rank)
+            generator = torch.Generator().manual_seed(
+                self.config.seed * 1009 + epoch * 31 + self.rank
+            )
             order = torch.randperm(len(self.train_rows), generator=generator).tolist()
             groups = []
             for start in range(0, len(order), size * 50):
-                pool = sorted(order[start : start + size * 50], key=lambda i: len(self.train_rows[i]["input_ids"]))
+                pool = sorted(
+                    order[start : start + size * 50],
+                    key=lambda i: len(self.train_rows[i]["input_ids"]),
+                )
                 groups += [pool[j : j + size] for j in range(0, len(pool), size)]
             for g in torch.randperm(len(groups), generator=generator).tolist():
                 yield collate([self.train_rows[i] for i in groups[g]], self.engine.module.pad_left)
@@ -248,10 +277,19 @@ class FinetuneWorker:
 
     def train(self) -> None:
         config, plan = self.config, self.plan
-        self.log.write({"event": "start", "step": 0, "world_size": self.world_size,
-                        "device": str(self.device), "params": plan.num_params,
-                        "max_steps": plan.max_steps, "steps_per_epoch": plan.steps_per_epoch,
-                        "data": plan.data_stats, "labels": plan.labels})
+        self.log.write(
+            {
+                "event": "start",
+                "step": 0,
+                "world_size": self.world_size,
+                "device": str(self.device),
+                "params": plan.num_params,
+                "max_steps": plan.max_steps,
+                "steps_per_epoch": plan.steps_per_epoch,
+                "data": plan.data_stats,
+                "labels": plan.labels,
+            }
+        )
         batches = self.batches()
         sums = {"loss": 0.0, "task_loss": 0.0, "lm_loss": 0.0}
         interval_start, interval_steps, interval_rows = time.perf_counter(), 0, 0
@@ -274,17 +312,28 @@ class FinetuneWorker:
             last = self.step == plan.max_steps
             if self.step % config.log_every == 0 or last:
                 elapsed = time.perf_counter() - interval_start
-                means = _all_reduce_sum([v / interval_steps for v in sums.values()] + [interval_rows], self.device)
+                means = _all_reduce_sum(
+                    [v / interval_steps for v in sums.values()] + [interval_rows], self.device
+                )
                 rows = int(means.pop())
                 self.examples += rows
                 record = {"step": self.step, "epoch": round(self.step / plan.steps_per_epoch, 3)}
-                record.update({k: round(v / self.world_size, 5) for k, v in zip(sums, means, strict=True)})
+                record.update(
+                    {k: round(v / self.world_size, 5) for k, v in zip(sums, means, strict=True)}
+                )
                 if not config.lm_weight:
                     record.pop("lm_loss")
                 if not math.isfinite(record["loss"]):
-                    raise NLMError(f"fine-tuning diverged: loss is {record['loss']} at step {self.step}; lower --lr")
-                record.update({"lr": lr, "rows_per_s": round(rows / elapsed, 1),
-                               "step_ms": round(1000 * elapsed / interval_steps, 1)})
+                    raise NLMError(
+                        f"fine-tuning diverged: loss is {record['loss']} at step {self.step}; lower --lr"
+                    )
+                record.update(
+                    {
+                        "lr": lr,
+                        "rows_per_s": round(rows / elapsed, 1),
+                        "step_ms": round(1000 * elapsed / interval_steps, 1),
+                    }
+                )
                 self.log.write(record)
                 sums = dict.fromkeys(sums, 0.0)
                 interval_start, interval_steps, interval_rows = time.perf_counter(), 0, 0
@@ -324,7 +373,12 @@ class FinetuneWorker:
         self.engine.train()
         if not counts:  # this rank had no eval rows: the same keys, all zero
             empty = collate(rows[:1], self.engine.module.pad_left)
-            counts = {k: 0.0 for k in self.batch_counts(torch.zeros(*empty["labels"].shape, len(plan.labels)), empty["labels"])}
+            counts = {
+                k: 0.0
+                for k in self.batch_counts(
+                    torch.zeros(*empty["labels"].shape, len(plan.labels)), empty["labels"]
+                )
+            }
         keys = sorted(counts)
         summed = _all_reduce_sum([counts[k] for k in keys] + [loss_sum, labelled], self.device)
         labelled, loss_sum = summed.pop(), summed.pop()
@@ -361,7 +415,9 @@ class FinetuneWorker:
         state = None
         with _gathered(module, self.config.zero_stage == 3):
             if self.rank == 0:
-                state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+                state = {
+                    k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()
+                }
         probe = collate(self.payload["eval"][:4], module.pad_left)
         self.engine.eval()
         with torch.no_grad():
@@ -370,13 +426,22 @@ class FinetuneWorker:
         if self.rank == 0:
             model = build_task_model(plan, state).to(self.device).eval()
             with torch.no_grad():
-                diff = (self.forward(model, probe, labels=False).logits.float() - engine_logits).abs().max().item()
+                diff = (
+                    (self.forward(model, probe, labels=False).logits.float() - engine_logits)
+                    .abs()
+                    .max()
+                    .item()
+                )
             tolerance = 1e-4 if self.device.type == "cpu" else 5e-2  # bf16 engine on GPU
             if not diff <= tolerance:
-                raise RuntimeError(f"consolidated model's logits differ from the engine's by {diff}")
+                raise RuntimeError(
+                    f"consolidated model's logits differ from the engine's by {diff}"
+                )
             tokenizer = load_tokenizer(plan.tokenizer_dir)
             predictor = Predictor(TaskCheckpoint(Path(plan.run_dir), model, tokenizer, {}, {}))
-            test = evaluate(predictor, self.payload["eval_examples"], set(self.payload["train_words"]) or None)
+            test = evaluate(
+                predictor, self.payload["eval_examples"], set(self.payload["train_words"]) or None
+            )
             final = {
                 "step": self.step,
                 **{k: v for k, v in self.last_eval.items() if k != "step"},
@@ -387,10 +452,18 @@ class FinetuneWorker:
             }
             c = self.config
             save_task_checkpoint(
-                Path(plan.run_dir) / "model", model.cpu(), tokenizer, metrics=final,
-                finetune={"base_checkpoint": c.checkpoint, "from_scratch": c.from_scratch,
-                          "max_length": plan.max_length, "train": c.train, "eval": c.eval,
-                          "steps": self.step},
+                Path(plan.run_dir) / "model",
+                model.cpu(),
+                tokenizer,
+                metrics=final,
+                finetune={
+                    "base_checkpoint": c.checkpoint,
+                    "from_scratch": c.from_scratch,
+                    "max_length": plan.max_length,
+                    "train": c.train,
+                    "eval": c.eval,
+                    "steps": self.step,
+                },
             )
             reloaded = load_task_checkpoint(Path(plan.run_dir) / "model", device=self.device)
             if reloaded.labels != plan.labels:

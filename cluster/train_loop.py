@@ -624,22 +624,28 @@ class Trainer:
         if self.rank == 0:
             model = self.build_model()
             model.load_state_dict(state_dict)
+            model.to(self.device)
+            diff = (self.probe_logits(model, probe) - engine_logits).abs().max().item()
+            tolerance = 1e-4 if self.device.type == "cpu" else 5e-2  # bf16 engine on GPU
+            if not diff <= tolerance:
+                raise RuntimeError(
+                    f"the exported weights' logits differ from the engine's by {diff}"
+                )
+            self.final["export_max_abs_logit_diff"] = diff
             run_dir = Path(self.plan.run_dir)
-            extra = {"training": {"run": str(run_dir), "config": self.plan.config}}
-            metrics = {**self.final, "params": self.num_params, "tokens": self.tokens}
             save_checkpoint(
                 run_dir / "model",
-                model,
+                model.cpu(),
                 load_tokenizer(self.plan.tokenizer_dir),
-                metrics=metrics,
-                extra=extra,
+                metrics={**self.final, "params": self.num_params, "tokens": self.tokens},
+                extra={"training": {"run": str(run_dir), "config": self.plan.config}},
             )
-            exported = load_checkpoint(run_dir / "model").model.to(self.device)
-            diff = (self.probe_logits(exported, probe) - engine_logits).abs().max().item()
-            tolerance = 1e-4 if self.device.type == "cpu" else 5e-2  # bf16 engine on GPU
-            self.final["export_max_abs_logit_diff"] = diff
-            if not diff <= tolerance:
-                raise RuntimeError(f"exported model's logits differ from the engine's by {diff}")
+            # What a reader loads is what was checked.
+            reloaded = load_checkpoint(run_dir / "model").model.to(self.device)
+            if not torch.equal(
+                self.probe_logits(reloaded, probe), self.probe_logits(model.to(self.device), probe)
+            ):
+                raise RuntimeError(f"{run_dir / 'model'}: reloading changed the logits")
         dist.barrier()
 
     def probe_logits(self, model: Any, batch: Batch) -> torch.Tensor:

@@ -227,7 +227,7 @@ class ShardWriter:
         temp = _join(self.directory, self.split, f".part-{len(self.files):05d}.parquet.tmp")
         table = table.combine_chunks()  # one chunk: the file does not depend on arrival order
         with self.fs.open_output_stream(temp) as sink:
-            pq.write_table(table, sink, row_group_size=8192, compression="zstd")
+            pq.write_table(table, sink, row_group_size=8192, compression="snappy")
         self.fs.move(temp, final)
         self.files.append(name)
         self.rows += table.num_rows

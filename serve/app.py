@@ -84,9 +84,7 @@ class AppArgs(Config):
     batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S
     num_cpus: float | None = None  # per model replica; None keeps the deployment's default
     torch_threads: int | None = None  # per model replica; None: the whole CPUs it reserved
-    num_replicas: int | None = (
-        None  # per model; None keeps the default (1, or the config's autoscaling)
-    )
+    num_replicas: int | None = None  # per model; None: 1, or the config's autoscaling
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -183,6 +181,14 @@ async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return error_response(exc.status, exc.code, exc.message)
+
+
+@api.exception_handler(Exception)
+async def _bug(request: Request, exc: Exception) -> JSONResponse:
+    # Not reachable by input (that is the point of the checks above); if a bug gets here, the
+    # client still gets the JSON error shape.
+    log.exception("unhandled error on %s", request.url.path)
+    return error_response(500, "internal", f"internal error ({type(exc).__name__})")
 
 
 @api.middleware("http")

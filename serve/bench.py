@@ -3,7 +3,7 @@
     nlm bench serve --checkpoint runs/gpt-small            # or: no checkpoint, an untrained
     nlm bench serve --clients 1,8,32,128 --out reports/bench-serve    # small gpt is built
 
-For each server, started as its own process on 127.0.0.1 and stopped afterwards:
+Three servers, each its own process on 127.0.0.1, all started first and stopped at the end:
 - `batched`:   nlm serve with @serve.batch (max_batch_size 32),
 - `unbatched`: the same with --no-batching (max_batch_size 1),
 - `plain`:     one FastAPI + PyTorch process (`python -m nlm.serve.bench plain ...`, below): what
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -82,15 +83,22 @@ def run(args: argparse.Namespace) -> int:
         Path(args.checkpoint) if args.checkpoint else build_checkpoint(out / "ckpt", args.preset)
     )
 
+    # All servers run at once and the measurements interleave (each level: batched, unbatched,
+    # plain), so a change in the machine's background load hits all three alike. An idle
+    # server costs little; only the one being driven does work.
     results: list[dict[str, Any]] = []
-    for server in servers:
-        with running(server, checkpoint, args.torch_threads, out) as url:
-            for endpoint in endpoints:
+    with contextlib.ExitStack() as stack:
+        urls = {
+            s: stack.enter_context(running(s, checkpoint, args.torch_threads, out)) for s in servers
+        }
+        for endpoint in endpoints:
+            for url in urls.values():
                 asyncio.run(drive(url, endpoint, 2, 2, args.max_tokens))  # warm-up
-                for n in clients:
-                    total = math.ceil(max(args.min_requests, n) / n) * n
+            for n in clients:
+                total = math.ceil(max(args.min_requests, n) / n) * n
+                for server, url in urls.items():
                     row = asyncio.run(drive(url, endpoint, n, total // n, args.max_tokens))
-                    row.update(server=server, endpoint=endpoint, clients=n)
+                    row.update(server=server, endpoint=endpoint, clients=n, load=os.getloadavg()[0])
                     results.append(row)
                     print(_fmt(row), flush=True)
 
@@ -266,7 +274,8 @@ def _fmt(row: dict[str, Any]) -> str:
     return (
         f"{row['server']:>9} {row['endpoint']:>8} c={row['clients']:<4} "
         f"{row['requests_per_s']:8.1f} req/s {row['tokens_per_s']:9.0f} tok/s "
-        f"p50 {row['p50_ms']:8.0f} ms p99 {row['p99_ms']:8.0f} ms errors {row['errors']}"
+        f"p50 {row['p50_ms']:8.0f} ms p99 {row['p99_ms']:8.0f} ms errors {row['errors']} "
+        f"load {row['load']:.1f}"
     )
 
 
@@ -275,14 +284,14 @@ def _fmt(row: dict[str, Any]) -> str:
 
 def markdown(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| endpoint | server | clients | req/s | tokens/s | p50 ms | p99 ms | p99/p50 | errors |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| endpoint | server | clients | req/s | tokens/s | p50 ms | p99 ms | p99/p50 | errors | load |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         lines.append(
             f"| {r['endpoint']} | {r['server']} | {r['clients']} | {r['requests_per_s']:.1f} | "
             f"{r['tokens_per_s']:.0f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
-            f"{r['p99_ms'] / r['p50_ms']:.2f} | {r['errors']} |"
+            f"{r['p99_ms'] / r['p50_ms']:.2f} | {r['errors']} | {r['load']:.1f} |"
         )
     lines += ["", "Ratios of batched throughput (same endpoint and clients, this run):", ""]
     lines += [

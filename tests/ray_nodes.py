@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -195,6 +196,7 @@ class LocalCluster:
         # Fake autoscaled nodes run under the monitor; they name our GCS port, if not our dir.
         _kill_leftovers([str(self.temp_dir), f"gcs-address=127.0.0.1:{self.gcs_port}"])
         self.nodes.clear()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def _signal_group(pgid: int, sig: int) -> None:

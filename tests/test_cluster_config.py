@@ -5,6 +5,7 @@ starts or refuses Ray as documented."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -175,3 +176,85 @@ def test_check_resources_fails_clearly_instead_of_hanging(ray_local):
     assert "3 x {CPU: 1, trainer: 1}" in message and "trainer: 3" in message
     # The probe's placement group is gone again: nothing stays reserved.
     assert ray_local.available_resources().get("CPU") == ray_local.cluster_resources()["CPU"]
+
+
+# --- jobs/: one YAML config -> an `nlm` command ----------------------------------------------
+
+sys.path.insert(0, str(REPO / "jobs"))
+from config_args import config_argv  # noqa: E402
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_yaml_keys_become_the_subcommands_flags(tmp_path):
+    config = write(
+        tmp_path / "deploy.yaml",
+        "checkpoints: [gpt=runs/gpt, runs/lstm]\nport: 8123\nmax_batch_size: 16\n"
+        "no_batching: false\naccess-log: true\n",
+    )
+    argv = config_argv("serve", str(config))
+    assert argv == [
+        "gpt=runs/gpt", "runs/lstm", "--port", "8123", "--max-batch-size", "16", "--access-log",
+    ]  # fmt: skip
+
+
+def test_an_unknown_key_names_file_line_and_field(tmp_path):
+    config = write(tmp_path / "eval.yaml", "checkpoint: runs/x\nbatch_sise: 4\n")
+    with pytest.raises(NLMError, match=r"eval\.yaml:2 \(field 'batch_sise'\): not an option"):
+        config_argv("eval", str(config))
+
+
+def test_broken_yaml_is_one_line_with_its_line_number(tmp_path):
+    config = write(tmp_path / "eval.yaml", "checkpoint: runs/x\ninput: [unclosed\n")
+    with pytest.raises(NLMError, match=r"eval\.yaml:\d+: invalid YAML"):
+        config_argv("eval", str(config))
+
+
+@pytest.fixture(scope="module")
+def lstm_checkpoint(tmp_path_factory, data_mirror):
+    import torch
+
+    from nlm.checkpoint import save_checkpoint
+    from nlm.models import build_model
+    from nlm.tokenizers import train_tokenizer
+
+    lines = (data_mirror / "wikitext-2" / "valid.txt").read_text(encoding="utf-8").splitlines()
+    tokenizer = train_tokenizer("word", lines[:300], vocab_size=500)
+    torch.manual_seed(0)
+    model = build_model("lstm", "tiny", vocab_size=tokenizer.vocab_size).eval()
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "lstm", model, tokenizer)
+
+
+def test_evaluate_job_scores_a_checkpoint_from_its_config(lstm_checkpoint, data_mirror, tmp_path):
+    text = tmp_path / "test.txt"
+    text.write_text(
+        "\n".join((data_mirror / "wikitext-2" / "test.txt").read_text().splitlines()[:40])
+    )
+    config = write(
+        tmp_path / "evaluate.yaml",
+        f"checkpoint: {lstm_checkpoint}\ninput: {text}\nbatch_size: 4\nno_progress: true\n",
+    )
+    result = subprocess.run(
+        [sys.executable, "jobs/evaluate.py", str(config), "--seq-len", "32"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    scores = json.loads(result.stdout.strip().splitlines()[-1])
+    assert scores["input"] == str(text) and scores["ppl"] > 1
+
+
+def test_evaluate_job_with_a_bad_config_exits_2_with_one_line(tmp_path):
+    config = write(tmp_path / "evaluate.yaml", "checkpoint: /nonexistent\nsteps: 3\n")
+    result = subprocess.run(
+        [sys.executable, "jobs/evaluate.py", str(config)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"nlm: error: {config}:2 (field 'steps'): not an option of `nlm eval` "
+        + result.stderr.split("`nlm eval` ", 1)[1].strip()
+    ]
+    assert "Traceback" not in result.stderr

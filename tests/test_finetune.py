@@ -102,20 +102,28 @@ def test_invalid_sequences_are_repaired_by_one_rule_and_decoding_never_makes_the
     for seed in range(5):
         scores = torch.randn(5, 4, generator=torch.Generator().manual_seed(seed)).log_softmax(-1)
         best = max(
-            (seq for seq in itertools.product(range(4), repeat=5)
-             if first_invalid_bmes([BMES[i] for i in seq]) is None),
+            (
+                seq
+                for seq in itertools.product(range(4), repeat=5)
+                if first_invalid_bmes([BMES[i] for i in seq]) is None
+            ),
             key=lambda seq: sum(float(scores[t, i]) for t, i in enumerate(seq)),
         )
         assert viterbi_bmes(scores) == list(best)
 
 
 def test_invalid_gold_tags_are_rejected_naming_line_and_position(tmp_path):
-    path = write(tmp_path / "bad.jsonl", [
-        {"tokens": ["我", "们"], "tags": ["B", "E"]},
-        {"tokens": ["我", "们", "好"], "tags": ["B", "S", "S"]},
-    ])
+    path = write(
+        tmp_path / "bad.jsonl",
+        [
+            {"tokens": ["我", "们"], "tags": ["B", "E"]},
+            {"tokens": ["我", "们", "好"], "tags": ["B", "S", "S"]},
+        ],
+    )
     examples = read_examples(path, "tag")
-    with pytest.raises(NLMError, match=r"bad\.jsonl:2 \(field 'tags'\): invalid B/M/E/S sequence at item 1"):
+    with pytest.raises(
+        NLMError, match=r"bad\.jsonl:2 \(field 'tags'\): invalid B/M/E/S sequence at item 1"
+    ):
         check_labels(examples, build_label_map(examples, path), path)
 
 
@@ -143,7 +151,10 @@ def test_metrics_macro_f1_and_spans():
     assert metrics["accuracy"] == 0.5
     assert metrics["macro_f1"] == pytest.approx((2 / 3 + 0.5 + 0) / 3, abs=1e-5)
     assert spans(["B-PER", "I-PER", "O", "I-LOC", "B-LOC"], "bio") == {
-        (0, 2, "PER"), (3, 4, "LOC"), (4, 5, "LOC")}
+        (0, 2, "PER"),
+        (3, 4, "LOC"),
+        (4, 5, "LOC"),
+    }
     assert spans(list("BESBME"), "bmes") == {(0, 2, ""), (2, 3, ""), (3, 6, "")}
 
 
@@ -157,7 +168,11 @@ def test_metrics_macro_f1_and_spans():
         ("classify", {"label": "a"}, r":2 \(field 'text'\): missing"),
         ("classify", {"text": "x"}, r":2 \(field 'label'\): missing"),
         ("classify", {"text_a": "x", "label": "a"}, r":2 \(field 'text_b'\): missing"),
-        ("classify", {"text": "x", "label": True}, r":2 \(field 'label'\): expected a string or an integer"),
+        (
+            "classify",
+            {"text": "x", "label": True},
+            r":2 \(field 'label'\): expected a string or an integer",
+        ),
         ("tag", {"tokens": ["a", "b"], "tags": ["S"]}, r":2 \(field 'tags'\): 1 tags for 2 tokens"),
         ("tag", {"tags": ["S"]}, r":2 \(field 'tokens'\): missing"),
     ],
@@ -170,8 +185,13 @@ def test_bad_jsonl_lines_are_named(tmp_path, task, line, pattern):
 
 
 def test_unknown_eval_label_is_named(tmp_path):
-    train = write(tmp_path / "train.jsonl", [{"text": "a", "label": "pos"}, {"text": "b", "label": "neg"}])
-    test = write(tmp_path / "test.jsonl", [{"text": "c", "label": "neg"}, "", {"text": "d", "label": "neutral"}])
+    train = write(
+        tmp_path / "train.jsonl", [{"text": "a", "label": "pos"}, {"text": "b", "label": "neg"}]
+    )
+    test = write(
+        tmp_path / "test.jsonl",
+        [{"text": "c", "label": "neg"}, "", {"text": "d", "label": "neutral"}],
+    )
     labels = build_label_map(read_examples(train, "classify"), train)
     assert labels == ["neg", "pos"]
     with pytest.raises(NLMError, match=r"test\.jsonl:3 \(field 'label'\): unknown label 'neutral'"):
@@ -179,30 +199,56 @@ def test_unknown_eval_label_is_named(tmp_path):
 
 
 def test_cli_reports_bad_jsonl_in_one_line_before_starting_anything(tmp_path):
-    train = write(tmp_path / "train.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"},
-                                             {"text": "c"}])
+    train = write(
+        tmp_path / "train.jsonl",
+        [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}, {"text": "c"}],
+    )
     env = {**os.environ, "RAY_ADDRESS": ""}
     proc = subprocess.run(
-        [sys.executable, "-m", "nlm", "finetune", "--checkpoint", str(tmp_path), "--task",
-         "classify", "--train", str(train), "--eval", str(train), "--out", str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=120, cwd=REPO, env=env,
+        [
+            sys.executable,
+            "-m",
+            "nlm",
+            "finetune",
+            "--checkpoint",
+            str(tmp_path),
+            "--task",
+            "classify",
+            "--train",
+            str(train),
+            "--eval",
+            str(train),
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env=env,
     )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr
-    assert lines[0].startswith("nlm: error: ") and "train.jsonl:3 (field 'label'): missing" in lines[0]
+    assert (
+        lines[0].startswith("nlm: error: ") and "train.jsonl:3 (field 'label'): missing" in lines[0]
+    )
     assert not (tmp_path / "run").exists()
 
 
 # --- heads, padding, checkpoints --------------------------------------------------------------
 
 
-def tiny_task_model(family: str, task: str, labels: list, vocab: int, lm_weight: float = 0.0, seed: int = 0):
+def tiny_task_model(
+    family: str, task: str, labels: list, vocab: int, lm_weight: float = 0.0, seed: int = 0
+):
     torch.manual_seed(seed)
     return TaskModel(build_model(family, "tiny", vocab_size=vocab), task, labels, lm_weight).eval()
 
 
-def classify_rows(model: TaskModel, tokenizer, texts: list[tuple[str, str | None]], labels: list[int]):
+def classify_rows(
+    model: TaskModel, tokenizer, texts: list[tuple[str, str | None]], labels: list[int]
+):
     from nlm.finetune.data import ClassifyExample
 
     examples = [ClassifyExample(a, label, b) for (a, b), label in zip(texts, labels, strict=True)]
@@ -210,7 +256,11 @@ def classify_rows(model: TaskModel, tokenizer, texts: list[tuple[str, str | None
     return rows
 
 
-TEXTS = [("共同创造美好的新世纪", None), ("新年", "贺词"), ("人类社会前进的航船就要驶入二十一世纪", None)]
+TEXTS = [
+    ("共同创造美好的新世纪", None),
+    ("新年", "贺词"),
+    ("人类社会前进的航船就要驶入二十一世纪", None),
+]
 
 
 def test_lm_weight_zero_is_the_pure_task_loss_and_otherwise_adds_lambda_l1(char_tokenizer):
@@ -254,9 +304,13 @@ def test_lm_weight_zero_is_the_pure_task_loss_and_otherwise_adds_lambda_l1(char_
 def test_padded_batches_answer_as_one_example_at_a_time(char_tokenizer, family, tmp_path):
     model = tiny_task_model(family, "classify", [0, 1, 2], char_tokenizer.vocab_size)
     rows = classify_rows(model, char_tokenizer, TEXTS, [0, 1, 2])
-    together = model(**{k: v for k, v in collate(rows, model.pad_left).items() if k != "labels"}).logits
+    together = model(
+        **{k: v for k, v in collate(rows, model.pad_left).items() if k != "labels"}
+    ).logits
     for i, row in enumerate(rows):
-        alone = model(**{k: v for k, v in collate([row], model.pad_left).items() if k != "labels"}).logits
+        alone = model(
+            **{k: v for k, v in collate([row], model.pad_left).items() if k != "labels"}
+        ).logits
         assert torch.allclose(together[i], alone[0], atol=1e-5)
     # gpt reads the last position (</s>), bert the first ([CLS]).
     ids = torch.tensor([rows[0]["input_ids"]])
@@ -267,7 +321,11 @@ def test_padded_batches_answer_as_one_example_at_a_time(char_tokenizer, family, 
 
 @pytest.mark.parametrize(
     "family, task, labels",
-    [("bert", "tag", list(BMES)), ("gpt", "classify", ["neg", "pos", "zero"]), ("bert", "classify", [3, 7])],
+    [
+        ("bert", "tag", list(BMES)),
+        ("gpt", "classify", ["neg", "pos", "zero"]),
+        ("bert", "classify", [3, 7]),
+    ],
 )
 def test_label_map_and_head_survive_save_and_load(char_tokenizer, tmp_path, family, task, labels):
     model = tiny_task_model(family, task, labels, char_tokenizer.vocab_size, seed=3)
@@ -276,7 +334,12 @@ def test_label_map_and_head_survive_save_and_load(char_tokenizer, tmp_path, fami
     path = save_task_checkpoint(tmp_path / "ckpt", model, char_tokenizer, metrics={"test_f1": 0.5})
     config = json.loads((path / "config.json").read_text())
     assert config["task"] == task and config["labels"] == labels and config["family"] == family
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "metrics.json", "model.safetensors", "tokenizer"]
+    assert sorted(p.name for p in path.iterdir()) == [
+        "config.json",
+        "metrics.json",
+        "model.safetensors",
+        "tokenizer",
+    ]
     loaded = load_task_checkpoint(path)
     assert loaded.labels == labels and type(loaded.labels[0]) is type(labels[0])
     ids = torch.tensor([[2, 40, 41, 42, 3]])
@@ -308,6 +371,10 @@ def test_predictor_windows_long_text_and_segments_raw_text(char_tokenizer, pku_l
     boundaries = {cut := cut + len(w) for w in answer["words"]}
     assert 4 in boundaries and first_invalid_bmes(answer["tags"]) is None
     # A plain (non-task) checkpoint is refused by name.
-    save_checkpoint(tmp_path / "plain", build_model("bert", "tiny", vocab_size=char_tokenizer.vocab_size), char_tokenizer)
+    save_checkpoint(
+        tmp_path / "plain",
+        build_model("bert", "tiny", vocab_size=char_tokenizer.vocab_size),
+        char_tokenizer,
+    )
     with pytest.raises(NLMError, match="not a fine-tuned checkpoint"):
         load_task_checkpoint(tmp_path / "plain")

@@ -1,6 +1,6 @@
 """The corpus pipeline in-process on the session's local Ray: shards decode back to the token
-stream, are byte-identical across runs and worker counts, split by content, pack without
-padding, pair sentences for BERT, and refuse a foreign tokenizer."""
+stream, pack without padding, are byte-identical across runs and worker counts, split by
+content, pair sentences for BERT, refuse a foreign tokenizer, and report bad documents."""
 
 from __future__ import annotations
 
@@ -118,6 +118,14 @@ def test_clm_round_trip_and_packing(ray_local, tmp_path, paragraphs, word_tokeni
     assert manifest.sources == [{"path": str(f), "bytes": f.stat().st_size} for f in files]
     check_tokenizer(manifest, out / "tokenizer")
     check_tokenizer(out, word_tokenizer)  # the copy next to the shards is the same tokenizer
+    # Another tokenizer (even of the same kind, on other text) is refused by the trainer's check.
+    other = tmp_path / "other-tok"
+    train_tokenizer("word", paragraphs[:20]).save(other)
+    with pytest.raises(NLMError, match="fingerprint"):
+        check_tokenizer(manifest, other)
+    (out / MANIFEST).unlink()
+    with pytest.raises(NLMError, match="manifest.json: missing"):
+        read_manifest(out)
 
 
 def test_same_command_gives_identical_bytes(ray_local, tmp_path, paragraphs):
@@ -195,23 +203,6 @@ def test_mlm_pairs(ray_local, tmp_path, paragraphs, word_tokenizer):
     assert manifest.splits["train"]["rows"] == len(labels)
     assert split_sentences("One. Two! Three?\nFour") == ["One.", "Two!", "Three?", "Four"]
     assert split_sentences("他来了。 我走了！好") == ["他来了。", "我走了！", "好"]
-
-
-def test_foreign_tokenizer_is_refused(ray_local, tmp_path, paragraphs, word_tokenizer):
-    write_files(tmp_path / "in", paragraphs[:50], 1)
-    out, manifest = run(
-        ray_local,
-        input=[str(tmp_path / "in")],
-        output=str(tmp_path / "s"),
-        line_docs=True,
-        tokenizer="char",
-        objective="clm",
-    )
-    with pytest.raises(NLMError, match="fingerprint"):
-        check_tokenizer(manifest, word_tokenizer)
-    (out / MANIFEST).unlink()
-    with pytest.raises(NLMError, match="manifest.json: missing"):
-        read_manifest(out)
 
 
 def test_many_small_files_give_many_blocks(ray_local, tmp_path, paragraphs, word_tokenizer):

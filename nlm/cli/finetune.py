@@ -64,16 +64,26 @@ HELP = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from nlm.finetune.config import FinetuneConfig
 
-    parser.add_argument("action", nargs="?", default="train", choices=ACTIONS,
-                        help="train (default), convert-cws, maxmatch or evaluate")
+    parser.add_argument(
+        "action",
+        nargs="?",
+        default="train",
+        choices=ACTIONS,
+        help="train (default), convert-cws, maxmatch or evaluate",
+    )
     parser.add_argument("--config", help="YAML file of fine-tuning fields; flags override it")
     hints = typing.get_type_hints(FinetuneConfig)
     for field in dataclasses.fields(FinetuneConfig):
         flag = "--" + field.name.replace("_", "-")
         kind, text = hints[field.name], HELP.get(field.name, field.name)
         if kind is bool:
-            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
-                                default=None, help=text)
+            parser.add_argument(
+                flag,
+                dest=field.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=text,
+            )
         else:
             convert = float if field.name == "dropout" else kind
             parser.add_argument(flag, dest=field.name, type=convert, default=None, help=text)
@@ -81,7 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cws = parser.add_argument_group("convert-cws / maxmatch")
     cws.add_argument("--input", help="convert-cws: segmented text, words separated by spaces")
     cws.add_argument("--output", help="convert-cws: the JSONL to write (the training part)")
-    cws.add_argument("--test-output", help="convert-cws: JSONL for the last --test-fraction of lines")
+    cws.add_argument(
+        "--test-output", help="convert-cws: JSONL for the last --test-fraction of lines"
+    )
     cws.add_argument("--test-fraction", type=float, default=0.1, help="convert-cws (default 0.1)")
     cws.add_argument("--backward", action="store_true", help="maxmatch: backward maximum matching")
 
@@ -102,7 +114,12 @@ def resolve_config(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    action = {"train": _train, "convert-cws": _convert, "maxmatch": _maxmatch, "evaluate": _evaluate}
+    action = {
+        "train": _train,
+        "convert-cws": _convert,
+        "maxmatch": _maxmatch,
+        "evaluate": _evaluate,
+    }
     result = action[args.action](args)
     print(json.dumps(result, ensure_ascii=False))
     return 0
@@ -150,8 +167,13 @@ def _maxmatch(args: argparse.Namespace) -> dict[str, Any]:
     predicted = [segmenter.segment("".join(e.tokens), backward=args.backward) for e in examples]
     score = score_segmentation(gold, predicted, vocabulary)
     method = "backward" if args.backward else "forward"
-    return {"method": f"{method} maximum matching", "vocabulary": len(vocabulary),
-            "train": args.train, "eval": args.eval, **score}
+    return {
+        "method": f"{method} maximum matching",
+        "vocabulary": len(vocabulary),
+        "train": args.train,
+        "eval": args.eval,
+        **score,
+    }
 
 
 def _evaluate(args: argparse.Namespace) -> dict[str, Any]:

@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--torch-threads",
         type=int,
         default=None,
-        help="torch threads per model replica (default 1)",
+        help="torch threads per model replica (default: its whole reserved CPUs, at least 1)",
     )
     sizing.add_argument("--replicas", type=int, default=1, help="replicas per model (default 1)")
     limits = parser.add_argument_group("request limits")

@@ -62,10 +62,12 @@ class FinetuneConfig(Config):
         def bad(field: str, why: str) -> NLMError:
             return NLMError(f"{source} (field '{field}'): {why}")
 
-        for name, what in (("checkpoint", "the pretrained checkpoint (--checkpoint)"),
-                           ("train", "the training JSONL (--train)"),
-                           ("eval", "the evaluation JSONL (--eval)"),
-                           ("out", "the run directory (--out)")):
+        for name, what in (
+            ("checkpoint", "the pretrained checkpoint (--checkpoint)"),
+            ("train", "the training JSONL (--train)"),
+            ("eval", "the evaluation JSONL (--eval)"),
+            ("out", "the run directory (--out)"),
+        ):
             if not getattr(self, name):
                 raise bad(name, f"required: {what}")
         if self.task not in TASKS:
@@ -77,8 +79,16 @@ class FinetuneConfig(Config):
         for name in ("epochs", "micro_batch", "grad_accum", "workers", "log_every"):
             if getattr(self, name) < 1:
                 raise bad(name, f"must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "max_length", "eval_every", "torch_threads", "lm_weight",
-                     "min_lr", "weight_decay", "grad_clip"):
+        for name in (
+            "max_steps",
+            "max_length",
+            "eval_every",
+            "torch_threads",
+            "lm_weight",
+            "min_lr",
+            "weight_decay",
+            "grad_clip",
+        ):
             if getattr(self, name) < 0:
                 raise bad(name, f"must not be negative, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -95,8 +105,12 @@ class FinetuneConfig(Config):
 
     def absolute(self) -> FinetuneConfig:
         """Paths made absolute (Ray workers run in another directory)."""
-        return self.replace(**{k: str(Path(getattr(self, k)).expanduser().resolve())
-                               for k in ("checkpoint", "train", "eval", "out")})
+        return self.replace(
+            **{
+                k: str(Path(getattr(self, k)).expanduser().resolve())
+                for k in ("checkpoint", "train", "eval", "out")
+            }
+        )
 
 
 def check_types(config: Config, source: str) -> None:
@@ -105,7 +119,9 @@ def check_types(config: Config, source: str) -> None:
     for field in dataclasses.fields(config):
         value, expected = getattr(config, field.name), hints[field.name]
         if not _matches(value, expected):
-            raise NLMError(f"{source} (field '{field.name}'): expected {_name(expected)}, got {value!r}")
+            raise NLMError(
+                f"{source} (field '{field.name}'): expected {_name(expected)}, got {value!r}"
+            )
         if _accepts_float(expected) and isinstance(value, int) and not isinstance(value, bool):
             setattr(config, field.name, float(value))  # 1 in YAML means 1.0
 

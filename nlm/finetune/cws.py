@@ -201,7 +201,9 @@ def score_segmentation(
     gold_n = pred_n = correct = oov_n = oov_correct = 0
     for number, (g, p) in enumerate(zip(gold, predicted, strict=True), start=1):
         if "".join(g) != "".join(p):
-            raise NLMError(f"line {number}: the segmentation's characters differ from the gold text")
+            raise NLMError(
+                f"line {number}: the segmentation's characters differ from the gold text"
+            )
         g_spans, p_spans = word_spans(g), word_spans(p)
         gold_n += len(g_spans)
         pred_n += len(p_spans)

@@ -77,7 +77,9 @@ def read_examples(path: str | Path, task: str, require_labels: bool = True) -> l
                 except json.JSONDecodeError as exc:
                     raise NLMError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
                 if not isinstance(record, dict):
-                    raise NLMError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+                    raise NLMError(
+                        f"{path}:{number}: expected a JSON object, got {type(record).__name__}"
+                    )
                 parse = _classify_example if task == "classify" else _tag_example
                 examples.append(parse(record, path, number, require_labels))
     except UnicodeDecodeError as exc:
@@ -100,7 +102,9 @@ def _classify_example(record: dict, path: Path, line: int, require_labels: bool)
         if text_b is None:
             raise NLMError(f"{where('text_b')}: missing (pairs need 'text_a' and 'text_b')")
     else:
-        raise NLMError(f"{where('text')}: missing (a classify example has 'text' or 'text_a' + 'text_b')")
+        raise NLMError(
+            f"{where('text')}: missing (a classify example has 'text' or 'text_a' + 'text_b')"
+        )
     for field, value in (("text" if text_b is None else "text_a", text), ("text_b", text_b)):
         if value is None:
             continue
@@ -237,7 +241,10 @@ def wrap(family: str, a: list[int], b: list[int] | None = None) -> tuple[list[in
 
 
 def encode_classify(
-    example: ClassifyExample, tokenizer: Tokenizer, family: str, max_length: int,
+    example: ClassifyExample,
+    tokenizer: Tokenizer,
+    family: str,
+    max_length: int,
     label_index: dict[Label, int] | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """(row, truncated): a row holds input_ids, token_type_ids and label (an index, or -100)."""
@@ -298,8 +305,12 @@ def tag_windows(
 
 
 def encode_tag(
-    example: TagExample, tokenizer: Tokenizer, family: str, max_length: int,
-    label_index: dict[Label, int] | None = None, scheme: str = "plain",
+    example: TagExample,
+    tokenizer: Tokenizer,
+    family: str,
+    max_length: int,
+    label_index: dict[Label, int] | None = None,
+    scheme: str = "plain",
 ) -> list[dict[str, Any]]:
     """Rows for one tag example (several when it is longer than the model): input_ids,
     token_type_ids, labels (per position, -100 off first ids), span (the window's token range)
@@ -307,7 +318,9 @@ def encode_tag(
     budget = max_length - 2
     pieces = [token_ids(tokenizer, t)[:budget] for t in example.tokens]
     rows = []
-    for start, end in tag_windows(example.tokens, example.tags, [len(p) for p in pieces], budget, scheme):
+    for start, end in tag_windows(
+        example.tokens, example.tags, [len(p) for p in pieces], budget, scheme
+    ):
         ids: list[int] = []
         labels: list[int] = []
         first: list[int] = []
@@ -320,13 +333,23 @@ def encode_tag(
             labels += [label] + [IGNORE_INDEX] * (len(pieces[i]) - 1)
         input_ids, types = wrap(family, ids)
         labels = [IGNORE_INDEX, *labels, IGNORE_INDEX]
-        rows.append({"input_ids": input_ids, "token_type_ids": types, "labels": labels,
-                     "span": [start, end], "first": first})
+        rows.append(
+            {
+                "input_ids": input_ids,
+                "token_type_ids": types,
+                "labels": labels,
+                "span": [start, end],
+                "first": first,
+            }
+        )
     return rows
 
 
 def encode_examples(
-    examples: list[Example], tokenizer: Tokenizer, family: str, max_length: int,
+    examples: list[Example],
+    tokenizer: Tokenizer,
+    family: str,
+    max_length: int,
     labels: list[Label],
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """(rows, stats) for a whole file; stats count truncated examples and extra windows."""
@@ -354,7 +377,9 @@ def collate(rows: list[dict[str, Any]], pad_left: bool) -> dict[str, torch.Tenso
     types = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     tagging = "labels" in rows[0]
-    labels = torch.full((len(rows), width) if tagging else (len(rows),), IGNORE_INDEX, dtype=torch.long)
+    labels = torch.full(
+        (len(rows), width) if tagging else (len(rows),), IGNORE_INDEX, dtype=torch.long
+    )
     for i, row in enumerate(rows):
         n = len(row["input_ids"])
         where = slice(width - n, width) if pad_left else slice(0, n)

@@ -151,7 +151,9 @@ def lm_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> 
 # --- building, saving, loading ---------------------------------------------------------------
 
 
-def load_backbone(path: str | Path, dropout: float | None = None) -> tuple[LanguageModel, Tokenizer, Path]:
+def load_backbone(
+    path: str | Path, dropout: float | None = None
+) -> tuple[LanguageModel, Tokenizer, Path]:
     """The pretrained model and tokenizer of a checkpoint (a fine-tuned one gives its backbone,
     without its old head)."""
     directory = resolve_checkpoint_dir(path)
@@ -227,7 +229,9 @@ def load_task_checkpoint(path: str | Path, device: str | torch.device = "cpu") -
     source = f"{directory}/config.json"
     task = config.get("task")
     if task is None:
-        raise NLMError(f"{source}: not a fine-tuned checkpoint (no field 'task'); see `nlm finetune`")
+        raise NLMError(
+            f"{source}: not a fine-tuned checkpoint (no field 'task'); see `nlm finetune`"
+        )
     if task not in TASKS:
         raise NLMError(f"{source} (field 'task'): {task!r} is not one of {', '.join(TASKS)}")
     labels = config.get("labels")
@@ -237,7 +241,9 @@ def load_task_checkpoint(path: str | Path, device: str | torch.device = "cpu") -
         or any(isinstance(x, bool) or not isinstance(x, str | int) for x in labels)
         or len(set(labels)) != len(labels)
     ):
-        raise NLMError(f"{source} (field 'labels'): expected a list of distinct strings or integers")
+        raise NLMError(
+            f"{source} (field 'labels'): expected a list of distinct strings or integers"
+        )
     if not isinstance(config.get("model"), dict):
         raise NLMError(f"{source} (field 'model'): missing or not an object")
     cls = model_class(config["family"])

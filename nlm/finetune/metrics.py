@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from nlm.finetune.cws import word_spans, tags_to_words
+from nlm.finetune.cws import tags_to_words, word_spans
 
 Counts = dict[str, float]
 
@@ -70,7 +70,13 @@ def spans(tags: Sequence[str], scheme: str) -> set[tuple[int, int, str]]:
 def tagging_counts(
     gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]], scheme: str
 ) -> Counts:
-    counts: Counts = {"tokens": 0, "correct": 0, "gold_spans": 0, "predicted_spans": 0, "matched": 0}
+    counts: Counts = {
+        "tokens": 0,
+        "correct": 0,
+        "gold_spans": 0,
+        "predicted_spans": 0,
+        "matched": 0,
+    }
     for g, p in zip(gold, predicted, strict=True):
         counts["tokens"] += len(g)
         counts["correct"] += sum(a == b for a, b in zip(g, p, strict=True))

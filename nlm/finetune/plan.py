@@ -59,7 +59,9 @@ class FinetunePlan(Config):
 def plan_finetune(config: FinetuneConfig) -> tuple[FinetunePlan, dict[str, Any]]:
     config = config.absolute().check()
     run_dir = Path(config.out)
-    if not config.overwrite and ((run_dir / "metrics.jsonl").exists() or (run_dir / "model").exists()):
+    if not config.overwrite and (
+        (run_dir / "metrics.jsonl").exists() or (run_dir / "model").exists()
+    ):
         raise NLMError(f"{run_dir}: already holds a run; choose another --out or pass --overwrite")
 
     train = read_examples(config.train, config.task)
@@ -82,7 +84,9 @@ def plan_finetune(config: FinetuneConfig) -> tuple[FinetunePlan, dict[str, Any]]
         model = TaskModel(backbone, config.task, labels, lm_weight=config.lm_weight)
 
     train_rows, train_stats = encode_examples(train, tokenizer, backbone.family, max_length, labels)
-    eval_rows, eval_stats = encode_examples(evaluation, tokenizer, backbone.family, max_length, labels)
+    eval_rows, eval_stats = encode_examples(
+        evaluation, tokenizer, backbone.family, max_length, labels
+    )
     per_worker = len(train_rows) // config.workers
     if per_worker < 1:
         raise NLMError(

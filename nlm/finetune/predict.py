@@ -62,11 +62,15 @@ class Predictor:
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start : start + self.batch_size]
             batch = collate(chunk, pad_left=self.model.pad_left)
-            logits = self.model(
-                batch["input_ids"].to(self.device),
-                attention_mask=batch["attention_mask"].to(self.device),
-                token_type_ids=batch["token_type_ids"].to(self.device),
-            ).logits.float().cpu()
+            logits = (
+                self.model(
+                    batch["input_ids"].to(self.device),
+                    attention_mask=batch["attention_mask"].to(self.device),
+                    token_type_ids=batch["token_type_ids"].to(self.device),
+                )
+                .logits.float()
+                .cpu()
+            )
             width = batch["input_ids"].size(1)
             for row, row_logits in zip(chunk, logits, strict=True):
                 if self.task == "classify":
@@ -81,7 +85,9 @@ class Predictor:
     ) -> list[dict[str, Any]]:
         texts_b = texts_b or [None] * len(texts)
         rows = [
-            encode_classify(ClassifyExample(a, None, b), self.tokenizer, self.family, self.max_length)[0]
+            encode_classify(
+                ClassifyExample(a, None, b), self.tokenizer, self.family, self.max_length
+            )[0]
             for a, b in zip(texts, texts_b, strict=True)
         ]
         answers = []
@@ -92,7 +98,10 @@ class Predictor:
                 {
                     "label": self.labels[best],
                     "score": round(float(probs[best]), 6),
-                    "probs": {str(lab): round(float(p), 6) for lab, p in zip(self.labels, probs, strict=True)},
+                    "probs": {
+                        str(lab): round(float(p), 6)
+                        for lab, p in zip(self.labels, probs, strict=True)
+                    },
                 }
             )
         return answers
@@ -101,8 +110,13 @@ class Predictor:
         """Tags for pre-split tokens (one list per sequence)."""
         rows, owner = [], []
         for i, tokens in enumerate(sequences):
-            pieces = encode_tag(TagExample(list(tokens), None), self.tokenizer, self.family,
-                                self.max_length, scheme=self.scheme or "plain")
+            pieces = encode_tag(
+                TagExample(list(tokens), None),
+                self.tokenizer,
+                self.family,
+                self.max_length,
+                scheme=self.scheme or "plain",
+            )
             rows += pieces
             owner += [i] * len(pieces)
         scores: list[list[torch.Tensor]] = [[] for _ in sequences]
@@ -169,8 +183,11 @@ def evaluate(
     result.update(tagging_metrics(counts))
     if predictor.scheme == "bmes":  # span F1 over B/M/E/S is the SIGHAN word F1
         gold = [tags_to_words(e.tokens, e.tags) for e in examples]
-        predicted = [tags_to_words(e.tokens, t) for e, t in zip(examples, predicted_tags, strict=True)]
+        predicted = [
+            tags_to_words(e.tokens, t) for e, t in zip(examples, predicted_tags, strict=True)
+        ]
         score = score_segmentation(gold, predicted, train_words)
-        result.update({f"word_{k}" if k in ("precision", "recall", "f1") else k: v
-                       for k, v in score.items()})
+        result.update(
+            {f"word_{k}" if k in ("precision", "recall", "f1") else k: v for k, v in score.items()}
+        )
     return result

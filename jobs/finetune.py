@@ -1,0 +1,16 @@
+"""`ray job submit` entrypoint for fine-tuning.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/finetune.py --config configs/finetune-cws.yaml
+
+The arguments are those of `nlm finetune` (convert-cws, maxmatch and evaluate included). The
+driver joins the cluster the job runs on (RAY_ADDRESS is set for a job's driver); the run
+directory and the checkpoint must be on storage the workers see.
+"""
+
+import sys
+
+from nlm.cli import main
+
+if __name__ == "__main__":
+    main(["finetune", *sys.argv[1:]])
