@@ -64,6 +64,16 @@ from nlm.shards import (
 from nlm.tokenizers import KINDS, Tokenizer, fingerprint, load_tokenizer, train_tokenizer
 
 MiB = 1 << 20
+# Config fields recorded in the manifest besides objective, seq_len and seed.
+MANIFEST_SETTINGS = (
+    "format",
+    "line_docs",
+    "text_column",
+    "segmented",
+    "val_fraction",
+    "max_doc_bytes",
+    "skip_bad",
+)
 
 
 @dataclasses.dataclass
@@ -392,20 +402,23 @@ def prepare(cfg: PrepareConfig) -> tuple[Manifest, PrepareStats]:
             tokenizer_files = {p.name: p.read_bytes() for p in sorted(tok_dir.iterdir())}
             started_locally = _start_ray()
             workers = min(_worker_count(cfg, started_locally), max(1, len(units)))
-            manifest, stats = _run(
-                cfg,
-                fs,
-                root,
-                units,
-                sources,
-                skips,
-                tok,
-                tokenizer_files,
-                workers,
-                not started_locally,
+            splits, stats = _run(
+                cfg, fs, root, units, skips, tokenizer_files, workers, not started_locally
             )
             _upload_dir(tok_dir, fs, f"{root}/tokenizer")
-            manifest.tokenizer["fingerprint"] = fingerprint(tok_dir)
+            tokenizer = {"kind": tok.kind, "vocab_size": tok.vocab_size}
+            tokenizer["fingerprint"] = fingerprint(tok_dir)
+        manifest = Manifest(
+            pipeline_version=PIPELINE_VERSION,
+            objective=cfg.objective,
+            seq_len=cfg.seq_len,
+            seed=cfg.seed,
+            tokenizer=tokenizer,
+            sources=[{"path": s.uri, "bytes": s.size} for s in sources],
+            splits=splits,
+            skipped=skips.to_dict(),
+            settings={k: getattr(cfg, k) for k in MANIFEST_SETTINGS},
+        )
         write_manifest(fs, root, manifest)
     except BaseException:
         _cleanup(fs, root)
@@ -414,121 +427,110 @@ def prepare(cfg: PrepareConfig) -> tuple[Manifest, PrepareStats]:
     return manifest, stats
 
 
+class _Consumer:
+    """The driver's side of the stream: unit results in, part files and counts out."""
+
+    def __init__(self, cfg: PrepareConfig, fs: pafs.FileSystem, root: str, skips: Skips) -> None:
+        self.cfg, self.skips = cfg, skips
+        self.schema = schema_for(cfg.objective)
+        rows_per_file = cfg.rows_per_file or max(1, (4 * MiB) // (cfg.seq_len + 1))
+        self.writers = {
+            s: ShardWriter(fs, root, name, self.schema, rows_per_file)
+            for s, name in ((TRAIN, "train"), (VAL, "val"))
+        }
+        self.packers = {s: ClmPacker(cfg.seq_len) for s in (TRAIN, VAL)}
+        self.documents = {TRAIN: 0, VAL: 0}
+        self.tokens = {TRAIN: 0, VAL: 0}
+        self.bytes = 0
+        self.peak = {"worker_rss": 0, "worker_private": 0, "driver_private": 0}
+        self.worker_cpu: dict[int, float] = {}  # per actor process: its latest CPU time
+
+    def consume(self, table: pa.Table) -> None:
+        split = table.column("split").to_numpy(zero_copy_only=False)
+        for info in table.column("meta").filter(pa.array(split == META)).to_pylist():
+            self._count(json.loads(info))
+        for s in (TRAIN, VAL):
+            part = table.filter(pa.array(split == s))
+            if part.num_rows == 0:
+                continue
+            if self.cfg.objective == "mlm":
+                self.writers[s].write(part.select(self.schema.names).cast(self.schema))
+                continue
+            for chunk in part.column("input_ids").chunks:
+                for i in range(len(chunk)):
+                    rows = self.packers[s].push(_values(chunk, i))
+                    if rows is not None:
+                        self.writers[s].write(rows)
+
+    def _count(self, meta: dict[str, Any]) -> None:
+        if meta["error"]:
+            raise NLMError(meta["error"])  # the first bad document in stream order
+        self.skips.merge(meta["skipped"]["reasons"], meta["skipped"]["examples"])
+        for s, name in ((TRAIN, "train"), (VAL, "val")):
+            self.documents[s] += meta["documents"][name]
+            self.tokens[s] += meta["tokens"][name]
+        self.bytes += meta["bytes"]
+        peak = self.peak
+        peak["worker_rss"] = max(peak["worker_rss"], meta["worker_peak_rss"])
+        peak["worker_private"] = max(peak["worker_private"], meta["worker_private_rss"])
+        peak["driver_private"] = max(peak["driver_private"], private_rss_bytes())
+        pid, cpu = meta["worker"]
+        self.worker_cpu[pid] = max(self.worker_cpu.get(pid, 0.0), cpu)
+
+    def close(self) -> dict[str, dict[str, Any]]:
+        splits = {}
+        for s, name in ((TRAIN, "train"), (VAL, "val")):
+            files = self.writers[s].close()
+            splits[name] = {
+                "rows": self.writers[s].rows,
+                "tokens": self.tokens[s],
+                "documents": self.documents[s],
+                "files": files,
+            }
+        return splits
+
+
 def _run(
     cfg: PrepareConfig,
     fs: pafs.FileSystem,
     root: str,
     units: list[Unit],
-    sources: list,
     skips: Skips,
-    tok: Tokenizer,
     tokenizer_files: dict[str, bytes],
     workers: int,
     restart_actors: bool,
-) -> tuple[Manifest, PrepareStats]:
-    t0 = time.perf_counter()
-    schema = schema_for(cfg.objective)
-    width = cfg.seq_len + 1
-    rows_per_file = cfg.rows_per_file or max(1, (4 * MiB) // width)
-    writers = {
-        s: ShardWriter(fs, root, name, schema, rows_per_file)
-        for s, name in ((TRAIN, "train"), (VAL, "val"))
-    }
-    packers = {s: ClmPacker(cfg.seq_len) for s in (TRAIN, VAL)}
-    documents = {TRAIN: 0, VAL: 0}
-    tokens = {TRAIN: 0, VAL: 0}
-    worker_rss = 0
-    private_rss = {"driver": 0, "worker": 0}
-    worker_cpu: dict[int, float] = {}
-    driver_cpu = cpu_seconds()
-    bar = _progress(cfg, sum(u.nbytes for u in units))
-    try:
+) -> tuple[dict[str, dict[str, Any]], PrepareStats]:
+    """Stream the units through the actors into part files; (manifest splits, stats)."""
+    t0, driver_cpu = time.perf_counter(), cpu_seconds()
+    consumer = _Consumer(cfg, fs, root, skips)
+    with _progress(cfg, sum(u.nbytes for u in units)) as bar:
         for table in _unit_results(cfg, units, tokenizer_files, workers, restart_actors):
-            split = table.column("split").to_numpy(zero_copy_only=False)
-            for info in table.column("meta").filter(pa.array(split == META)).to_pylist():
-                meta = json.loads(info)
-                if meta["error"]:
-                    raise NLMError(meta["error"])
-                skips.merge(meta["skipped"]["reasons"], meta["skipped"]["examples"])
-                documents[TRAIN] += meta["documents"]["train"]
-                documents[VAL] += meta["documents"]["val"]
-                tokens[TRAIN] += meta["tokens"]["train"]
-                tokens[VAL] += meta["tokens"]["val"]
-                worker_rss = max(worker_rss, meta["worker_peak_rss"])
-                private_rss["worker"] = max(private_rss["worker"], meta["worker_private_rss"])
-                private_rss["driver"] = max(private_rss["driver"], private_rss_bytes())
-                pid, cpu = meta["worker"]
-                worker_cpu[pid] = max(worker_cpu.get(pid, 0.0), cpu)
-                bar.update(meta["bytes"])
-            for s in (TRAIN, VAL):
-                part = table.filter(pa.array(split == s))
-                if part.num_rows == 0:
-                    continue
-                if cfg.objective == "clm":
-                    for chunk in part.column("input_ids").chunks:
-                        for i in range(len(chunk)):
-                            rows = packers[s].push(_values(chunk, i))
-                            if rows is not None:
-                                writers[s].write(rows)
-                else:
-                    writers[s].write(part.select(schema.names).cast(schema))
-            done = documents[TRAIN] + documents[VAL]
+            before = consumer.bytes
+            consumer.consume(table)
             seconds = max(time.perf_counter() - t0, 1e-9)
+            docs = sum(consumer.documents.values())
+            bar.update(consumer.bytes - before)
             bar.set_postfix_str(
-                f"{done / seconds:,.0f} docs/s {(tokens[TRAIN] + tokens[VAL]) / seconds:,.0f} tok/s",
+                f"{docs / seconds:,.0f} docs/s {sum(consumer.tokens.values()) / seconds:,.0f} tok/s",
                 refresh=False,
             )
-        files = {s: w.close() for s, w in writers.items()}
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - t0
-
-    splits = {}
-    for s, name in ((TRAIN, "train"), (VAL, "val")):
-        splits[name] = {
-            "rows": writers[s].rows,
-            "tokens": tokens[s],
-            "documents": documents[s],
-            "files": files[s],
-        }
-    manifest = Manifest(
-        pipeline_version=PIPELINE_VERSION,
-        objective=cfg.objective,
-        seq_len=cfg.seq_len,
-        seed=cfg.seed,
-        tokenizer={"kind": tok.kind, "vocab_size": tok.vocab_size, "fingerprint": ""},
-        sources=[{"path": s.uri, "bytes": s.size} for s in sources],
-        splits=splits,
-        skipped=skips.to_dict(),
-        settings={
-            k: getattr(cfg, k)
-            for k in (
-                "format",
-                "line_docs",
-                "text_column",
-                "segmented",
-                "val_fraction",
-                "max_doc_bytes",
-                "skip_bad",
-            )
-        },
-    )
+        splits = consumer.close()
     stats = PrepareStats(
-        seconds=seconds,
+        seconds=time.perf_counter() - t0,
         total_seconds=0.0,
-        documents=documents[TRAIN] + documents[VAL],
-        tokens=tokens[TRAIN] + tokens[VAL],
-        rows=writers[TRAIN].rows + writers[VAL].rows,
+        documents=sum(consumer.documents.values()),
+        tokens=sum(consumer.tokens.values()),
+        rows=sum(w.rows for w in consumer.writers.values()),
         units=len(units),
         workers=workers,
         driver_peak_rss=peak_rss_bytes(),
-        worker_peak_rss=worker_rss,
-        driver_private_rss=private_rss["driver"],
-        worker_private_rss=private_rss["worker"],
+        worker_peak_rss=consumer.peak["worker_rss"],
+        driver_private_rss=consumer.peak["driver_private"],
+        worker_private_rss=consumer.peak["worker_private"],
         driver_cpu_seconds=cpu_seconds() - driver_cpu,
-        workers_cpu_seconds=sum(worker_cpu.values()),
+        workers_cpu_seconds=sum(consumer.worker_cpu.values()),
     )
-    return manifest, stats
+    return splits, stats
 
 
 def _values(chunk: pa.ListArray, i: int) -> np.ndarray:

@@ -52,6 +52,16 @@ from nlm.serve.schemas import (
     ScoreRequest,
     ScoreResponse,
 )
+from nlm.serve.tasks import (
+    ClassifyBatchResponse,
+    ClassifyRequest,
+    ClassifyResponse,
+    TagBatchResponse,
+    TagRequest,
+    TagResponse,
+    TaskServer,
+    task_endpoints,
+)
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import (
@@ -62,6 +72,7 @@ from ray.serve.exceptions import (
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nlm.checkpoint import read_checkpoint_config
 from nlm.config import Config
 from nlm.errors import NLMError
 from nlm.inference import BERT_ENDPOINTS, CAUSAL_ENDPOINTS, Limits
@@ -100,6 +111,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     models = parse_checkpoints(spec.checkpoints)
 
     handles: dict[str, Any] = {}
+    # A fine-tuned checkpoint (nlm finetune) is served by a TaskServer: /v1/classify or /v1/tag.
+    tasks = {m.name: read_checkpoint_config(m.path).get("task") for m in models}
     for model in models:
         options: dict[str, Any] = {
             "name": model.name,
@@ -114,13 +127,16 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             options["ray_actor_options"] = {"num_cpus": spec.num_cpus}
         if spec.num_replicas is not None:
             options["num_replicas"] = spec.num_replicas
-        handles[model.name] = ModelServer.options(**options).bind(
+        server = TaskServer if tasks[model.name] else ModelServer
+        handles[model.name] = server.options(**options).bind(
             model.name, str(model.path), limits.to_dict(), spec.torch_threads
         )
     catalog = {
         m.name: {
             "family": m.family,
-            "endpoints": list(BERT_ENDPOINTS if m.family == "bert" else CAUSAL_ENDPOINTS),
+            "endpoints": task_endpoints(tasks[m.name])
+            if tasks[m.name]
+            else list(BERT_ENDPOINTS if m.family == "bert" else CAUSAL_ENDPOINTS),
         }
         for m in models
     }
@@ -376,3 +392,28 @@ class Gateway:
         """Nearest vocabulary entries to a word by cosine of the input embeddings."""
         answer = await self._call(body.model, "neighbors", body.model_dump())
         return {"model": body.model, "word": body.word, "neighbors": answer["neighbors"]}
+
+    @api.post(
+        "/v1/classify",
+        response_model=ClassifyResponse | ClassifyBatchResponse,
+        responses=ERROR_RESPONSES,
+        dependencies=SECURED,
+    )
+    async def classify(self, body: ClassifyRequest) -> dict[str, Any]:
+        """Label and label probabilities of a text (or text pair). Fine-tuned classifiers."""
+        answer = await self._call(body.model, "classify", body.model_dump(), _count(body.text))
+        return self._shape(body.model, body.text, answer["results"])
+
+    @api.post(
+        "/v1/tag",
+        response_model=TagResponse | TagBatchResponse,
+        responses=ERROR_RESPONSES,
+        dependencies=SECURED,
+    )
+    async def tag(self, body: TagRequest) -> dict[str, Any]:
+        """Tags of every token; a word segmenter given raw text also returns the words."""
+        items = len(body.inputs) if body.batched else 1
+        answer = await self._call(body.model, "tag", body.model_dump(), items)
+        if body.batched:
+            return {"model": body.model, "results": answer["results"]}
+        return {"model": body.model, **answer["results"][0]}

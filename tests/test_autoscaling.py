@@ -33,7 +33,7 @@ def autoscaling_cluster():
     )
     try:
         cluster.start_head("--num-cpus=0", f"--autoscaling-config={config}")
-        cluster.wait_for_nodes(1, timeout=150)
+        cluster.wait_for_nodes(1, timeout=300)
         yield cluster
     finally:
         cluster.shutdown()

@@ -12,8 +12,9 @@ import json
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
-from ray_nodes import LocalCluster
+from ray_nodes import LocalCluster, free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -26,9 +27,9 @@ def two_nodes():
     cluster = LocalCluster.create()
     try:
         cluster.start_head("--num-cpus=1", '--resources={"data": 2}')
-        cluster.wait_for_nodes(1, timeout=150)
+        cluster.wait_for_nodes(1, timeout=300)
         cluster.start_worker("--num-cpus=2", '--resources={"trainer": 2}')
-        cluster.wait_for_nodes(2, timeout=150)
+        cluster.wait_for_nodes(2, timeout=300)
         yield cluster
     finally:
         cluster.shutdown()
@@ -45,7 +46,7 @@ def submit(cluster: LocalCluster, *entrypoint: str) -> str:
     return job_id
 
 
-def follow(cluster: LocalCluster, job_id: str, timeout: float = 240) -> tuple[str, str]:
+def follow(cluster: LocalCluster, job_id: str, timeout: float = 480) -> tuple[str, str]:
     """`ray job logs --follow` until the job ends; then its final status and its logs."""
     logs = cluster.ray(
         "job", "logs", "--address", cluster.dashboard_url, "--follow", job_id, timeout=timeout
@@ -94,9 +95,45 @@ def test_a_job_the_cluster_cannot_hold_fails_with_a_clear_message(two_nodes, tmp
         two_nodes, "python", TRAIN, "--out", str(tmp_path), "--workers", "3",
         "--resources", '{"CPU": 0.5, "trainer": 1}', "--timeout", "5",
     )  # fmt: skip
-    status, logs = follow(two_nodes, job, timeout=150)  # a hang fails here, not forever
+    status, logs = follow(two_nodes, job, timeout=300)  # a hang fails here, not forever
     assert status == "FAILED"
     assert "nlm: error: the Ray cluster cannot place 3 workers within 5 s" in logs
     assert "trainer: 3" in logs and "trainer: 2" in logs  # needed vs. what the cluster has
     assert "Traceback" not in logs
     assert not list(tmp_path.glob("rank*.json")), "no worker started"
+
+
+def tiny_checkpoint(directory: Path, data_mirror: Path) -> Path:
+    import torch
+
+    from nlm.checkpoint import save_checkpoint
+    from nlm.models import build_model
+    from nlm.tokenizers import train_tokenizer
+
+    lines = (data_mirror / "wikitext-2" / "valid.txt").read_text(encoding="utf-8").splitlines()
+    tokenizer = train_tokenizer("word", lines[:300], vocab_size=500)
+    torch.manual_seed(0)
+    model = build_model("lstm", "tiny", vocab_size=tokenizer.vocab_size).eval()
+    return save_checkpoint(directory / "lstm", model, tokenizer)
+
+
+def test_deploy_job_leaves_the_application_serving(two_nodes, tmp_path: Path, data_mirror):
+    checkpoint = tiny_checkpoint(tmp_path, data_mirror)
+    (port,) = free_ports(1)
+    config = tmp_path / "deploy.yaml"
+    config.write_text(
+        f"checkpoints: [lm={checkpoint}]\nhost: 127.0.0.1\nport: {port}\nreplica_cpus: 0.25\n"
+    )
+    job = submit(two_nodes, "python", "jobs/deploy.py", str(config))
+    status, logs = follow(two_nodes, job)
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert "deployed onto the cluster" in logs
+
+    # The job has ended; the application keeps answering on the head's loopback.
+    models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30)
+    assert models.status_code == 200, models.text
+    assert [m["name"] for m in models.json()["models"]] == ["lm"]
+    score = httpx.post(
+        f"http://127.0.0.1:{port}/v1/score", json={"model": "lm", "text": "the game"}, timeout=60
+    )
+    assert score.status_code == 200, score.text

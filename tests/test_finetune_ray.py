@@ -5,8 +5,10 @@ few steps: this checks the loop, the export and the metrics, not the quality."""
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from nlm.cluster.finetune_loop import finetune
@@ -50,9 +52,11 @@ def pretrained(tmp_path_factory, data_mirror) -> dict[str, Path]:
     return paths
 
 
-def test_bert_segmenter_on_two_workers(ray_local, pretrained):
+@pytest.fixture(scope="module")
+def runs(ray_local, pretrained) -> dict[str, FinetuneConfig]:
+    """Both fine-tuning runs (the tests below check them, the serving test serves them)."""
     root = pretrained["root"]
-    config = FinetuneConfig(
+    bert = FinetuneConfig(
         checkpoint=str(pretrained["bert"]),
         task="tag",
         train=str(root / "cws-train.jsonl"),
@@ -68,7 +72,31 @@ def test_bert_segmenter_on_two_workers(ray_local, pretrained):
         zero_stage=2,
         max_length=48,
     )
-    summary = finetune(config, progress=False)
+    gpt = FinetuneConfig(
+        checkpoint=str(pretrained["gpt"]),
+        task="classify",
+        lm_weight=0.5,
+        train=str(root / "src-train.jsonl"),
+        eval=str(root / "src-test.jsonl"),
+        out=str(root / "gpt-src"),
+        max_steps=4,
+        log_every=2,
+        micro_batch=16,
+        lr=2e-3,
+        workers=1,
+        cpus_per_worker=1.0,
+    )
+    return {
+        "bert": bert,
+        "bert_summary": finetune(bert, progress=False),
+        "gpt": gpt,
+        "gpt_summary": finetune(gpt, progress=False),
+        "root": root,
+    }
+
+
+def test_bert_segmenter_on_two_workers(runs):
+    root, config, summary = runs["root"], runs["bert"], runs["bert_summary"]
     assert summary["export_max_abs_logit_diff"] <= 1e-4
     for key in (
         "test_word_f1",
@@ -96,23 +124,8 @@ def test_bert_segmenter_on_two_workers(ray_local, pretrained):
         finetune(config, progress=False)
 
 
-def test_gpt_classifier_with_lm_loss(ray_local, pretrained):
-    root = pretrained["root"]
-    config = FinetuneConfig(
-        checkpoint=str(pretrained["gpt"]),
-        task="classify",
-        lm_weight=0.5,
-        train=str(root / "src-train.jsonl"),
-        eval=str(root / "src-test.jsonl"),
-        out=str(root / "gpt-src"),
-        max_steps=4,
-        log_every=2,
-        micro_batch=16,
-        lr=2e-3,
-        workers=1,
-        cpus_per_worker=1.0,
-    )
-    summary = finetune(config, progress=False)
+def test_gpt_classifier_with_lm_loss(runs):
+    root, summary = runs["root"], runs["gpt_summary"]
     assert 0.0 <= summary["test_accuracy"] <= 1.0 and 0.0 <= summary["test_macro_f1"] <= 1.0
     losses = [r for r in read_metrics(root / "gpt-src") if "loss" in r]
     for r in losses:  # the logged L is L2 + λ·L1 of the same batches
@@ -123,3 +136,47 @@ def test_gpt_classifier_with_lm_loss(ray_local, pretrained):
     assert all(
         a["label"] in ("msr", "pku") and abs(sum(a["probs"].values()) - 1) < 1e-4 for a in answers
     )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serving_answers_classify_and_tag(runs):
+    """Both fine-tuned checkpoints in one Serve application, real HTTP on 127.0.0.1."""
+    from nlm.serve.app import build_app
+    from ray import serve
+
+    root, port = runs["root"], free_port()
+    checkpoints = [f"seg={root / 'bert-cws'}", f"src={root / 'gpt-src'}"]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app({"checkpoints": checkpoints}), name="finetune-test", route_prefix="/")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            text = "人类社会前进的航船就要驶入21世纪的新航程。"
+            seg = client.post("/v1/tag", json={"model": "seg", "text": text})
+            assert seg.status_code == 200, seg.text
+            body = seg.json()
+            assert "".join(body["words"]) == text and first_invalid_bmes(body["tags"]) is None
+            # The same answer as the library's, one request or many.
+            expected = Predictor(load_task_checkpoint(root / "bert-cws")).segment([text])[0]
+            assert body["words"] == expected["words"]
+            many = client.post("/v1/tag", json={"model": "seg", "tokens": [["新", "年"], ["好"]]})
+            assert [len(r["tags"]) for r in many.json()["results"]] == [2, 1]
+            cls = client.post("/v1/classify", json={"model": "src", "text": ["新年贺词", "今天"]})
+            assert cls.status_code == 200, cls.text
+            assert {r["label"] for r in cls.json()["results"]} <= {"msr", "pku"}
+            wrong = client.post("/v1/classify", json={"model": "seg", "text": "新年"})
+            assert wrong.status_code == 400 and wrong.json()["error"]["code"] == "wrong_family"
+            empty = client.post("/v1/tag", json={"model": "seg", "text": "  "})
+            assert empty.status_code == 400 and empty.json()["error"]["code"] == "empty_input"
+            both = client.post("/v1/tag", json={"model": "seg", "text": "a", "tokens": ["a"]})
+            assert both.status_code == 422
+            models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+            assert models["seg"]["endpoints"] == ["tag"] and models["src"]["endpoints"] == [
+                "classify"
+            ]
+    finally:
+        serve.shutdown()

@@ -178,7 +178,14 @@ def test_killed_worker_restarts_from_checkpoint_then_resume(ray_local, shards, t
                log_every=5, eval_every=75, checkpoint_every=25, max_failures=1,
                optimizer="sgd", lr=1.0, lr_schedule="constant")  # fmt: skip
     result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(summary=train(cfg, progress=False)))
+
+    def run() -> None:
+        try:
+            result["summary"] = train(cfg, progress=False)
+        except BaseException as exc:  # shown by the assertion below
+            result["error"] = exc
+
+    thread = threading.Thread(target=run)
     thread.start()
 
     def logged_steps() -> list[int]:
@@ -196,7 +203,8 @@ def test_killed_worker_restarts_from_checkpoint_then_resume(ray_local, shards, t
         time.sleep(0.1)
     assert killed is not None, "the run never reached a checkpoint"
     thread.join(timeout=300)
-    assert not thread.is_alive() and result["summary"]["step"] == 150
+    assert not thread.is_alive() and "error" not in result, result.get("error")
+    assert result["summary"]["step"] == 150
 
     records = read_metrics(out)
     starts = [r for r in records if r.get("event") == "start"]
