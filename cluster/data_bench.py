@@ -106,7 +106,11 @@ def run_prepare(
         "--tokenizer-from", str(tokenizer), "--seq-len", str(seq_len), "--workers", str(workers),
         "--output", str(out), "--overwrite", "--no-progress",
     ]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    # Ray starts its workers at nice 15; the single-process rows run at this process's
+    # niceness. Same priority for both, so that other load on the machine skews neither.
+    env = dict(os.environ, RAY_worker_niceness="0")
+    env.pop("RAY_ADDRESS", None)  # each run starts (and times) its own local instance
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise NLMError(f"nlm prepare failed ({result.returncode}): {result.stderr.strip()[-500:]}")
     summary = json.loads(result.stdout.strip().splitlines()[-1])
@@ -135,6 +139,7 @@ def naive_ray_data(files: list[Path], tokenizer: Path, workers: int) -> dict[str
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ["RAY_worker_niceness"] = "0"  # as in run_prepare
     logging.getLogger("ray._private.worker").setLevel(logging.WARNING)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:

@@ -296,6 +296,8 @@ def evaluate_documents(
     n_bytes = text_bytes(documents)
     result: dict[str, Any] = {"family": model.family, "bytes": n_bytes, "seq_len": length}
     if not model.causal:
+        if length < 3:
+            raise NLMError(f"--seq-len {length}: bert needs at least 3 ([CLS] token [SEP])")
         if max_pll_tokens < 1:
             raise NLMError(f"--max-pll-tokens {max_pll_tokens}: must be at least 1")
         stream = [i for doc in tokenizer.encode_batch(documents) for i in doc]

@@ -21,13 +21,16 @@ PY=${PY:-.venv/bin/python}
 DATA=${NLM_DATA_MIRROR:-../shared/data}
 OUT=${OUT:-runs/cws-bench}
 PRESET=${PRESET:-small}
+# The small preset narrowed to 2 x 128 (0.9 M parameters): what the shared 2-core machine could
+# pretrain in the time it had. SET="" trains the full small preset (4 x 256, 4.2 M).
+SET=${SET-"n_layer=2 n_embd=128 n_head=2 intermediate_size=512"}
 SEQ_LEN=${SEQ_LEN:-128}
-PRETRAIN_STEPS=${PRETRAIN_STEPS:-1500}
+PRETRAIN_STEPS=${PRETRAIN_STEPS:-800}
 PRETRAIN_BATCH=${PRETRAIN_BATCH:-32}
-PRETRAIN_LR=${PRETRAIN_LR:-5e-4}
+PRETRAIN_LR=${PRETRAIN_LR:-1e-3}
 FT_EPOCHS=${FT_EPOCHS:-6}
 FT_BATCH=${FT_BATCH:-32}
-FT_LR=${FT_LR:-3e-4}
+FT_LR=${FT_LR:-5e-4}
 WORKERS=${WORKERS:-1}
 export NLM_DATA_MIRROR=$DATA
 
@@ -56,11 +59,13 @@ if [[ ! -f $OUT/shards/manifest.json ]]; then
 fi
 
 # 3a. pretrain BERT
+set_args=()
+for kv in $SET; do set_args+=(--set "$kv"); done
 if [[ ! -f $OUT/bert-zh/model/config.json ]]; then
   log "nlm train bert $PRESET, $PRETRAIN_STEPS steps"
-  $NLM train --data "$OUT/shards" --model bert --preset "$PRESET" --out "$OUT/bert-zh" \
+  $NLM train --data "$OUT/shards" --model bert --preset "$PRESET" "${set_args[@]}" --out "$OUT/bert-zh" \
     --workers "$WORKERS" --cpus-per-worker 1 --zero-stage 0 --micro-batch "$PRETRAIN_BATCH" \
-    --max-steps "$PRETRAIN_STEPS" --lr "$PRETRAIN_LR" --min-lr 5e-5 \
+    --max-steps "$PRETRAIN_STEPS" --lr "$PRETRAIN_LR" --min-lr 1e-4 \
     --warmup-steps $((PRETRAIN_STEPS / 10)) --eval-every $((PRETRAIN_STEPS / 5)) \
     --log-every 50 --no-progress
 fi

@@ -319,7 +319,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     endpoints = sorted({r["endpoint"] for r in results})
     fig, axes = plt.subplots(1, len(endpoints), figsize=(6 * len(endpoints), 4.5), squeeze=False)
     for ax, endpoint in zip(axes[0], endpoints, strict=True):
-        for server in SERVERS:
+        for color, server in zip(("tab:blue", "tab:orange", "tab:green"), SERVERS, strict=True):
             rows = sorted(
                 (r for r in results if r["server"] == server and r["endpoint"] == endpoint),
                 key=lambda r: r["clients"],
@@ -327,8 +327,15 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
             if not rows:
                 continue
             xs = [r["requests_per_s"] for r in rows]
-            ax.plot(xs, [r["p50_ms"] for r in rows], "o-", label=f"{server} p50")
-            ax.plot(xs, [r["p99_ms"] for r in rows], "x--", alpha=0.6, label=f"{server} p99")
+            ax.plot(xs, [r["p50_ms"] for r in rows], "o-", color=color, label=f"{server} p50")
+            ax.plot(
+                xs,
+                [r["p99_ms"] for r in rows],
+                "x--",
+                color=color,
+                alpha=0.5,
+                label=f"{server} p99",
+            )
             for r in rows:
                 ax.annotate(f"c={r['clients']}", (r["requests_per_s"], r["p50_ms"]), fontsize=7)
         ax.set_xlabel("throughput (requests/s)")

@@ -165,21 +165,17 @@ class LocalCluster:
                 continue
             tail = node.log.read_text(errors="replace")[-3000:]
             # On a loaded 2-core machine a raylet can miss Ray's fixed 30 s registration
-            # window ("timed out during startup"); a worker node gets another try.
-            if node.name != "head" and "timed out during startup" in tail and node.restarts < 2:
+            # window ("timed out during startup"); the node gets another try (the head only
+            # while it is alone: start workers after wait_for_nodes(1)).
+            alone = len(self.nodes) == 1
+            retry = not node.name.startswith("head") or alone
+            if retry and "timed out during startup" in tail and node.restarts < 2:
                 _signal_group(node.pgid, signal.SIGKILL)
                 self.nodes.pop(i)
                 again = self._start(node.args, f"{node.name}-retry{node.restarts + 1}")
                 again.restarts = node.restarts + 1
                 return
             raise RuntimeError(f"ray start exited ({node.proc.returncode}):\n{tail}")
-
-    def submit(self, *entrypoint: str, runtime_env: dict | None = None, timeout: float = 180):
-        """`ray job submit --working-dir . -- ENTRYPOINT`; waits for the job, returns the run."""
-        args = ["job", "submit", "--address", self.dashboard_url, "--working-dir", "."]
-        if runtime_env:
-            args += ["--runtime-env-json", json.dumps(runtime_env)]
-        return self.ray(*args, "--", *entrypoint, timeout=timeout)
 
     def shutdown(self) -> None:
         for node in reversed(self.nodes):

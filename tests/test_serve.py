@@ -234,7 +234,7 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(client):
         {
             "model": "gpt",
             "prompt": p,
-            "max_tokens": 24,
+            "max_tokens": 40,
             "seed": i,
             "temperature": 0.9,
             "stop_at_eos": False,

@@ -53,6 +53,8 @@ def test_unrelated_tables_score_low(table):
     assert metrics.linear_cka(table, other) < 0.3
     assert metrics.procrustes_residual(table, other) > 0.5
     assert abs(metrics.similarity_spearman(table, other)) < 0.1
+    assert abs(metrics.mean_cosine(table)) < 0.05
+    assert metrics.mean_cosine(table + 10.0) > 0.9  # one shared direction dominates
 
 
 def test_spearman_uses_average_ranks_for_ties():

@@ -203,9 +203,6 @@ def train_model(
     generator = torch.Generator().manual_seed(seed)
     batches = _batches(family, stream, batch_size, seq_len, model.config.vocab_size, generator)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE[family], weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / WARMUP_STEPS)
-    )
     model.train()
     state, smoothed, step = None, float("nan"), 0
     bar = tqdm(
@@ -214,6 +211,12 @@ def train_model(
     start = time.monotonic()
     with (run_dir / "metrics.jsonl").open("w") as log, SummaryWriter(str(run_dir / "tb")) as tb:
         while time.monotonic() - start < seconds and (max_steps is None or step < max_steps):
+            done = (time.monotonic() - start) / seconds
+            if max_steps is not None:
+                done = max(done, step / max_steps)
+            lr = learning_rate(family, step, done)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             batch = next(batches)
             if family == "bert":
                 loss = model(batch[0], mlm_labels=batch[1]).loss
@@ -226,14 +229,13 @@ def train_model(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM[family])
             optimizer.step()
-            schedule.step()
             step += 1
             value = loss.item()
             smoothed = value if math.isnan(smoothed) else 0.95 * smoothed + 0.05 * value
             record = {
                 "step": step,
                 "loss": value,
-                "lr": schedule.get_last_lr()[0],
+                "lr": lr,
                 "seconds": time.monotonic() - start,
             }
             log.write(json.dumps(record) + "\n")
@@ -243,6 +245,15 @@ def train_model(
     bar.close()
     model.eval()
     return step, time.monotonic() - start, smoothed
+
+
+def learning_rate(family: str, step: int, done: float) -> float:
+    """Linear warmup, then cosine decay to a tenth over the budget (`done` runs 0 -> 1). The
+    budget is time, so the decay follows the clock: the run ends at its lowest rate whatever the
+    machine's speed."""
+    warmup = min(1.0, (step + 1) / WARMUP_STEPS)
+    decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+    return LEARNING_RATE[family] * warmup * decay
 
 
 def _detach(state: Any) -> Any:

@@ -137,6 +137,7 @@ def compare(
                 "parameters": m.parameters,
                 "embedding_dim": m.vectors.shape[1],
                 "metrics": m.metrics,
+                "mean_cosine": round(metrics.mean_cosine(m.vectors[rows], seed=seed), 4),
                 "cka_vs_random": round(metrics.linear_cka(m.vectors[rows], noise), 4),
                 "procrustes_vs_random": round(
                     metrics.procrustes_residual(m.vectors[rows], noise), 4

@@ -85,6 +85,14 @@ def similarity_spearman(
     return spearman((ua[i] * ua[j]).sum(1), (ub[i] * ub[j]).sum(1))
 
 
+def mean_cosine(a: torch.Tensor, max_pairs: int = 1_000_000, seed: int = 0) -> float:
+    """Mean cosine similarity of distinct word pairs: near 0 for isotropic vectors, near 1 when
+    all vectors share one dominant direction (then every cosine is high and neighbours blur)."""
+    i, j = pair_sample(a.shape[0], max_pairs, seed)
+    unit = normalized(a.double())
+    return float((unit[i] * unit[j]).sum(1).mean())
+
+
 def _centered(x: torch.Tensor) -> torch.Tensor:
     x = x.double()
     return x - x.mean(dim=0, keepdim=True)

@@ -107,14 +107,17 @@ def markdown(data: dict[str, Any], title: str) -> str:
         )
     lines += [
         "",
-        "Floor: each model against a random Gaussian table of the same shape.",
+        "Per model: the mean cosine of two distinct words (near 0: spread out; near 1: one "
+        "dominant direction, so all cosines are high) and the floor, CKA and Procrustes against "
+        "a random Gaussian table of the same shape.",
         "",
-        "| model | CKA vs random | Procrustes vs random |",
-        "| --- | ---: | ---: |",
+        "| model | mean cosine | CKA vs random | Procrustes vs random |",
+        "| --- | ---: | ---: | ---: |",
     ]
     for m in data["models"]:
         lines.append(
-            f"| {m['name']} | {m['cka_vs_random']:.3f} | {m['procrustes_vs_random']:.3f} |"
+            f"| {m['name']} | {m['mean_cosine']:.3f} | {m['cka_vs_random']:.3f} | "
+            f"{m['procrustes_vs_random']:.3f} |"
         )
     lines += [
         "",
@@ -130,7 +133,9 @@ def markdown(data: dict[str, Any], title: str) -> str:
     if data.get("labels") == "numbers":
         lines += [
             "No installed font has these glyphs, so the figures label each chosen word by its "
-            "number below (neighbours share its colour).",
+            "number (neighbours share its colour): "
+            + ", ".join(f"{n} {_cell(w)}" for n, w in enumerate(data["words"], 1))
+            + ".",
         ]
     lines += ["", "## Neighbours", ""]
     for n, word in enumerate(data["words"], 1):
@@ -164,6 +169,8 @@ def _font_charmaps() -> list[tuple[str, frozenset[int]]]:
 
     maps = []
     for entry in sorted(font_manager.fontManager.ttflist, key=lambda f: f.fname):
+        if "lastresort" in entry.fname.lower():  # maps every code point to a placeholder box
+            continue
         try:
             maps.append((entry.fname, frozenset(FT2Font(entry.fname).get_charmap())))
         except (OSError, RuntimeError):
