@@ -112,7 +112,7 @@ def test_zero3_export_gives_the_engines_logits(process_group, shards, tmp_path):
     """ZeRO-3 partitions every parameter; the export gathers them whole."""
     from nlm.cluster.train_loop import LocalSession, run_worker
 
-    cfg = tiny(shards, tmp_path / "z3", "gpt", zero_stage=3, max_steps=4, eval_every=4, log_every=2)
+    cfg = tiny(shards, tmp_path / "z3", "gpt", zero_stage=3, max_steps=3, eval_every=3, eval_rows=16)
     plan = plan_run(cfg)
     trainer = run_worker(plan, LocalSession(plan))
     engine = trainer.engine

@@ -1,0 +1,17 @@
+"""`ray job submit` entrypoint for pretraining: `nlm train` with a YAML config.
+
+    ray job submit --working-dir . -- python jobs/pretrain.py --config configs/gpt-small.yaml
+    ray job submit --working-dir . -- python jobs/pretrain.py --config configs/lstm-small.yaml \
+        --max-steps 500 --workers 4
+
+Every `nlm train` flag works here and overrides the file. `ray job submit` sets RAY_ADDRESS,
+so the trainer joins the cluster instead of starting a local Ray. The run directory (`out`)
+must be on storage every node sees when the cluster has several nodes (`shared_fs: true`).
+"""
+
+import sys
+
+from nlm.cli import main
+
+if __name__ == "__main__":
+    main(["train", *sys.argv[1:]])
