@@ -86,6 +86,7 @@ def ensure_ray(num_cpus: int | None = None) -> str:
     # ray.init times out. A user's own choice (exported before Python starts) wins.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(
+        address="local",  # never silently join a cluster some other `ray start` left running
         num_cpus=num_cpus or local_num_cpus(),
         include_dashboard=False,  # nothing listens on 8265 for a throwaway local instance
         log_to_driver=False,  # progress goes to tqdm / metrics files, not worker stdout

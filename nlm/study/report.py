@@ -132,6 +132,7 @@ def markdown(data: dict[str, Any], title: str) -> str:
     ]
     if data.get("labels") == "numbers":
         lines += [
+            "",
             "No installed font has these glyphs, so the figures label each chosen word by its "
             "number (neighbours share its colour): "
             + ", ".join(f"{n} {_cell(w)}" for n, w in enumerate(data["words"], 1))
