@@ -61,13 +61,14 @@ def word_id(tokenizer: Tokenizer, word: str) -> int:
         token_id = tokenizer.token_to_id("▁" + word)  # SentencePiece word-initial pieces
     if token_id is not None and not tokenizer.is_special(token_id):
         return token_id
+    if token_id is not None:
+        raise NLMError(f"'{word}' is a special token, not a word")
     words = [w for i, w in enumerate(vocabulary(tokenizer)) if not tokenizer.is_special(i)]
     close = difflib.get_close_matches(word, words, n=5, cutoff=0.5)
     if not close:  # short (e.g. two-character Chinese) words rarely pass the ratio: share a char
         close = [w for w in words if set(w) & set(word)][:5]
     hint = ", ".join(close) if close else "none"
-    what = "special token" if token_id is not None else "unknown word"
-    raise NLMError(f"{what} '{word}' (close matches: {hint})")
+    raise NLMError(f"unknown word '{word}' (close matches: {hint})")
 
 
 def rank_neighbors(

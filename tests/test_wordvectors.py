@@ -91,7 +91,7 @@ def test_unknown_word_lists_close_matches(tok, model):
         neighbors(model, tok, "cats")
     with pytest.raises(NLMError, match=r"unknown word '经验' \(close matches: 经济"):
         neighbors(model, tok, "经验")
-    with pytest.raises(NLMError, match=r"special token '<unk>'"):
+    with pytest.raises(NLMError, match=r"'<unk>' is a special token"):
         neighbors(model, tok, "<unk>")
 
 
