@@ -137,6 +137,7 @@ class PrepareConfig(Config):
 @dataclasses.dataclass
 class PrepareStats:
     seconds: float  # the pipeline (tokenize + pack + write), without Ray start-up
+    first_result_seconds: float  # until the first unit came back (actor start-up included)
     total_seconds: float
     documents: int
     tokens: int
@@ -336,7 +337,9 @@ def _unit_results(
             fn_constructor_kwargs={"tokenizer_ref": [tokenizer_ref], "opts": cfg.worker_options()},
             batch_size=1,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=workers),
+            # One unit running and one queued per actor: no idle gap between units, and no
+            # deep per-actor queue to leave one actor busy while the others finish.
+            compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2),
             num_cpus=cfg.cpus_per_worker,
             # Restarting a lost actor matters on a cluster; on a local instance a lost actor
             # means the machine is in trouble, and restarts make Ray print a warning on stderr.
@@ -503,8 +506,10 @@ def _run(
     """Stream the units through the actors into part files; (manifest splits, stats)."""
     t0, driver_cpu = time.perf_counter(), cpu_seconds()
     consumer = _Consumer(cfg, fs, root, skips)
+    first_result = 0.0
     with _progress(cfg, sum(u.nbytes for u in units)) as bar:
         for table in _unit_results(cfg, units, tokenizer_files, workers, restart_actors):
+            first_result = first_result or time.perf_counter() - t0
             before = consumer.bytes
             consumer.consume(table)
             seconds = max(time.perf_counter() - t0, 1e-9)
@@ -517,6 +522,7 @@ def _run(
         splits = consumer.close()
     stats = PrepareStats(
         seconds=time.perf_counter() - t0,
+        first_result_seconds=first_result,
         total_seconds=0.0,
         documents=sum(consumer.documents.values()),
         tokens=sum(consumer.tokens.values()),

@@ -70,6 +70,16 @@ def generate_corpus(directory: Path, size: int, source_files: list[Path]) -> lis
     return files
 
 
+def _first_files(files: list[Path], size: int) -> list[Path]:
+    """The shortest prefix of `files` holding at least `size` bytes."""
+    total = 0
+    for i, path in enumerate(files):
+        total += path.stat().st_size
+        if total >= size:
+            return files[: i + 1]
+    return files
+
+
 def _lines(files: list[Path]):
     """Batches of ~1 MB of non-blank lines, file by file (bounded memory)."""
     for path in files:
@@ -176,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         sources = [data_file("wikitext-2/valid.txt"), data_file("wikitext-2/test.txt")]
         files = generate_corpus(workdir / "corpus", sizes[-1], sources)
-        by_size = {s: files[: max(1, -(-s // FILE_BYTES))] for s in sizes}
+        by_size = {s: _first_files(files, s) for s in sizes}
         lines = [
             line
             for p in sources
@@ -221,6 +231,9 @@ def run(args: argparse.Namespace) -> int:
                 "driver_private_rss": s["driver_private_rss"],
                 "worker_private_rss": s["worker_private_rss"],
                 "cpu_seconds": s["driver_cpu_seconds"] + s["workers_cpu_seconds"],
+                "first_result_seconds": s["first_result_seconds"],
+                "driver_cpu_seconds": s["driver_cpu_seconds"],
+                "workers_cpu_seconds": s["workers_cpu_seconds"],
             })  # fmt: skip
         if args.naive:
             workers = worker_counts[-1]

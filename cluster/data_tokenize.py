@@ -109,30 +109,32 @@ def document_ids(tok: Tokenizer, text: str) -> list[int]:
 
 
 def clm_stream(tok: Tokenizer, docs: list[str], sizes: list[int]) -> np.ndarray:
-    """The documents' ids joined and each followed by </s>, as one int32 array."""
-    pieces: list[str] = []
-    owners: list[int] = []  # document index of each piece
-    piece_sizes: list[int] = []
-    for d, (text, size) in enumerate(zip(docs, sizes, strict=True)):
-        lines = _lines_for(tok, text)
-        pieces.extend(lines)
-        owners.extend([d] * len(lines))
-        piece_sizes.extend([size // len(lines)] * len(lines))
-    stream_parts: list[np.ndarray] = []
+    """The documents' ids joined and each followed by </s>, as one int32 array.
+
+    Python touches each token once (numpy.fromiter over the encoder's lists); the rest is
+    numpy on whole arrays. This and the encoder are all the per-token work of an actor.
+    """
+    if not tok.kind.startswith("spm-") or not any("\n" in text for text in docs):
+        pieces, piece_sizes, counts = docs, sizes, None  # one piece per document
+    else:
+        split = [_lines_for(tok, text) for text in docs]
+        pieces = [line for lines in split for line in lines]
+        piece_sizes = [len(line) for line in pieces]
+        counts = np.fromiter((len(lines) for lines in split), dtype=np.int64, count=len(split))
+    flats, lengths = [], []
     for start, end in _batches(pieces, piece_sizes):
         ids = tok.encode_batch(pieces[start:end])
-        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-        flat = np.fromiter(
-            itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum())
+        n = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        flats.append(
+            np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(n.sum()))
         )
-        # </s> goes after the last piece of each document.
-        owner = owners[start:end]
-        last = [i for i in range(len(owner)) if i + 1 == len(owner) or owner[i + 1] != owner[i]]
-        if end < len(pieces) and owners[end] == owner[-1]:
-            last.pop()  # the document continues in the next batch
-        ends = np.cumsum(lengths)[last] if last else np.zeros(0, dtype=np.int64)
-        stream_parts.append(np.insert(flat, ends, np.int32(EOS_ID)))
-    return np.concatenate(stream_parts) if stream_parts else np.zeros(0, dtype=np.int32)
+        lengths.append(n)
+    if not flats:
+        return np.zeros(0, dtype=np.int32)
+    piece_ends = np.cumsum(np.concatenate(lengths))
+    # </s> after the last piece of each document.
+    doc_ends = piece_ends if counts is None else piece_ends[np.cumsum(counts) - 1]
+    return np.insert(np.concatenate(flats), doc_ends, np.int32(EOS_ID))
 
 
 def split_sentences(text: str) -> list[str]:
