@@ -296,10 +296,6 @@ def _start_ray() -> bool:
     import ray
     from nlm.cluster.launch import ensure_ray
 
-    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
-        # A throwaway local instance needs no token auth; with RAY_AUTH_MODE=token and no
-        # ~/.ray/auth_token the GCS server exits and ray.init times out. A user's choice wins.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Keep stderr for our progress bar and errors: no "Started a local Ray instance" line,
     # no Ray Data console logging (it still goes to the session's ray-data.log).
     logging.getLogger("ray._private.worker").setLevel(logging.WARNING)
