@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         "warmup_steps": args.warmup,
         "cores": cores,
         "torch": torch.__version__,
+        "load_average": os.getloadavg(),
         "results": results,
     }
     print(markdown(report))
@@ -120,9 +121,9 @@ def plain_loop(args: argparse.Namespace, data: Path, threads: int) -> dict[str, 
         batch, per_stream, -1
     )  # word_language_model's batchify
     state = None
-    times = []
+    times, cpu_times = [], []
     for step in range(args.steps):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         window = streams[:, step % per_stream].long()
         x, y = window[:, :-1], window[:, 1:]
         if recurrent:
@@ -139,6 +140,7 @@ def plain_loop(args: argparse.Namespace, data: Path, threads: int) -> dict[str, 
         optimizer.step()
         out.loss.item()
         times.append(time.perf_counter() - started)
+        cpu_times.append(time.process_time() - cpu_started)
     timed = times[args.warmup :]
     tokens_per_step = batch * x.shape[1]
     return {
@@ -147,6 +149,7 @@ def plain_loop(args: argparse.Namespace, data: Path, threads: int) -> dict[str, 
         "threads_per_worker": threads,
         "seq_len": x.shape[1],
         "step_ms": round(1000 * statistics.median(timed), 2),
+        "step_cpu_ms": round(1000 * statistics.median(cpu_times[args.warmup :]), 2),
         "tokens_per_s": round(tokens_per_step / statistics.median(timed), 1),
         "startup_s": 0.0,
     }
@@ -214,6 +217,7 @@ def nlm_train(args: argparse.Namespace, data: Path, out: Path, workers: int) -> 
         "threads_per_worker": start["torch_threads"],
         "seq_len": _seq_len(data),
         "step_ms": round(step_ms, 2),
+        "step_cpu_ms": round(statistics.median(r["step_cpu_ms"] for r in steps), 2),
         "tokens_per_s": round(tokens_per_step / (step_ms / 1000), 1),
         # from the call to the first logged step (Ray, worker group, DeepSpeed, first batches)
         "startup_s": round(first["time"] - started - 10 * first["step_ms"] / 1000, 1),
@@ -228,12 +232,14 @@ def _seq_len(data: Path) -> int:
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [
-        "| run | workers x threads | step (ms) | tokens/s | vs plain | start-up (s) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| run | workers x threads | step (ms) | rank-0 CPU per step (ms) | tokens/s | vs plain "
+        "| start-up (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["results"]:
         lines.append(
             f"| {r['run']} | {r['workers']} x {r['threads_per_worker']} | {r['step_ms']} | "
+            f"{r['step_cpu_ms']} | "
             f"{r['tokens_per_s']:.0f} | {r['vs_plain']:.2f} | {r['startup_s']} |"
         )
     return "\n".join(lines)

@@ -265,6 +265,10 @@ class Trainer:
             optimizer=make_optimizer(model, config),
             config=deepspeed_config(config, self.device.type, self.world_size),
         )
+        if self.world_size == 1 and config.zero_stage == 0:
+            # One rank has nothing to average: skip DeepSpeed's per-step flatten / all-reduce /
+            # unflatten of every gradient (ZeRO 1-3 need that path to fill their partitions).
+            self.engine.enable_backward_allreduce = False
         self.mask_rng = torch.Generator().manual_seed(config.seed + 7919 * (self.rank + 1))
         self.log = MetricsLog(Path(plan.run_dir) if self.rank == 0 else None)
 
@@ -413,7 +417,11 @@ class Trainer:
         progress = _progress(
             self.rank == 0 and isinstance(self.session, LocalSession), self.step, config.max_steps
         )
-        interval_start, interval_steps, loss_sum = time.perf_counter(), 0, 0.0
+        # The loss is summed on the device and read at log steps only: `.item()` every step
+        # would make the host wait for the GPU each time.
+        interval_start, interval_steps = time.perf_counter(), 0
+        interval_cpu = time.process_time()  # this process's CPU time (all its threads)
+        loss_sum = torch.zeros((), device=self.device)
         while self.step < config.max_steps:
             lr = lr_at(self.step, config)
             for group in self.engine.optimizer.param_groups:
@@ -422,7 +430,7 @@ class Trainer:
                 loss, _ = self.forward(next(batches), self.mask_rng)
                 self.engine.backward(loss)
                 self.engine.step()
-                loss_sum += loss.item() / config.grad_accum
+                loss_sum += loss.detach().float() / config.grad_accum
             self.step += 1
             self.tokens += tokens_per_step
             interval_steps += 1
@@ -430,9 +438,9 @@ class Trainer:
 
             if self.step % config.log_every == 0 or last:
                 elapsed = time.perf_counter() - interval_start
-                loss = (
-                    _all_reduce_sum([loss_sum / interval_steps], self.device)[0] / self.world_size
-                )
+                cpu = time.process_time() - interval_cpu
+                mean = loss_sum.item() / interval_steps
+                loss = _all_reduce_sum([mean], self.device)[0] / self.world_size
                 if not math.isfinite(loss):
                     raise NLMError(
                         f"training diverged: loss is {loss} at step {self.step} (lr {lr:g}); "
@@ -446,6 +454,7 @@ class Trainer:
                     "tokens": self.tokens,
                     "tokens_per_s": round(interval_steps * tokens_per_step / elapsed, 1),
                     "step_ms": round(1000 * elapsed / interval_steps, 2),
+                    "step_cpu_ms": round(1000 * cpu / interval_steps, 2),  # rank 0's CPU time
                 }
                 peak = peak_flops(self.device)
                 if peak:
@@ -453,7 +462,9 @@ class Trainer:
                     record["mfu"] = round(achieved / peak, 4)
                 self.log.write(record)
                 progress.update(interval_steps, loss=loss, tok_s=record["tokens_per_s"])
-                interval_start, interval_steps, loss_sum = time.perf_counter(), 0, 0.0
+                interval_start, interval_steps = time.perf_counter(), 0
+                interval_cpu = time.process_time()
+                loss_sum.zero_()
 
             evaluate = self.step % config.eval_every == 0 or last
             save = self.step % config.checkpoint_interval == 0 or last
@@ -463,7 +474,8 @@ class Trainer:
                     metrics.update(self.evaluate())
                     self.log.write(metrics)
                 self.checkpoint(metrics, save)
-                interval_start = time.perf_counter()  # eval/ckpt time is not training time
+                # eval/checkpoint time is not training time
+                interval_start, interval_cpu = time.perf_counter(), time.process_time()
         progress.close()
 
         if not self.final:  # resumed at max_steps: nothing trained, evaluate for the export

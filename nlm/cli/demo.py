@@ -9,9 +9,11 @@ the full Ray pipeline; `run_foundation_demo` stays usable on its own. The table 
 (add-one smoothed train counts) as the floor every trained model should get clearly below.
 
 Defaults, chosen for a 2-core machine: `tiny` presets (a `small` model's step costs well over ten
-times a tiny one's, so in 45 s it barely leaves the unigram plateau), batches of 16, a word
-vocabulary of the words seen at least 3 times (6,933 ids on wt2-mini), high AdamW rates with
-warmup and a cosine decay that follows the clock, so each run ends at its lowest rate.
+times a tiny one's, so in 45 s it barely leaves the unigram plateau), batches of 16 x 64 tokens,
+a word vocabulary of the words seen at least 3 times (6,933 ids on wt2-mini), high AdamW rates
+with warmup and a cosine decay over the budget. The budget is 45 s per model but at least 400
+steps (bert: 15 s, 40 steps), so a busy machine takes longer rather than printing a table of
+untrained models.
 """
 
 from __future__ import annotations
@@ -44,9 +46,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny", help="model size preset (tiny, small)")
     parser.add_argument("--seconds", type=float, default=45.0, help="training budget per model")
     parser.add_argument("--bert-seconds", type=float, default=15.0, help="bert's training budget")
+    parser.add_argument(
+        "--min-steps",
+        type=int,
+        default=400,
+        help="train at least N steps (bert N/10), however slow",
+    )
     parser.add_argument("--max-steps", type=int, default=None, help="stop each model after N steps")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=None, help="default 64; rnn/lstm 35")
+    parser.add_argument("--seq-len", type=int, default=64, help="tokens per training row")
     parser.add_argument(
         "--test-lines", type=int, default=None, help="evaluate on the first N non-empty lines"
     )
@@ -72,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         preset=args.preset,
         seconds=args.seconds,
         bert_seconds=args.bert_seconds,
+        min_steps=args.min_steps,
         max_steps=args.max_steps,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
@@ -93,9 +102,10 @@ def run_foundation_demo(
     preset: str = "tiny",
     seconds: float = 45.0,
     bert_seconds: float = 15.0,
+    min_steps: int = 400,
     max_steps: int | None = None,
     batch_size: int = 16,
-    seq_len: int | None = None,
+    seq_len: int = 64,
     test_lines: int | None = None,
     min_count: int | None = 3,
     vocab_size: int | None = None,
@@ -108,10 +118,17 @@ def run_foundation_demo(
 
     from nlm.checkpoint import save_checkpoint
     from nlm.corpora import resolve_corpus
+    from nlm.errors import NLMError
     from nlm.evaluation import evaluate_documents, read_documents, text_bytes, token_stream
     from nlm.models import build_model
     from nlm.tokenizers import train_tokenizer
 
+    limits = {"--seconds": (seconds, 0.001), "--bert-seconds": (bert_seconds, 0.001),
+              "--min-steps": (min_steps, 0), "--batch-size": (batch_size, 1), "--seq-len": (seq_len, 3),
+              "--max-steps": (1 if max_steps is None else max_steps, 1)}  # fmt: skip
+    for flag, (value, least) in limits.items():
+        if value < least:
+            raise NLMError(f"{flag} {value}: must be at least {least}")
     out_dir = Path(out_dir)
     files = resolve_corpus(corpus)
     train_docs = read_documents(files.train)
@@ -133,12 +150,20 @@ def run_foundation_demo(
         torch.manual_seed(seed)
         model = build_model(family, preset, vocab_size=tokenizer.vocab_size)
         budget = bert_seconds if family == "bert" else seconds
-        length = seq_len or (35 if family in ("rnn", "lstm") else 64)
+        least = max(1, min_steps // 10) if family == "bert" else min_steps
         run_dir = out_dir / family
         run_dir.mkdir(parents=True, exist_ok=True)
         lr = LEARNING_RATES.get(preset, LEARNING_RATES["small"])[family]
         steps, elapsed, loss = train_model(
-            model, stream, run_dir, budget, max_steps, batch_size, length, lr, seed, progress
+            model,
+            stream,
+            run_dir,
+            (budget, least, max_steps),
+            batch_size,
+            seq_len,
+            lr,
+            seed,
+            progress,
         )
         report = evaluate_documents(
             model,
@@ -197,20 +222,21 @@ def train_model(
     model: Any,
     stream: Any,
     run_dir: Path,
-    seconds: float,
-    max_steps: int | None,
+    budget: tuple[float, int, int | None],
     batch_size: int,
     seq_len: int,
     peak_lr: float,
     seed: int,
     progress: bool = True,
 ) -> tuple[int, float, float]:
-    """AdamW until the time budget or max_steps; logs metrics.jsonl and TensorBoard in run_dir.
-    Returns (steps, seconds, last smoothed loss)."""
+    """AdamW for budget = (seconds, min_steps, max_steps): until both `seconds` have passed and
+    `min_steps` are done (a busy machine still gets a meaningful model), or `max_steps` are.
+    Logs metrics.jsonl and TensorBoard in run_dir. Returns (steps, seconds, last smoothed loss)."""
     import torch
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
+    seconds, min_steps, max_steps = budget
     family = model.family
     generator = torch.Generator().manual_seed(seed)
     batches = _batches(family, stream, batch_size, seq_len, model.config.vocab_size, generator)
@@ -222,10 +248,13 @@ def train_model(
     )
     start = time.monotonic()
     with (run_dir / "metrics.jsonl").open("w") as log, SummaryWriter(str(run_dir / "tb")) as tb:
-        while time.monotonic() - start < seconds and (max_steps is None or step < max_steps):
-            done = (time.monotonic() - start) / seconds
+        while True:
+            # How far through the budget: the slower of clock and min_steps, capped by max_steps.
+            done = min((time.monotonic() - start) / seconds, step / min_steps if min_steps else 1.0)
             if max_steps is not None:
                 done = max(done, step / max_steps)
+            if done >= 1.0:
+                break
             lr = learning_rate(peak_lr, step, done)
             for group in optimizer.param_groups:
                 group["lr"] = lr
