@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
+
 from nlm.cluster.data_sources import Skips, Unit, find_sources, is_val, plan_units, read_documents
 from nlm.cluster.data_tokenize import (
     META,
@@ -47,7 +48,6 @@ from nlm.cluster.data_tokenize import (
     private_rss_bytes,
     process_unit,
 )
-
 from nlm.config import Config
 from nlm.errors import NLMError
 from nlm.shards import (
@@ -294,6 +294,7 @@ def _start_ray() -> bool:
     import logging
 
     import ray
+
     from nlm.cluster.launch import ensure_ray
 
     # Keep stderr for our progress bar and errors: no "Started a local Ray instance" line,

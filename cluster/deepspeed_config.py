@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 from nlm.cluster.train_config import TrainConfig
-
 from nlm.errors import NLMError
 
 # Parameters below this many elements stay whole on every rank under ZeRO-3 (DeepSpeed's

@@ -12,7 +12,8 @@ Driver, `finetune(config) -> summary`:
 Worker: the pretraining loop's own pieces (train_loop.make_optimizer and lr_at, the DeepSpeed
 config, MetricsLog): `deepspeed.initialize` on the task model, `engine.backward`, `engine.step`.
 Batches are shuffled every epoch and grouped by length (less padding). Evaluation runs every
-`eval_every` steps on the eval rows (windows, argmax tags), summed over ranks. At the end rank 0
+`eval_every` steps on the eval rows (windows; B/M/E/S tags Viterbi-decoded per window, other
+tags by argmax), summed over ranks. At the end rank 0
 consolidates the weights, scores the eval file example by example with the exported model
 (nlm.finetune.predict: whole sequences, Viterbi-decoded B/M/E/S), writes RUN/model, reloads it
 and checks that it gives the engine's logits.
@@ -31,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
 from nlm.cluster.deepspeed_config import deepspeed_config
 from nlm.cluster.train_config import TrainConfig
 from nlm.cluster.train_loop import (
@@ -42,9 +44,9 @@ from nlm.cluster.train_loop import (
     make_optimizer,
 )
 from nlm.cluster.train_metrics import MetricsLog, read_metrics
-
 from nlm.errors import NLMError
 from nlm.finetune.config import FinetuneConfig
+from nlm.finetune.cws import viterbi_bmes
 from nlm.finetune.data import collate
 from nlm.finetune.metrics import (
     classification_counts,
@@ -66,6 +68,7 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
     import shutil
 
     import ray
+
     from nlm.cluster.launch import check_resources, ensure_ray
     from nlm.cluster.trainer import _user_error, resolve_device
 
@@ -395,12 +398,17 @@ class FinetuneWorker:
         labels = self.plan.labels
         if self.plan.task == "classify":
             return classification_counts(gold.tolist(), logits.argmax(-1).tolist(), len(labels))
-        predicted = logits.argmax(-1)
         gold_seqs, pred_seqs = [], []
-        for g, p in zip(gold, predicted, strict=True):
+        for g, row in zip(gold, logits, strict=True):
             keep = g != IGNORE_INDEX
+            scores = row[keep]
+            # B/M/E/S windows are decoded as the predictor does (argmax breaks the grammar often)
+            if self.plan.scheme == "bmes":
+                predicted = viterbi_bmes(scores.log_softmax(-1))
+            else:
+                predicted = scores.argmax(-1).tolist()
             gold_seqs.append([labels[i] for i in g[keep].tolist()])
-            pred_seqs.append([labels[i] for i in p[keep].tolist()])
+            pred_seqs.append([labels[i] for i in predicted])
         return tagging_counts(gold_seqs, pred_seqs, self.plan.scheme or "plain")
 
     # -- export ----------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
 from nlm.cluster.deepspeed_config import deepspeed_config
 from nlm.cluster.train_config import TrainConfig
 from nlm.cluster.train_data import (
@@ -50,7 +51,6 @@ from nlm.cluster.train_data import (
 )
 from nlm.cluster.train_metrics import MetricsLog, flops_per_token, peak_flops
 from nlm.cluster.train_plan import CHECKPOINT_META, CHECKPOINT_PREFIX, CHECKPOINTS, RunPlan
-
 from nlm.errors import NLMError
 
 DS_TAG = "ds"  # DeepSpeed's tag inside every checkpoint directory
@@ -421,6 +421,7 @@ class Trainer:
         # would make the host wait for the GPU each time.
         interval_start, interval_steps = time.perf_counter(), 0
         interval_cpu = time.process_time()  # this process's CPU time (all its threads)
+        timed_steps = 0  # steps since the clock started (evaluations restart it)
         loss_sum = torch.zeros((), device=self.device)
         while self.step < config.max_steps:
             lr = lr_at(self.step, config)
@@ -434,6 +435,7 @@ class Trainer:
             self.step += 1
             self.tokens += tokens_per_step
             interval_steps += 1
+            timed_steps += 1
             last = self.step == config.max_steps
 
             if self.step % config.log_every == 0 or last:
@@ -452,9 +454,9 @@ class Trainer:
                     "loss": round(loss, 5),
                     "lr": lr,
                     "tokens": self.tokens,
-                    "tokens_per_s": round(interval_steps * tokens_per_step / elapsed, 1),
-                    "step_ms": round(1000 * elapsed / interval_steps, 2),
-                    "step_cpu_ms": round(1000 * cpu / interval_steps, 2),  # rank 0's CPU time
+                    "tokens_per_s": round(timed_steps * tokens_per_step / elapsed, 1),
+                    "step_ms": round(1000 * elapsed / timed_steps, 2),
+                    "step_cpu_ms": round(1000 * cpu / timed_steps, 2),  # rank 0's CPU time
                 }
                 peak = peak_flops(self.device)
                 if peak:
@@ -462,7 +464,7 @@ class Trainer:
                     record["mfu"] = round(achieved / peak, 4)
                 self.log.write(record)
                 progress.update(interval_steps, loss=loss, tok_s=record["tokens_per_s"])
-                interval_start, interval_steps = time.perf_counter(), 0
+                interval_start, interval_steps, timed_steps = time.perf_counter(), 0, 0
                 interval_cpu = time.process_time()
                 loss_sum.zero_()
 
@@ -476,6 +478,7 @@ class Trainer:
                 self.checkpoint(metrics, save)
                 # eval/checkpoint time is not training time
                 interval_start, interval_cpu = time.perf_counter(), time.process_time()
+                timed_steps = 0
         progress.close()
 
         if not self.final:  # resumed at max_steps: nothing trained, evaluate for the export

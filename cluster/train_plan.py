@@ -15,7 +15,6 @@ from typing import Any
 
 from nlm.cluster.deepspeed_config import check_zero_stage
 from nlm.cluster.train_config import TrainConfig
-
 from nlm.config import Config
 from nlm.errors import NLMError
 

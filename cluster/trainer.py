@@ -28,7 +28,6 @@ from nlm.cluster.deepspeed_config import check_zero_stage
 from nlm.cluster.train_config import TrainConfig
 from nlm.cluster.train_metrics import read_metrics
 from nlm.cluster.train_plan import CHECKPOINTS, RunPlan, plan_run
-
 from nlm.errors import NLMError
 
 DATA_CPUS = 1.0  # kept free for Ray Data's read tasks (each asks for one CPU)
@@ -122,8 +121,9 @@ def check_storage(plan: RunPlan) -> None:
 def make_trainer(plan: RunPlan, worker: dict[str, float]) -> Any:
     import ray.data
     import ray.train
-    from nlm.cluster.train_loop import train_worker
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from nlm.cluster.train_loop import train_worker
 
     config = plan.train
     context = ray.data.DataContext.get_current()

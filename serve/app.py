@@ -27,6 +27,20 @@ from fastapi import FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
+from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nlm.checkpoint import read_checkpoint_config
+from nlm.config import Config
+from nlm.errors import NLMError
+from nlm.inference import BERT_ENDPOINTS, CAUSAL_ENDPOINTS, Limits
 from nlm.serve.catalog import parse_checkpoints
 from nlm.serve.deployments import (
     DEFAULT_BATCH_WAIT_TIMEOUT_S,
@@ -62,20 +76,6 @@ from nlm.serve.tasks import (
     TaskServer,
     task_endpoints,
 )
-from ray import serve
-from ray.exceptions import RayActorError, RayTaskError
-from ray.serve.exceptions import (
-    BackPressureError,
-    DeploymentUnavailableError,
-    ReplicaUnavailableError,
-)
-from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from nlm.checkpoint import read_checkpoint_config
-from nlm.config import Config
-from nlm.errors import NLMError
-from nlm.inference import BERT_ENDPOINTS, CAUSAL_ENDPOINTS, Limits
 
 log = logging.getLogger(__name__)
 

@@ -31,9 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nlm.serve.schemas import GenerateRequest, ScoreRequest  # module level: FastAPI resolves
-
 from nlm.errors import NLMError
+from nlm.serve.schemas import GenerateRequest, ScoreRequest  # module level: FastAPI resolves
 
 # the plain server's annotations (strings, with `from __future__ import annotations`) here
 

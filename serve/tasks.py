@@ -25,13 +25,13 @@ from typing import Annotated, Any
 
 import ray
 import torch
-from nlm.serve.deployments import DEFAULT_BATCH_WAIT_TIMEOUT_S, DEFAULT_MAX_BATCH_SIZE, error
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
 from nlm.finetune.heads import load_task_checkpoint
 from nlm.finetune.predict import Predictor
 from nlm.inference import Limits
+from nlm.serve.deployments import DEFAULT_BATCH_WAIT_TIMEOUT_S, DEFAULT_MAX_BATCH_SIZE, error
 
 TASK_ENDPOINTS = {"classify": ("classify",), "tag": ("tag",)}
 TAG_WINDOWS = 4  # a tag input may be this many times max_input_tokens long (it is windowed)

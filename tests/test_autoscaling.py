@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from ray_nodes import REPO, LocalCluster, fake_autoscaling_config
 
 pytestmark = pytest.mark.slow

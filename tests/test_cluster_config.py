@@ -14,11 +14,12 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from nlm.cluster.launch import check_resources, ensure_ray
 from ray.autoscaler._private.util import prepare_config, validate_config
-from ray_nodes import fake_autoscaling_config, free_ports
 
+from nlm.cluster.launch import check_resources, ensure_ray
 from nlm.errors import NLMError
+
+from ray_nodes import fake_autoscaling_config, free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster.yaml"
@@ -260,10 +261,11 @@ def test_evaluate_job_with_a_bad_config_exits_2_with_one_line(tmp_path):
 
 def test_cluster_job_configs_load_with_their_commands_own_loaders():
     """configs/cluster-*.yaml are what the docs submit: each must load as its command would."""
+    from ray.serve.schema import ServeDeploySchema
+
     from nlm.cluster.data import PrepareConfig
     from nlm.cluster.train_config import TrainConfig
     from nlm.serve.app import AppArgs
-    from ray.serve.schema import ServeDeploySchema
 
     configs = REPO / "configs"
     prepare = PrepareConfig.from_dict(load(configs / "cluster-prepare-wt2.yaml"))

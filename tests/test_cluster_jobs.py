@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from ray_nodes import LocalCluster, free_ports
 
 # Real clusters on a 2-core machine shared with other work: generous hang guards, not goals.

@@ -11,10 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from nlm.cluster.finetune_loop import finetune
-from nlm.cluster.train_metrics import read_metrics
 
 from nlm.checkpoint import save_checkpoint
+from nlm.cluster.finetune_loop import finetune
+from nlm.cluster.train_metrics import read_metrics
 from nlm.errors import NLMError
 from nlm.finetune.config import FinetuneConfig
 from nlm.finetune.cws import convert_cws, first_invalid_bmes, write_jsonl
@@ -146,8 +146,9 @@ def free_port() -> int:
 
 def test_serving_answers_classify_and_tag(runs):
     """Both fine-tuned checkpoints in one Serve application, real HTTP on 127.0.0.1."""
-    from nlm.serve.app import build_app
     from ray import serve
+
+    from nlm.serve.app import build_app
 
     root, port = runs["root"], free_port()
     checkpoints = [f"seg={root / 'bert-cws'}", f"src={root / 'gpt-src'}"]

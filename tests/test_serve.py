@@ -467,9 +467,10 @@ def test_cli_refuses_bad_input_in_one_line(server, tmp_path):
 
 
 def test_config_yaml_is_a_valid_serve_deploy_config(server, tmp_path):
-    from nlm.serve.app import build_app
     from ray.serve._private.build_app import build_app as build_serve_app
     from ray.serve.schema import ServeDeploySchema
+
+    from nlm.serve.app import build_app
 
     config = ServeDeploySchema.model_validate(
         yaml.safe_load((REPO / "serve" / "config.yaml").read_text())

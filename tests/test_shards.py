@@ -12,10 +12,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from nlm.cluster.data import PrepareConfig, prepare
 from nlm.cluster.data_sources import Skips, find_sources, is_val, plan_units, read_documents
 from nlm.cluster.data_tokenize import document_ids, split_sentences
-
 from nlm.errors import NLMError
 from nlm.shards import MANIFEST, check_tokenizer, clm_stream, iter_tables, read_manifest
 from nlm.tokenizers import load_tokenizer, train_tokenizer

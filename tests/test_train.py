@@ -24,6 +24,7 @@ from nlm.cluster.train_config import TrainConfig
 from nlm.cluster.train_metrics import read_metrics
 from nlm.cluster.train_plan import list_checkpoints, plan_run
 from nlm.errors import NLMError
+
 from train_shards import corpus_lines, write_shards
 
 

@@ -18,6 +18,7 @@ from nlm.cluster.train_data import batches_per_epoch, micro_batches, reset_state
 from nlm.cluster.train_loop import lr_at
 from nlm.cluster.train_plan import plan_run
 from nlm.errors import NLMError
+
 from train_shards import corpus_lines, write_shards
 
 REPO = Path(__file__).resolve().parents[1]

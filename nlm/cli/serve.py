@@ -137,10 +137,10 @@ def run(args: argparse.Namespace) -> int:
 
     check_args(args)
     if not os.environ.get("RAY_ADDRESS"):
-        # ensure_ray() decides token auth for a local instance, but only after `import ray`
-        # has cached the (unset) mode, so Ray would skip making a token that its GCS then
-        # demands. Deciding before the import keeps the two in step.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        # Decide token auth before `import ray` caches the mode: the local instance that
+        # ensure_ray() starts runs without tokens (it binds to 127.0.0.1 and dies with the
+        # command), the same as every other local command. NLM_API_TOKEN guards the HTTP API.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Checkpoints and port first: bad input fails here, before Ray is imported or started.
     from nlm.serve.catalog import parse_checkpoints
 

@@ -45,9 +45,10 @@ def main() -> int:
     args = parser.parse_args()
 
     import ray
-    from nlm.cluster.launch import check_resources, ensure_ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from nlm.cluster.launch import check_resources, ensure_ray
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
