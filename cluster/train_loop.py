@@ -1,15 +1,20 @@
 """The per-worker training loop: shard rows -> DeepSpeed engine -> metrics, checkpoints, export.
 
-One function, `run_worker(plan, session)`, runs on every rank. The session says where rows,
-checkpoints and reports come from:
+One function, `run_worker(plan, session)`, runs on every rank. The session (train_session.py)
+says where rows, checkpoints and reports come from:
 
 - `RaySession` inside a Ray Train worker (`train_worker`, the TorchTrainer's loop): rows from
   `ray.train.get_dataset_shard(...).iter_torch_batches`, checkpoints through `ray.train.report`
   / `ray.train.get_checkpoint`. Ray has set up the process group; DeepSpeed joins it.
-- `LocalSession` without Ray (`python -m nlm.cluster.train_loop RUN/plan.json` under torchrun
-  or with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set by hand): rows straight from the
+- `LocalSession` without Ray (`torchrun -m nlm.cluster.train_loop CONFIG.yaml`, or RANK /
+  WORLD_SIZE / MASTER_ADDR / MASTER_PORT set by hand; see `main`): rows straight from the
   Parquet files, checkpoints written to RUN/checkpoints. This is how GPU throughput is measured
   where only torch and DeepSpeed are installed; Ray's share of a step is the same as on CPU.
+
+Checkpoints are DeepSpeed's own (sharded per rank, so ZeRO-3 works) plus one small file per
+rank with its data position (epoch, micro-batches done), RNG states and recurrent state; a
+resumed rank continues exactly where the checkpoint was taken. The run ends by exporting the
+serving checkpoint (RUN/model), gathered from the engine and checked against its logits.
 
 A step is `grad_accum` micro-batches; DeepSpeed accumulates and steps the optimizer at the
 boundary. The learning rate is a pure function of the step (linear warm-up, then cosine or
@@ -24,9 +29,7 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -47,10 +50,10 @@ from nlm.cluster.train_data import (
     micro_batches,
     reset_state,
     state_to,
-    table_to_chunk,
 )
 from nlm.cluster.train_metrics import MetricsLog, flops_per_token, peak_flops
-from nlm.cluster.train_plan import CHECKPOINT_META, CHECKPOINT_PREFIX, CHECKPOINTS, RunPlan
+from nlm.cluster.train_plan import CHECKPOINT_META, RunPlan, plan_run
+from nlm.cluster.train_session import LocalSession, RaySession
 from nlm.errors import NLMError
 
 DS_TAG = "ds"  # DeepSpeed's tag inside every checkpoint directory
@@ -79,153 +82,6 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
-
-
-# --- sessions --------------------------------------------------------------------------------
-
-
-class RaySession:
-    """A Ray Train worker's view: its dataset shards, the run's checkpoints, `report`."""
-
-    def __init__(self, plan: RunPlan) -> None:
-        import ray.train
-
-        self.plan = plan
-        context = ray.train.get_context()
-        self.rank = context.get_world_rank()
-        self.world_size = context.get_world_size()
-        self.local_rank = context.get_local_rank()
-        self.local_world_size = context.get_local_world_size()
-
-    def device(self) -> torch.device:
-        if self.plan.device == "cuda":
-            import ray.train.torch
-
-            return ray.train.torch.get_device()
-        return torch.device("cpu")
-
-    def chunks(self, split: str, rows: int) -> Iterator[Chunk]:
-        import ray.train
-        from ray.data.collate_fn import ArrowBatchCollateFn
-
-        if split == "val":
-            # The val split is small and read once per attempt (then cached): plain pyarrow
-            # spares a second Ray Data execution, which costs seconds to start on a busy node.
-            yield from read_share(self.plan, split, self.rank, self.world_size, rows)
-            return
-        objective = self.plan.objective
-
-        class ToChunk(ArrowBatchCollateFn):
-            def __call__(self, table):  # runs in Ray Data's prefetch thread
-                return table_to_chunk(table, objective)
-
-        shard = ray.train.get_dataset_shard(split)
-        # A fresh iterator per pass: reusing one across epochs yields nothing the second time.
-        yield from shard.iter_torch_batches(
-            batch_size=rows, collate_fn=ToChunk(), device="cpu", prefetch_batches=1
-        )
-
-    @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[Path | None]:
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            yield None
-            return
-        with checkpoint.as_directory() as directory:
-            yield Path(directory)
-
-    def staging_dir(self, step: int) -> Path:
-        # Local disk, not a TemporaryDirectory: Ray copies it to storage during report().
-        return Path(tempfile.mkdtemp(prefix=f"nlm-ckpt-{step}-r{self.rank}-"))
-
-    def report(self, metrics: dict[str, Any], directory: Path | None, step: int) -> None:
-        import ray.train
-
-        checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if directory else None
-        ray.train.report(
-            metrics,
-            checkpoint=checkpoint,
-            checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{step:08d}" if directory else None,
-        )
-        if directory is not None:
-            shutil.rmtree(directory, ignore_errors=True)  # uploaded synchronously
-
-
-class LocalSession:
-    """Without Ray: rank r reads an equal contiguous share of each split with pyarrow, and
-    checkpoints go straight to RUN/checkpoints (every rank must see the same filesystem)."""
-
-    def __init__(self, plan: RunPlan) -> None:
-        self.plan = plan
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world_size)))
-        self.keep = plan.train.keep_checkpoints
-
-    def device(self) -> torch.device:
-        if self.plan.device == "cuda":
-            return torch.device("cuda", self.local_rank)
-        return torch.device("cpu")
-
-    def chunks(self, split: str, rows: int) -> Iterator[Chunk]:
-        yield from read_share(self.plan, split, self.rank, self.world_size, rows)
-
-    @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[Path | None]:
-        from nlm.cluster.train_plan import list_checkpoints
-
-        found = list_checkpoints(self.plan.storage)
-        yield Path(found[-1]["path"]) if found else None
-
-    def staging_dir(self, step: int) -> Path:
-        path = Path(self.plan.storage) / CHECKPOINTS / f"{CHECKPOINT_PREFIX}{step:08d}"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def report(self, metrics: dict[str, Any], directory: Path | None, step: int) -> None:
-        if directory is None or self.rank != 0:
-            return
-        # meta.json (written before this) marks the directory complete; prune the oldest.
-        from nlm.cluster.train_plan import list_checkpoints
-
-        for old in list_checkpoints(self.plan.storage)[: -self.keep]:
-            shutil.rmtree(old["path"], ignore_errors=True)
-
-
-def read_share(plan: RunPlan, split: str, rank: int, world_size: int, rows: int) -> Iterator[Chunk]:
-    """Rank `rank`'s equal contiguous share of a split, straight from the Parquet files."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from nlm.shards import filesystem
-
-    files = plan.train_files if split == "train" else plan.val_files
-    total = plan.train_rows if split == "train" else plan.val_rows
-    share = total // world_size  # equal shares, like Ray's split(equal=True)
-    first, last = rank * share, (rank + 1) * share
-    pending: list[pa.Table] = []
-    pending_rows = offset = 0
-    for path in files:
-        if offset >= last:
-            break
-        fs, fs_path = filesystem(path)
-        table = pq.read_table(fs_path, filesystem=fs)
-        start = offset
-        offset += table.num_rows
-        lo, hi = max(first, start), min(last, offset)
-        if lo >= hi:
-            continue
-        pending.append(table.slice(lo - start, hi - lo))
-        pending_rows += hi - lo
-        while pending_rows >= rows:
-            merged = pa.concat_tables(pending)
-            yield table_to_chunk(merged.slice(0, rows), plan.objective)
-            pending, pending_rows = [merged.slice(rows)], pending_rows - rows
-    if pending_rows:
-        yield table_to_chunk(pa.concat_tables(pending), plan.objective)
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -806,16 +662,44 @@ def _progress(enabled: bool, start: int, total: int) -> _NoProgress:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m nlm.cluster.train_loop RUN/plan.json`: one rank without Ray (see the docstring)."""
+    """One rank without Ray, under torchrun (or RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT):
+
+        torchrun --standalone --nproc_per_node 8 -m nlm.cluster.train_loop CONFIG.yaml
+
+    CONFIG.yaml holds TrainConfig fields (as `nlm train --config`); `workers` is taken from
+    WORLD_SIZE. Rank 0 checks it (train_plan.plan_run) and writes RUN/config.yaml and
+    RUN/plan.json; every rank then trains with a LocalSession. Exit status 2 on bad input.
+    """
     import deepspeed
+
+    from nlm.cluster.train_config import TrainConfig
 
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        raise SystemExit("usage: python -m nlm.cluster.train_loop RUN/plan.json")
-    plan = RunPlan.load_json(argv[0])
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if plan.device == "cuda" else "cpu")
-    deepspeed.init_distributed(dist_backend="nccl" if plan.device == "cuda" else "gloo")
+        raise SystemExit("usage: python -m nlm.cluster.train_loop CONFIG.yaml (under torchrun)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    os.environ.setdefault("DS_ACCELERATOR", device)
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
     try:
+        # Rank 0 plans; the others get its plan (or its error) so no rank waits forever.
+        message: list[Any] = [None]
+        if dist.get_rank() == 0:
+            try:
+                config = TrainConfig.load_yaml(argv[0]).replace(workers=dist.get_world_size())
+                plan = plan_run(config, device)
+                run_dir = Path(plan.run_dir)
+                run_dir.mkdir(parents=True, exist_ok=True)
+                plan.train.save_yaml(run_dir / "config.yaml")
+                message = [plan.to_dict()]
+            except NLMError as exc:
+                message = [f"nlm: error: {exc}"]
+        dist.broadcast_object_list(message, src=0)
+        if isinstance(message[0], str):
+            print(message[0], file=sys.stderr)
+            raise SystemExit(2)
+        plan = RunPlan.from_dict(message[0])
         run_worker(plan, LocalSession(plan))
     except NLMError as exc:
         print(f"nlm: error: {exc}", file=sys.stderr)

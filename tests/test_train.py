@@ -85,7 +85,13 @@ def process_group():
 
 @pytest.mark.parametrize(
     ("model", "stage", "optimizer"),
-    [("fnn", 0, "adamw"), ("rnn", 1, "sgd"), ("lstm", 2, "sgd"), ("gpt", 1, "adamw"), ("bert", 2, "adamw")],
+    [
+        ("fnn", 0, "adamw"),
+        ("rnn", 1, "sgd"),
+        ("lstm", 2, "sgd"),
+        ("gpt", 1, "adamw"),
+        ("bert", 2, "adamw"),
+    ],
 )
 def test_every_family_trains_and_exports(process_group, shards, tmp_path, model, stage, optimizer):
     from nlm.cluster.train_loop import LocalSession, run_worker
@@ -113,7 +119,9 @@ def test_zero3_export_gives_the_engines_logits(process_group, shards, tmp_path):
     """ZeRO-3 partitions every parameter; the export gathers them whole."""
     from nlm.cluster.train_loop import LocalSession, run_worker
 
-    cfg = tiny(shards, tmp_path / "z3", "gpt", zero_stage=3, max_steps=3, eval_every=3, eval_rows=16)
+    cfg = tiny(
+        shards, tmp_path / "z3", "gpt", zero_stage=3, max_steps=3, eval_every=3, eval_rows=16
+    )
     plan = plan_run(cfg)
     trainer = run_worker(plan, LocalSession(plan))
     engine = trainer.engine
@@ -237,3 +245,28 @@ def test_killed_worker_restarts_from_checkpoint_then_resume(ray_local, shards, t
     last_start = [r for r in read_metrics(out) if r.get("event") == "start"][-1]
     assert last_start["resumed_from_step"] == 150
     assert load_checkpoint(out).metrics["step"] == 160
+
+
+# --- without Ray, several ranks: torchrun (how GPUs are measured where Ray is absent) ----------
+
+
+def test_torchrun_two_ranks_without_ray(shards, tmp_path):
+    import subprocess
+    import sys
+
+    cfg = tiny(shards, tmp_path / "run", "gpt", zero_stage=2, max_steps=4, eval_every=4,
+               log_every=2, checkpoint_every=2, keep_checkpoints=1)  # fmt: skip
+    config_file = tmp_path / "gpt.yaml"
+    cfg.save_yaml(config_file)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "nlm.cluster.train_loop", str(config_file)]  # fmt: skip
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    start = next(r for r in read_metrics(cfg.out) if r.get("event") == "start")
+    assert start["world_size"] == 2
+    assert load_checkpoint(cfg.out).metrics["step"] == 4
+    kept = list_checkpoints(cfg.out)
+    assert [c["step"] for c in kept] == [4]  # keep_checkpoints=1 pruned step 2
+    assert len(list(Path(kept[0]["path"]).glob("rank_*.pt"))) == 2
+    assert TrainConfig.load_yaml(Path(cfg.out) / "config.yaml").workers == 2

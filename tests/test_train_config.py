@@ -31,7 +31,9 @@ def shards(tmp_path_factory, data_mirror) -> Path:
 
 
 def config(shards: Path, tmp_path: Path, **changes) -> TrainConfig:
-    fields = dict(data=str(shards), model="gpt", preset="tiny", out=str(tmp_path / "run"), workers=2)
+    fields = dict(
+        data=str(shards), model="gpt", preset="tiny", out=str(tmp_path / "run"), workers=2
+    )
     fields.update(changes)
     return TrainConfig(**fields)
 
@@ -209,3 +211,25 @@ def test_shipped_configs_are_valid():
             continue  # another command's config
         cfg = TrainConfig.from_dict(data, source=str(path)).check(str(path))
         assert math.isfinite(cfg.lr)
+
+
+def test_deepspeed_config_per_device():
+    from nlm.cluster.deepspeed_config import deepspeed_config
+
+    cfg = TrainConfig(micro_batch=8, grad_accum=4, zero_stage=3, grad_clip=0.5)
+    cpu = deepspeed_config(cfg, "cpu", world_size=2)
+    assert cpu["train_batch_size"] == 8 * 4 * 2 and not cpu["bf16"]["enabled"]
+    assert cpu["zero_optimization"]["stage"] == 3 and cpu["gradient_clipping"] == 0.5
+    assert deepspeed_config(cfg, "cuda", world_size=2)["bf16"]["enabled"]  # GPUs train in bf16
+    with pytest.raises(NLMError, match="stages 0, 1, 2, 3"):
+        deepspeed_config(cfg.replace(zero_stage=4), "cpu", world_size=1)
+
+
+def test_model_flops_per_token():
+    from nlm.cluster.train_metrics import flops_per_token
+    from nlm.models.gpt import GPTConfig
+
+    gpt = GPTConfig(n_layer=12, n_embd=768, block_size=1024)
+    # nanoGPT's estimate for GPT-2 124M: 6N + 12 L H Q T
+    assert flops_per_token("gpt", 124_000_000, gpt, 1024) == 6 * 124e6 + 12 * 12 * 768 * 1024
+    assert flops_per_token("lstm", 1000, None, 35) == 6000
