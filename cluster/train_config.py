@@ -33,6 +33,8 @@ class TrainConfig(Config):
     # scale
     workers: int = 2
     cpus_per_worker: float = 0.5  # fractional on small machines: Ray Data needs CPUs too
+    # custom Ray resources each worker asks for, e.g. {trainer: 1} to land on labelled nodes
+    worker_resources: dict[str, float] = dataclasses.field(default_factory=dict)
     device: str = "auto"  # auto | cpu | cuda (cuda: one GPU per worker, nccl, bf16)
     zero_stage: int = 1  # DeepSpeed ZeRO stage 0..3
     torch_threads: int = 0  # 0: the node's cores / workers on the node
@@ -191,7 +193,10 @@ def _matches(value: Any, expected: Any) -> bool:
         (item,) = typing.get_args(expected)
         return isinstance(value, list) and all(_matches(v, item) for v in value)
     if origin is dict:
-        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+        _, item = typing.get_args(expected)
+        return isinstance(value, dict) and all(
+            isinstance(k, str) and _matches(v, item) for k, v in value.items()
+        )
     if expected is Any:
         return True
     if expected is type(None):

@@ -101,6 +101,12 @@ def worker_resources(config: TrainConfig, device: str) -> dict[str, float]:
     resources = {"CPU": config.cpus_per_worker}
     if device == "cuda":
         resources["GPU"] = 1.0
+    for name, amount in config.worker_resources.items():
+        if name in ("CPU", "GPU"):
+            raise NLMError(
+                f"worker_resources: set {name} with --cpus-per-worker / --device, not here"
+            )
+        resources[name] = float(amount)
     return resources
 
 

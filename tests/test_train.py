@@ -147,11 +147,17 @@ def math_finite(x: float) -> bool:
 # --- under Ray Train ---------------------------------------------------------------------------
 
 
-def test_too_many_workers_fail_before_starting(ray_local, shards, tmp_path):
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"workers": 3, "cpus_per_worker": 2.0},  # 6 CPUs on a 4-CPU cluster
+        {"workers": 2, "worker_resources": {"trainer": 1}},  # a label no node has
+    ],
+)
+def test_unplaceable_workers_fail_before_starting(ray_local, shards, tmp_path, changes):
     from nlm.cluster.trainer import train
 
-    cfg = tiny(shards, tmp_path / "big", "gpt", workers=3, micro_batch=4, cpus_per_worker=2.0,
-               placement_timeout_s=2.0)  # fmt: skip
+    cfg = tiny(shards, tmp_path / "big", "gpt", micro_batch=4, placement_timeout_s=2.0, **changes)
     started = time.monotonic()
     with pytest.raises(NLMError, match="cannot place"):
         train(cfg, progress=False)

@@ -59,6 +59,7 @@ HELP = {
     "shared_fs": "--out is on storage every node sees (needed for multi-node runs)",
     "betas": "AdamW betas, e.g. 0.9,0.95",
     "model_overrides": "model config field, KEY=VALUE (repeatable), e.g. dropout=0.3",
+    "worker_resources": "custom Ray resource per worker, NAME=AMOUNT (repeatable), e.g. trainer=1",
 }
 
 
@@ -75,6 +76,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(
                 "--set", dest="model_overrides", action="append", metavar="KEY=VALUE", help=text
             )
+        elif field.name == "worker_resources":
+            parser.add_argument(
+                "--worker-resource", dest="worker_resources", action="append",
+                metavar="NAME=AMOUNT", help=text,
+            )  # fmt: skip
         elif kind is bool:
             parser.add_argument(
                 flag,
@@ -109,10 +115,10 @@ def resolve_config(args: argparse.Namespace) -> Any:
         value = getattr(args, field.name, None)
         if value is None:
             continue
-        if field.name == "model_overrides":
-            overrides = dict(data.get("model_overrides") or {})
-            overrides.update(_key_values(value))
-            value = overrides
+        if field.name in ("model_overrides", "worker_resources"):
+            merged = dict(data.get(field.name) or {})
+            merged.update(_key_values(value))
+            value = merged
         data[field.name] = value
     return TrainConfig.from_dict(data, source=source).check(source)
 
