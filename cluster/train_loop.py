@@ -98,6 +98,10 @@ class Trainer:
         warnings.filterwarnings(
             "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
         )
+        # DeepSpeed JIT-builds its CPU communication op into torch's shared extension cache; a
+        # program building it with other flags makes the next run rebuild it (minutes on a
+        # busy 2-core machine, seen here). nlm keeps its own copy.
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_extensions_dir()))
         self.plan, self.session = plan, session
         self.config = config = plan.train
         self.rank, self.world_size = session.rank, session.world_size
@@ -625,6 +629,12 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def _extensions_dir() -> Path:
+    from nlm.corpora import cache_dir
+
+    return cache_dir() / "torch_extensions"
 
 
 def _cpus() -> int:

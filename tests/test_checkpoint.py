@@ -17,8 +17,6 @@ from nlm.errors import NLMError
 from nlm.models import FAMILIES, build_model
 from nlm.tokenizers import train_tokenizer
 
-pytestmark = pytest.mark.timeout(120)
-
 
 @pytest.fixture(scope="module")
 def tokenizer(data_mirror):

@@ -16,8 +16,6 @@ from nlm.checkpoint import load_checkpoint, save_checkpoint
 from nlm.models import build_model
 from nlm.tokenizers import train_tokenizer
 
-pytestmark = pytest.mark.timeout(300)
-
 
 def nlm(*args: str, cwd=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -27,7 +25,7 @@ def nlm(*args: str, cwd=None) -> subprocess.CompletedProcess:
         text=True,
         env=env,
         cwd=cwd,
-        timeout=240,
+        timeout=600,  # a hang guard; a busy 2-core machine is slow
     )
 
 

@@ -14,8 +14,6 @@ from nlm.evaluation import evaluate_documents, read_documents, text_bytes, token
 from nlm.models import build_model
 from nlm.tokenizers import train_tokenizer
 
-pytestmark = pytest.mark.timeout(120)
-
 
 @pytest.fixture(scope="module")
 def documents(data_mirror) -> list[str]:
