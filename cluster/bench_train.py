@@ -44,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", default="sgd", help="sgd | adamw")
     parser.add_argument("--lr", type=float, default=20.0)
     parser.add_argument("--workers", default="1,2", help="worker counts to run, e.g. 1,2")
+    parser.add_argument(
+        "--threads", type=int, default=0,
+        help="torch threads of the plain loop and of 1 worker (0: every core); 1 measures the "
+        "work per step with no thread spinning, what to use on a busy machine",
+    )  # fmt: skip
     parser.add_argument("--output", help="also write the results as JSON here")
 
 
@@ -52,13 +57,15 @@ def run(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     data = Path(args.data).resolve() if args.data else prepare_shards(work, args.seq_len)
     cores = len(os.sched_getaffinity(0))
+    threads = args.threads or cores
     results: list[dict[str, Any]] = []
 
-    print(f"plain PyTorch loop, {cores} threads ...", file=sys.stderr)
-    results.append(plain_loop(args, data, threads=cores))
+    print(f"plain PyTorch loop, {threads} threads ...", file=sys.stderr)
+    results.append(plain_loop(args, data, threads=threads))
     for workers in [int(w) for w in args.workers.split(",")]:
         print(f"nlm train, {workers} worker(s) ...", file=sys.stderr)
-        results.append(nlm_train(args, data, work / f"run-{workers}w", workers))
+        per_worker = max(1, threads // workers) if args.threads else 0  # 0: the trainer decides
+        results.append(nlm_train(args, data, work / f"run-{workers}w", workers, per_worker))
 
     base = results[0]["tokens_per_s"]
     for r in results:
@@ -177,7 +184,9 @@ def _detach(state: Any) -> Any:
 # --- 2, 3. nlm train ---------------------------------------------------------------------------
 
 
-def nlm_train(args: argparse.Namespace, data: Path, out: Path, workers: int) -> dict[str, Any]:
+def nlm_train(
+    args: argparse.Namespace, data: Path, out: Path, workers: int, threads: int
+) -> dict[str, Any]:
     import shutil
 
     from nlm.cluster.train_config import TrainConfig
@@ -202,6 +211,7 @@ def nlm_train(args: argparse.Namespace, data: Path, out: Path, workers: int) -> 
         eval_every=args.steps,  # one evaluation, at the end
         log_every=10,
         eval_rows=64,
+        torch_threads=threads,
     )
     started = time.time()
     train(config, progress=False)

@@ -66,7 +66,8 @@ def data_file(relpath: str) -> Path:
     if mirror:
         path = Path(mirror) / relpath
         if not path.is_file():
-            raise NLMError(f"{path}: not found in NLM_DATA_MIRROR={mirror}")
+            where = f" (resolved from {Path.cwd()})" if not Path(mirror).is_absolute() else ""
+            raise NLMError(f"{path}: not found in NLM_DATA_MIRROR={mirror}{where}")
         return path
     url, sha = SOURCES[relpath]
     path = cache_dir() / "downloads" / relpath
@@ -76,7 +77,9 @@ def data_file(relpath: str) -> Path:
         try:
             urllib.request.urlretrieve(url, tmp)
         except OSError as exc:
-            raise NLMError(f"cannot download {url}: {exc} (set NLM_DATA_MIRROR to a local copy)") from None
+            raise NLMError(
+                f"cannot download {url}: {exc} (set NLM_DATA_MIRROR to a local copy)"
+            ) from None
         if _sha256(tmp) != sha:
             tmp.unlink()
             raise NLMError(f"{url}: checksum mismatch, refusing the download")
@@ -105,7 +108,9 @@ CORPORA = ("wt2-mini", "pku-lm", "shakespeare")
 def resolve_corpus(name: str) -> Corpus:
     """The named benchmark split (see ../shared/data/README.md)."""
     if name == "wt2-mini":
-        return Corpus(name, data_file("wikitext-2/valid.txt"), data_file("wikitext-2/test.txt"), "en", False)
+        return Corpus(
+            name, data_file("wikitext-2/valid.txt"), data_file("wikitext-2/test.txt"), "en", False
+        )
     if name in ("pku-lm", "pku"):
         train, test = _split_lines(data_file("pku/pku_test_gold.utf8"), "pku-lm")
         return Corpus("pku-lm", train, test, "zh", True)

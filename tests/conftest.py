@@ -10,7 +10,13 @@ import pytest
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # decided explicitly: tests use no token auth
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("NLM_DATA_MIRROR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+# Absolute: `ray job submit` runs its entrypoint in an unpacked copy of the working dir, where
+# CI's relative "../shared/data" would point nowhere.
+os.environ["NLM_DATA_MIRROR"] = str(
+    Path(
+        os.environ.get("NLM_DATA_MIRROR") or Path(__file__).resolve().parents[2] / "shared" / "data"
+    ).resolve()
+)
 
 
 @pytest.fixture(scope="session")

@@ -101,6 +101,7 @@ def test_compare_and_report(planted, tmp_path):
     assert set(pairs) == {("fnn", "rnn"), ("fnn", "lstm"), ("rnn", "lstm")}
     same = pairs[("fnn", "rnn")]
     assert same["overlap_words"] == same["overlap_vocab"] == 1.0
+    assert same["overlap_vocab_by_frequency"] == [1.0] * 4
     assert same["cka"] == pytest.approx(1.0) and same["procrustes"] == pytest.approx(0.0)
     assert pairs[("fnn", "lstm")]["cka"] < 0.9
     for word in data["words"]:

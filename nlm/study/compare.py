@@ -21,7 +21,15 @@ from nlm.checkpoint import load_checkpoint
 from nlm.errors import NLMError
 from nlm.study import metrics
 from nlm.tokenizers.base import Tokenizer
-from nlm.wordvectors import NUM_SPECIAL, Which, normalized, sample_words, word_id, word_vectors
+from nlm.wordvectors import (
+    NUM_SPECIAL,
+    Which,
+    normalized,
+    sample_words,
+    token_counts,
+    word_id,
+    word_vectors,
+)
 
 
 @dataclasses.dataclass
@@ -103,8 +111,10 @@ def compare(
             ]
 
     rows = slice(NUM_SPECIAL, None)  # the special tokens' rows are never trained like words
+    bands = frequency_bands(tokenizer, len(vocab_ids))
     pairs = []
     for a, b in itertools.combinations(models, 2):
+        per_word = metrics.overlap_at_k(vocab_tables[a.name], vocab_tables[b.name])
         pairs.append(
             {
                 "a": a.name,
@@ -112,9 +122,9 @@ def compare(
                 "overlap_words": _mean(
                     metrics.overlap_at_k(word_tables[a.name], word_tables[b.name])
                 ),
-                "overlap_vocab": _mean(
-                    metrics.overlap_at_k(vocab_tables[a.name], vocab_tables[b.name])
-                ),
+                "overlap_vocab": _mean(per_word),
+                # the same, per quarter of the vocabulary from most to least frequent
+                "overlap_vocab_by_frequency": [_mean(per_word[band]) for band in bands],
                 "spearman": round(
                     metrics.similarity_spearman(a.vectors[rows], b.vectors[rows], seed=seed), 4
                 ),
@@ -159,6 +169,20 @@ def compare(
         "pairs": pairs,
         "chance_overlap": round(k / (len(vocab_ids) - 1), 4),
     }
+
+
+def frequency_bands(tokenizer: Tokenizer, n: int, parts: int = 4) -> list[torch.Tensor]:
+    """Positions 0..n-1 of the non-special words, split into `parts` equal bands from the most
+    to the least frequent (by the tokenizer's counts, else by id: word vocabularies are sorted)."""
+    order = torch.arange(n)
+    counts = token_counts(tokenizer)
+    if counts is not None:
+        freq = torch.tensor(
+            [counts.get(tokenizer.id_to_token(NUM_SPECIAL + i), 0) for i in range(n)],
+            dtype=torch.float64,
+        )
+        order = torch.sort(-freq, stable=True).indices
+    return list(torch.tensor_split(order, parts))
 
 
 def _mean(values: torch.Tensor) -> float:

@@ -107,6 +107,17 @@ def markdown(data: dict[str, Any], title: str) -> str:
         )
     lines += [
         "",
+        f"overlap@{k} over the whole vocabulary, by frequency: the words split into four equal "
+        "bands from the most to the least frequent.",
+        "",
+        "| pair | most frequent 25 % | 25–50 % | 50–75 % | least frequent 25 % |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for p in data["pairs"]:
+        bands = " | ".join(f"{v:.3f}" for v in p["overlap_vocab_by_frequency"])
+        lines.append(f"| {p['a']} – {p['b']} | {bands} |")
+    lines += [
+        "",
         "Per model: the mean cosine of two distinct words (near 0: spread out; near 1: one "
         "dominant direction, so all cosines are high) and the floor, CKA and Procrustes against "
         "a random Gaussian table of the same shape.",
