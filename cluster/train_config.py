@@ -52,7 +52,7 @@ class TrainConfig(Config):
     optimizer: str = "adamw"  # adamw | sgd
     lr: float = 3e-4
     min_lr: float = 3e-5  # cosine decays from lr to min_lr at max_steps
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # capped at max_steps // 5 (train_loop.effective_warmup)
     lr_schedule: str = "cosine"  # cosine | constant (both after linear warm-up)
     weight_decay: float = 0.1  # AdamW only; never on biases, norms, embeddings
     betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.95])

@@ -61,13 +61,20 @@ DS_TAG = "ds"  # DeepSpeed's tag inside every checkpoint directory
 
 def lr_at(step: int, config: TrainConfig) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warm-up, then cosine/constant."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
+    warmup = effective_warmup(config)
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
     if config.lr_schedule == "constant":
         return config.lr
-    span = max(1, config.max_steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / span)
+    span = max(1, config.max_steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
     return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
+
+
+def effective_warmup(config: TrainConfig) -> int:
+    """The warm-up, capped at a fifth of the run: the default 100 steps on a `--max-steps 40`
+    smoke run would otherwise end it before the learning rate ever reached its peak."""
+    return min(config.warmup_steps, config.max_steps // 5)
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:

@@ -166,3 +166,19 @@ def _check_tokenizer(
         raise NLMError(
             f"{directory}/tokenizer: {tokenizer.vocab_size} tokens, but the model has only {model_vocab} rows"
         )
+
+
+def record_metrics(checkpoint: str | Path, updates: dict[str, Any]) -> Path:
+    """Merge `updates` into a checkpoint's metrics.json (e.g. `nlm eval --record` adds the test
+    figures that /v1/models shows). Written to a temporary name, then renamed: never half a file."""
+    directory = resolve_checkpoint_dir(Path(checkpoint))
+    path = directory / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text()) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise NLMError(f"{path}: unreadable metrics ({exc})") from None
+    metrics.update(updates)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path

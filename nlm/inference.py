@@ -333,12 +333,11 @@ class Engine:
             "vocab_size": self.tokenizer.vocab_size,
             "tokenizer": self.tokenizer.kind,
             "max_positions": self.max_positions,
-            "test_ppl": _metric(
-                metrics, "test_ppl", "test_perplexity", "ppl", "perplexity", "val_ppl"
-            ),
-            "bits_per_byte": _metric(
-                metrics, "test_bits_per_byte", "bits_per_byte", "bpb", "val_bits_per_byte"
-            ),
+            # Test figures only when a test was scored (`nlm eval --record`); the validation
+            # perplexity of training is reported as what it is.
+            "test_ppl": _metric(metrics, "test_ppl", "test_perplexity"),
+            "val_ppl": _metric(metrics, "val_ppl"),
+            "bits_per_byte": _metric(metrics, "test_bits_per_byte", "bits_per_byte"),
             "metrics": metrics,
         }
 

@@ -113,7 +113,12 @@ class ModelInfo(BaseModel):
     vocab_size: int
     tokenizer: str = Field(description="tokenizer kind: word, char, spm-bpe, spm-unigram")
     max_positions: int | None = Field(description="longest input the model accepts, if bounded")
-    test_ppl: float | None = Field(description="from the checkpoint's metrics.json, if recorded")
+    test_ppl: float | None = Field(
+        description="test perplexity from the checkpoint's metrics.json (`nlm eval --record`)"
+    )
+    val_ppl: float | None = Field(
+        default=None, description="validation perplexity at the end of training, if recorded"
+    )
     bits_per_byte: float | None = Field(
         description="from the checkpoint's metrics.json, if recorded"
     )

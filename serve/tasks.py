@@ -190,6 +190,7 @@ class TaskServer:
             "tokenizer": tokenizer.kind,
             "max_positions": model.max_positions,
             "test_ppl": None,
+            "val_ppl": None,
             "bits_per_byte": None,
             "metrics": self.checkpoint.metrics,
             "replica": {

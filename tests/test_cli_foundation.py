@@ -68,6 +68,20 @@ def test_eval_prints_one_json_line(family, workdir):
         assert 0 < result["bits_per_byte"] < 10
 
 
+def test_eval_record_writes_the_test_figures_into_the_checkpoint(workdir, tmp_path):
+    import shutil
+
+    ckpt = tmp_path / "lstm"
+    shutil.copytree(workdir / "lstm", ckpt)
+    proc = nlm("eval", "--checkpoint", ckpt, "--input", workdir / "text.txt", "--record")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    metrics = load_checkpoint(ckpt).metrics
+    assert metrics["test_ppl"] == result["ppl"] and metrics["test_tokens"] == result["tokens"]
+    assert metrics["test_bits_per_byte"] == result["bits_per_byte"]
+    assert metrics["test_file"] == "text.txt"
+
+
 def math_ok(x: float) -> bool:
     return x == x and x not in (float("inf"), float("-inf"))
 

@@ -89,6 +89,12 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(10, cfg) == pytest.approx(1.0)
     assert lr_at(60, cfg) == pytest.approx(0.55)  # half way: the mean of lr and min_lr
     assert lr_at(110, cfg) == pytest.approx(0.1)
+
+
+def test_warmup_never_takes_more_than_a_fifth_of_the_run():
+    cfg = TrainConfig(lr=1.0, min_lr=0.0, warmup_steps=100, max_steps=40)  # the default warm-up
+    assert lr_at(7, cfg) == pytest.approx(1.0)  # peak after 40 // 5 = 8 steps
+    assert lr_at(20, cfg) > 0.4
     constant = cfg.replace(lr_schedule="constant")
     assert lr_at(100, constant) == 1.0
 

@@ -28,6 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-pll-tokens", type=int, default=2000, help="bert: tokens scored for pseudo-perplexity"
     )
     parser.add_argument("--seed", type=int, default=0, help="bert: the MLM masking seed")
+    parser.add_argument(
+        "--record",
+        action="store_true",
+        help="also write test_ppl / test_bits_per_byte into the checkpoint's metrics.json "
+        "(what /v1/models reports)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
@@ -44,5 +50,20 @@ def run(args: argparse.Namespace) -> int:
         max_pll_tokens=args.max_pll_tokens,
         seed=args.seed,
     )
+    if args.record:
+        from pathlib import Path
+
+        from nlm.checkpoint import record_metrics
+
+        key = "test_ppl" if result.get("ppl_kind", "causal") == "causal" else "test_pseudo_ppl"
+        record_metrics(
+            args.checkpoint,
+            {
+                key: result["ppl"],
+                "test_bits_per_byte": result["bits_per_byte"],
+                "test_tokens": result["tokens"],
+                "test_file": Path(args.input).name,
+            },
+        )
     print(json.dumps(result))
     return 0
