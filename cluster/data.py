@@ -98,6 +98,8 @@ class PrepareConfig(Config):
     seed: int = 0
     workers: int = 0  # tokenizer actors; 0 = one per CPU core
     cpus_per_worker: float = 0.5  # fractional: leaves room for Ray Data's own tasks
+    # custom Ray resources each actor asks for, e.g. {data: 1} to land on cluster.yaml's data nodes
+    worker_resources: dict[str, float] = dataclasses.field(default_factory=dict)
     unit_bytes: int = 4 * MiB  # text per work unit
     rows_per_file: int = 0  # rows per part file; 0 = about 4M tokens per file
     max_doc_bytes: int = 64 * MiB
@@ -126,6 +128,10 @@ class PrepareConfig(Config):
                 raise bad(name, "must be positive")
         if self.workers < 0 or self.rows_per_file < 0 or self.cpus_per_worker <= 0:
             raise bad("workers", "workers, rows_per_file must be >= 0, cpus_per_worker > 0")
+        if not isinstance(self.worker_resources, dict) or any(
+            not isinstance(v, (int, float)) or v <= 0 for v in self.worker_resources.values()
+        ):
+            raise bad("worker_resources", "a mapping NAME: positive amount, e.g. {data: 1}")
 
     def worker_options(self) -> dict[str, Any]:
         keys = ("objective", "seq_len", "seed", "val_fraction", "line_docs", "text_column")
@@ -338,6 +344,7 @@ def _unit_results(
             # deep per-actor queue to leave one actor busy while the others finish.
             compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2),
             num_cpus=cfg.cpus_per_worker,
+            resources=cfg.worker_resources or None,
             # Restarting a lost actor matters on a cluster; on a local instance a lost actor
             # means the machine is in trouble, and restarts make Ray print a warning on stderr.
             max_restarts=-1 if restart_actors else 0,

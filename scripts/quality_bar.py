@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -76,6 +77,8 @@ def main() -> None:
     rows = []
     for model in args.models.split(","):
         out = work / model
+        if out.exists():  # this script's own scratch run: start it afresh
+            shutil.rmtree(out)
         started = time.time()
         summary = last_json(run([*NLM, "train", "--data", str(shards), "--model", model,
                                  "--workers", str(args.workers), "--out", str(out),
@@ -84,8 +87,17 @@ def main() -> None:
         scored = last_json(run([*NLM, "eval", "--checkpoint", str(out), "--input",
                                 str(corpus.test), "--no-progress"]))  # fmt: skip
         rows.append(row(model, out, summary, scored, wall))
+        rows[-1]["load_average"] = [round(x, 1) for x in os.getloadavg()]
+        (work / f"{model}.json").write_text(json.dumps(rows[-1]) + "\n")
         print(json.dumps(rows[-1]), file=sys.stderr)
 
+    # The table: every model with a result in WORK, this run's and earlier runs' (one model can
+    # be rerun without the others); each row says the load at its end.
+    done = {r["model"] for r in rows}
+    for path in sorted(work.glob("*.json")):
+        if path.stem in SETTINGS and path.stem not in done:
+            rows.append(json.loads(path.read_text()))
+    rows.sort(key=lambda r: list(SETTINGS).index(r["model"]))
     table = markdown(rows, load=os.getloadavg())
     print(table)
     print(json.dumps(rows))
@@ -127,14 +139,16 @@ def row(model: str, out: Path, summary: dict, scored: dict, wall: float) -> dict
 
 def markdown(rows: list[dict], load: tuple[float, float, float]) -> str:
     lines = [
-        "| model | params | steps | wall time | of it training | tokens/s | test ppl | bits/byte |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | params | steps | wall time | of it training | tokens/s | test ppl | bits/byte "
+        "| load at end |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        load = r.get("load_average", ["?"])[0]
         lines.append(
             f"| {r['model']} | {r['params'] / 1e6:.2f} M | {r['steps']} | {_mmss(r['wall_s'])} | "
             f"{_mmss(r['train_s'])} | {r['tokens_per_s']:.0f} | {r['test_ppl']} | "
-            f"{r['bits_per_byte']} |"
+            f"{r['bits_per_byte']} | {load} |"
         )
     lines.append("")
     lines.append(

@@ -72,7 +72,7 @@ def corpus_job(two_nodes, tmp_path_factory):
     shards = tmp_path_factory.mktemp("corpus") / "shards"
     job = submit(
         two_nodes, "python", "jobs/prepare_corpus.py", "--config", "configs/prepare-wt2.yaml",
-        "--output", str(shards), "--workers", "2", "--no-progress",
+        "--output", str(shards), "--workers", "2", "--worker-resource", "data=1", "--no-progress",
     )  # fmt: skip
     return (*follow(two_nodes, job), shards)
 

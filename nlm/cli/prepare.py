@@ -91,6 +91,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpus-per-worker", type=float, help="logical CPUs per actor (default 0.5)")
     g.add_argument("--unit-bytes", type=parse_size, help="text per work unit (default 4M)")
     g.add_argument(
+        "--worker-resource", dest="worker_resources", action="append", metavar="NAME=AMOUNT",
+        help="custom Ray resource per actor (repeatable), e.g. data=1 for cluster.yaml's data nodes",
+    )  # fmt: skip
+    g.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -134,9 +138,24 @@ def build_config(args: argparse.Namespace):
                     raise NLMError(f"{source} (field '{key}'): {exc}") from None
     for field in dataclasses.fields(PrepareConfig):
         value = getattr(args, field.name, None)
+        if value is not None and field.name == "worker_resources":
+            value = {**(data.get("worker_resources") or {}), **_resources(value)}
         if value is not None:
             data[field.name] = value
     return PrepareConfig.from_dict(data, source=source)
+
+
+def _resources(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        name, _, amount = item.partition("=")
+        try:
+            out[name.strip()] = float(amount)
+        except ValueError:
+            raise NLMError(
+                f"--worker-resource {item!r}: expected NAME=AMOUNT, e.g. data=1"
+            ) from None
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
