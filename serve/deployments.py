@@ -11,6 +11,12 @@ Every endpoint works the same way:
 2. it then awaits the `@serve.batch` method, which gathers the inputs of all requests that
    arrived within `batch_wait_timeout_s` (up to `max_batch_size` requests), runs them as a few
    padded forward passes (nlm.inference) on one worker thread, and hands each request its rows.
+3. Serve's batcher forms the next batch while the current one runs (ray 2.60 waits for a free
+   `max_concurrent_batches` slot only after forming it), so during a long generation the
+   arrivals pile up as many small batches. Before each engine call `_merged` therefore takes
+   every request of that endpoint still waiting (up to `max_batch_size`), whichever batch it
+   came in: a burst that Serve cut into 1 + 7 + 24 runs as one 1-request call and one 31-request
+   call. `stats[endpoint]["batches"]` counts engine calls, `largest_batch` their requests.
 A request may carry a list of inputs: batching is across requests and within them.
 
 Answers are plain dicts. Errors are returned as {"error": {...}, "status": n} values rather
@@ -85,6 +91,11 @@ class ModelServer:
             e: {"requests": 0, "items": 0, "batches": 0, "largest_batch": 0}
             for e in self.engine.endpoints
         }
+        # Requests waiting for an engine call, per endpoint: (jobs, future of their answers).
+        self.waiting: dict[str, list[tuple[list[Any], asyncio.Future]]] = {
+            e: [] for e in self.engine.endpoints
+        }
+        self.engine_lock = asyncio.Lock()  # one engine call at a time (one worker thread)
         self.busy_since: float | None = None
 
     def reconfigure(self, config: dict[str, Any]) -> None:
@@ -173,24 +184,61 @@ class ModelServer:
     async def _run_batch(
         self, endpoint: str, requests: list[list[Any]], run: Callable[[list[Any]], list[Any]]
     ) -> list[list[Any]]:
-        flat = [job for jobs in requests for job in jobs]
         stats = self.stats[endpoint]
         stats["requests"] += len(requests)
-        stats["items"] += len(flat)
-        stats["batches"] += 1
-        stats["largest_batch"] = max(stats["largest_batch"], len(requests))
+        stats["items"] += sum(len(jobs) for jobs in requests)
         if self.max_batch_size > 1:
-            answers = await self._compute(run, flat)  # the engine splits it into padded passes
-        else:
-            # Batching off: one input per forward pass, like a server without batching.
-            answers = []
-            for job in flat:
-                answers.extend(await self._compute(run, [job]))
-        out, start = [], 0
+            return await self._merged(endpoint, requests, run)
+        # Batching off: one input per forward pass, like a server without batching.
+        out = []
         for jobs in requests:
-            out.append(answers[start : start + len(jobs)])
-            start += len(jobs)
+            stats["batches"] += 1
+            stats["largest_batch"] = max(stats["largest_batch"], 1)
+            answers = []
+            for job in jobs:
+                answers.extend(await self._compute(run, [job]))
+            out.append(answers)
         return out
+
+    async def _merged(
+        self, endpoint: str, requests: list[list[Any]], run: Callable[[list[Any]], list[Any]]
+    ) -> list[list[Any]]:
+        """Run `requests` together with every request of `endpoint` still waiting (step 3 of
+        the module docstring); the first batch to get the engine answers the others' too."""
+        loop = asyncio.get_running_loop()
+        mine = [(jobs, loop.create_future()) for jobs in requests]
+        self.waiting[endpoint].extend(mine)
+        stats = self.stats[endpoint]
+        while not all(future.done() for _, future in mine):
+            async with self.engine_lock:
+                queue = self.waiting[endpoint]
+                taken, self.waiting[endpoint] = (
+                    queue[: self.max_batch_size],
+                    queue[self.max_batch_size :],
+                )
+                if not taken:  # cannot happen while ours are pending; never spin on it
+                    raise RuntimeError(f"{endpoint}: a request was lost from the batch queue")
+                stats["batches"] += 1
+                stats["largest_batch"] = max(stats["largest_batch"], len(taken))
+                flat = [job for jobs, _ in taken for job in jobs]
+                try:
+                    answers = await self._compute(run, flat)  # the engine pads and chunks
+                except asyncio.CancelledError:
+                    # This request was cancelled (its client left): the others it took go back
+                    # to the front of the queue for the next engine call.
+                    self.waiting[endpoint][:0] = [t for t in taken if not t[1].done()]
+                    raise
+                except Exception as exc:  # noqa: BLE001 - every waiter must hear of it
+                    for _, future in taken:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                start = 0
+                for jobs, future in taken:
+                    if not future.done():
+                        future.set_result(answers[start : start + len(jobs)])
+                    start += len(jobs)
+        return [future.result() for _, future in mine]
 
     async def _compute(self, fn: Callable, *args: Any) -> Any:
         def timed() -> Any:
