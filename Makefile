@@ -2,7 +2,14 @@
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
-export NLM_DATA_MIRROR ?= $(abspath ../shared/data)
+# Corpora come from NLM_DATA_MIRROR when it is set (made absolute: `ray job submit` runs
+# entrypoints from a copy of the tree), else from ../shared/data when that exists, else they are
+# downloaded once into ~/.cache/nlm.
+ifneq ($(NLM_DATA_MIRROR),)
+export NLM_DATA_MIRROR := $(abspath $(NLM_DATA_MIRROR))
+else ifneq ($(wildcard ../shared/data),)
+export NLM_DATA_MIRROR := $(abspath ../shared/data)
+endif
 
 .PHONY: demo test lint format bench clean
 
@@ -20,11 +27,11 @@ demo: $(BIN)/nlm
 	$(BIN)/nlm demo
 
 test: $(BIN)/nlm
-	$(BIN)/ruff check nlm cluster serve jobs tests
+	$(BIN)/ruff check nlm cluster serve jobs tests scripts
 	$(BIN)/python -m pytest tests
 
 lint: $(BIN)/nlm
-	$(BIN)/ruff check nlm cluster serve jobs tests
+	$(BIN)/ruff check nlm cluster serve jobs tests scripts
 	$(BIN)/ruff format --check nlm cluster serve jobs tests
 
 format: $(BIN)/nlm
