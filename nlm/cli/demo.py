@@ -1,67 +1,53 @@
-"""`nlm demo` (foundation version): the five model families on wt2-mini, in one process.
+"""`nlm demo` (`make demo`): the project's main job, end to end, on the local machine.
 
-    word tokenizer from the train file -> for fnn, rnn, lstm, gpt, bert: train with AdamW for a
-    short time budget -> save RUN=runs/demo/<family> (model/ checkpoint, metrics.jsonl, tb/)
-    -> evaluate on the test file with nlm.evaluation -> one table, plus results.json
+    nlm demo                      # Ray: prepare -> train x5 (+ an lstm on pku) -> eval -> Serve
+    nlm demo --in-process         # the foundation version: one process, plain PyTorch, no Ray
 
-A plain PyTorch loop on purpose: no Ray, no DeepSpeed. A later issue replaces this command with
-the full Ray pipeline; `run_foundation_demo` stays usable on its own. The table has a unigram row
-(add-one smoothed train counts) as the floor every trained model should get clearly below.
-
-Defaults, chosen for a 2-core machine: `tiny` presets (a `small` model's step costs well over ten
-times a tiny one's, so in 45 s it barely leaves the unigram plateau), batches of 16 x 64 tokens,
-a word vocabulary of the words seen at least 3 times (6,933 ids on wt2-mini), high AdamW rates
-with warmup and a cosine decay over the budget. The budget is 45 s per model but at least 400
-steps (bert: 15 s, 40 steps), so a busy machine takes longer rather than printing a table of
-untrained models.
+The Ray pipeline lives in nlm.cluster.demo, the one-process version in nlm.foundation_demo.
+Both write under --out (default runs/demo), replacing an earlier demo run there.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import sys
-import time
-from collections import Counter
-from pathlib import Path
-from typing import Any
 
-FAMILIES = ("fnn", "rnn", "lstm", "gpt", "bert")
-# AdamW peak learning rates by preset and family, and gradient-clip norms (recurrent nets need
-# the tighter clip). The tiny models take large steps: in a 45 s budget they must leave the
-# unigram plateau (train loss ~6.0 on wt2-mini) within a few hundred updates.
-LEARNING_RATES = {
-    "tiny": {"fnn": 1e-2, "rnn": 5e-3, "lstm": 1e-2, "gpt": 5e-3, "bert": 3e-3},
-    "small": {"fnn": 2e-3, "rnn": 1e-3, "lstm": 2e-3, "gpt": 1e-3, "bert": 1e-3},
-}
-CLIP_NORM = {"fnn": 1.0, "rnn": 0.5, "lstm": 0.5, "gpt": 1.0, "bert": 1.0}
-WARMUP_STEPS = 20
+from nlm.foundation_demo import FAMILIES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--corpus", default="wt2-mini", help="named corpus (nlm.corpora)")
-    parser.add_argument("--out", default="runs/demo", help="run directories go to OUT/<family>")
+    parser.add_argument("--out", default="runs/demo", help="everything goes under OUT")
     parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated")
-    parser.add_argument("--preset", default="tiny", help="model size preset (tiny, small)")
-    parser.add_argument("--seconds", type=float, default=45.0, help="training budget per model")
-    parser.add_argument("--bert-seconds", type=float, default=15.0, help="bert's training budget")
     parser.add_argument(
+        "--max-steps", type=int, default=None, help="stop each model after at most N steps"
+    )
+    parser.add_argument(
+        "--test-lines", type=int, default=None, help="evaluate on the first N non-empty lines"
+    )
+    parser.add_argument("--max-pll-tokens", type=int, default=1000, help="bert pseudo-ppl tokens")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    ray = parser.add_argument_group("the Ray pipeline (default)")
+    ray.add_argument("--workers", type=int, default=2, help="Ray Train workers per model")
+    ray.add_argument("--no-pku", action="store_true", help="skip the pku shards and the pku lstm")
+    ray.add_argument("--port", type=int, default=0, help="Serve's HTTP port (0: a free one)")
+    local = parser.add_argument_group("the one-process version")
+    local.add_argument(
+        "--in-process", action="store_true", help="plain PyTorch in this process, no Ray"
+    )
+    local.add_argument("--corpus", default="wt2-mini", help="named corpus (nlm.corpora)")
+    local.add_argument("--preset", default="tiny", help="model size preset (tiny, small)")
+    local.add_argument("--seconds", type=float, default=45.0, help="training budget per model")
+    local.add_argument("--bert-seconds", type=float, default=15.0, help="bert's training budget")
+    local.add_argument(
         "--min-steps",
         type=int,
         default=400,
         help="train at least N steps (bert N/10), however slow",
     )
-    parser.add_argument("--max-steps", type=int, default=None, help="stop each model after N steps")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=64, help="tokens per training row")
-    parser.add_argument(
-        "--test-lines", type=int, default=None, help="evaluate on the first N non-empty lines"
-    )
-    parser.add_argument("--min-count", type=int, default=3, help="keep words seen this often")
-    parser.add_argument("--vocab-size", type=int, default=None, help="keep the top-V words")
-    parser.add_argument("--max-pll-tokens", type=int, default=1000, help="bert pseudo-ppl tokens")
-    parser.add_argument("--seed", type=int, default=0)
+    local.add_argument("--batch-size", type=int, default=16)
+    local.add_argument("--seq-len", type=int, default=64, help="tokens per training row")
+    local.add_argument("--min-count", type=int, default=3, help="keep words seen this often")
+    local.add_argument("--vocab-size", type=int, default=None, help="keep the top-V words")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,6 +59,31 @@ def run(args: argparse.Namespace) -> int:
         raise NLMError(
             f"--families: unknown model '{unknown[0] if unknown else ''}' (known: {', '.join(FAMILIES)})"
         )
+    if args.in_process:
+        return _in_process(args, families)
+
+    from nlm.cluster.demo import DemoConfig, run_demo
+
+    config = DemoConfig(
+        out=args.out,
+        families=list(families),
+        workers=args.workers,
+        max_steps=args.max_steps,
+        test_lines=args.test_lines,
+        max_pll_tokens=args.max_pll_tokens,
+        pku=not args.no_pku,
+        port=args.port,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    result = run_demo(config)
+    return 0 if result["ok"] else 1
+
+
+def _in_process(args: argparse.Namespace, families: tuple[str, ...]) -> int:
+    from nlm.foundation_demo import clear_out_dir, format_table, run_foundation_demo
+
+    clear_out_dir(args.out)
     results = run_foundation_demo(
         corpus=args.corpus,
         out_dir=args.out,
@@ -89,271 +100,8 @@ def run(args: argparse.Namespace) -> int:
         vocab_size=args.vocab_size,
         max_pll_tokens=args.max_pll_tokens,
         seed=args.seed,
+        progress=not args.no_progress,
     )
     print(format_table(results))
     print(f"\nrun directories and results.json in {args.out}")
     return 0
-
-
-def run_foundation_demo(
-    corpus: str = "wt2-mini",
-    out_dir: str | Path = "runs/demo",
-    families: tuple[str, ...] = FAMILIES,
-    preset: str = "tiny",
-    seconds: float = 45.0,
-    bert_seconds: float = 15.0,
-    min_steps: int = 400,
-    max_steps: int | None = None,
-    batch_size: int = 16,
-    seq_len: int = 64,
-    test_lines: int | None = None,
-    min_count: int | None = 3,
-    vocab_size: int | None = None,
-    max_pll_tokens: int = 1000,
-    seed: int = 0,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Train, save and evaluate each family; returns one result dict per row of the table."""
-    import torch
-
-    from nlm.checkpoint import save_checkpoint
-    from nlm.corpora import resolve_corpus
-    from nlm.errors import NLMError
-    from nlm.evaluation import evaluate_documents, read_documents, text_bytes, token_stream
-    from nlm.models import build_model
-    from nlm.tokenizers import train_tokenizer
-
-    limits = {"--seconds": (seconds, 0.001), "--bert-seconds": (bert_seconds, 0.001),
-              "--min-steps": (min_steps, 0), "--batch-size": (batch_size, 1), "--seq-len": (seq_len, 3),
-              "--max-steps": (1 if max_steps is None else max_steps, 1)}  # fmt: skip
-    for flag, (value, least) in limits.items():
-        if value < least:
-            raise NLMError(f"{flag} {value}: must be at least {least}")
-    out_dir = Path(out_dir)
-    files = resolve_corpus(corpus)
-    train_docs = read_documents(files.train)
-    test_docs = read_documents(files.test)[:test_lines]
-    # Words seen at least min_count times (the notes' second rule): the rarest third of the
-    # types costs a third of the softmax and barely any tokens.
-    tokenizer = train_tokenizer("word", train_docs, vocab_size=vocab_size, min_count=min_count)
-    stream = token_stream(tokenizer, train_docs)
-    _log(
-        f"{corpus}: {len(stream):,} train tokens, vocabulary {tokenizer.vocab_size:,} (word level)"
-    )
-
-    results = [
-        unigram_baseline(
-            stream, token_stream(tokenizer, test_docs), text_bytes(test_docs), tokenizer.vocab_size
-        )
-    ]
-    for family in families:
-        torch.manual_seed(seed)
-        model = build_model(family, preset, vocab_size=tokenizer.vocab_size)
-        budget = bert_seconds if family == "bert" else seconds
-        least = max(1, min_steps // 10) if family == "bert" else min_steps
-        run_dir = out_dir / family
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lr = LEARNING_RATES.get(preset, LEARNING_RATES["small"])[family]
-        steps, elapsed, loss = train_model(
-            model,
-            stream,
-            run_dir,
-            (budget, least, max_steps),
-            batch_size,
-            seq_len,
-            lr,
-            seed,
-            progress,
-        )
-        report = evaluate_documents(
-            model,
-            tokenizer,
-            test_docs,
-            batch_size=16,
-            max_pll_tokens=max_pll_tokens,
-            progress=progress,
-        )
-        row = {
-            "model": family,
-            "preset": preset,
-            "params": model.num_parameters(),
-            "steps": steps,
-            "seconds": round(elapsed, 1),
-            "train_loss": loss,
-            **{k: report[k] for k in ("tokens", "ppl", "ppl_kind", "bits_per_byte")},
-            **({"mlm_accuracy": report["mlm_accuracy"]} if family == "bert" else {}),
-        }
-        save_checkpoint(
-            run_dir / "model",
-            model,
-            tokenizer,
-            metrics=row,
-            extra={"preset": preset, "corpus": corpus},
-        )
-        results.append(row)
-        _log(
-            f"{family}: {steps} steps in {elapsed:.0f} s, test {report['ppl_kind']} ppl {report['ppl']:.1f}"
-        )
-    tmp = out_dir / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.rename(out_dir / "results.json")
-    return results
-
-
-def unigram_baseline(train: Any, test: Any, n_bytes: int, vocab_size: int) -> dict[str, Any]:
-    """Test ppl of add-one smoothed unigram counts from the train stream (predictions only)."""
-    counts = Counter(train[1:].tolist())
-    total = sum(counts.values()) + vocab_size
-    nll = -sum(math.log((counts[t] + 1) / total) for t in test[1:].tolist())
-    n = len(test) - 1
-    return {
-        "model": "unigram",
-        "params": vocab_size,
-        "steps": None,
-        "seconds": None,
-        "tokens": n,
-        "ppl": math.exp(nll / n),
-        "ppl_kind": "causal",
-        "bits_per_byte": nll / math.log(2) / n_bytes,
-    }
-
-
-def train_model(
-    model: Any,
-    stream: Any,
-    run_dir: Path,
-    budget: tuple[float, int, int | None],
-    batch_size: int,
-    seq_len: int,
-    peak_lr: float,
-    seed: int,
-    progress: bool = True,
-) -> tuple[int, float, float]:
-    """AdamW for budget = (seconds, min_steps, max_steps): until both `seconds` have passed and
-    `min_steps` are done (a busy machine still gets a meaningful model), or `max_steps` are.
-    Logs metrics.jsonl and TensorBoard in run_dir. Returns (steps, seconds, last smoothed loss)."""
-    import torch
-    from torch.utils.tensorboard import SummaryWriter
-    from tqdm import tqdm
-
-    seconds, min_steps, max_steps = budget
-    family = model.family
-    generator = torch.Generator().manual_seed(seed)
-    batches = _batches(family, stream, batch_size, seq_len, model.config.vocab_size, generator)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=0.01)
-    model.train()
-    state, smoothed, step = None, float("nan"), 0
-    bar = tqdm(
-        total=max_steps, desc=f"train {family}", file=sys.stderr, disable=not progress, leave=False
-    )
-    start = time.monotonic()
-    with (run_dir / "metrics.jsonl").open("w") as log, SummaryWriter(str(run_dir / "tb")) as tb:
-        while True:
-            # How far through the budget: the slower of clock and min_steps, capped by max_steps.
-            done = min((time.monotonic() - start) / seconds, step / min_steps if min_steps else 1.0)
-            if max_steps is not None:
-                done = max(done, step / max_steps)
-            if done >= 1.0:
-                break
-            lr = learning_rate(peak_lr, step, done)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = next(batches)
-            if family == "bert":
-                loss = model(batch[0], mlm_labels=batch[1]).loss
-            elif family in ("rnn", "lstm"):
-                out = model(batch[0], targets=batch[1], state=state)
-                loss, state = out.loss, _detach(out.state)  # truncated BPTT
-            else:
-                loss = model(batch[0], targets=batch[1]).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM[family])
-            optimizer.step()
-            step += 1
-            value = loss.item()
-            smoothed = value if math.isnan(smoothed) else 0.95 * smoothed + 0.05 * value
-            record = {
-                "step": step,
-                "loss": value,
-                "lr": lr,
-                "seconds": time.monotonic() - start,
-            }
-            log.write(json.dumps(record) + "\n")
-            tb.add_scalar("train/loss", value, step)
-            bar.set_postfix(loss=f"{smoothed:.3f}")
-            bar.update()
-    bar.close()
-    model.eval()
-    return step, time.monotonic() - start, smoothed
-
-
-def learning_rate(peak: float, step: int, done: float) -> float:
-    """Linear warmup, then cosine decay to a tenth over the budget (`done` runs 0 -> 1). The
-    budget is time, so the decay follows the clock: the run ends at its lowest rate whatever the
-    machine's speed."""
-    warmup = min(1.0, (step + 1) / WARMUP_STEPS)
-    decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
-    return peak * warmup * decay
-
-
-def _detach(state: Any) -> Any:
-    if state is None:
-        return None
-    if isinstance(state, tuple | list):
-        return type(state)(_detach(s) for s in state)
-    return state.detach()
-
-
-def _batches(
-    family: str, stream: Any, batch_size: int, seq_len: int, vocab_size: int, generator: Any
-):
-    """Endless training batches: (inputs, targets) or, for bert, (masked ids, mlm labels)."""
-    import torch
-
-    from nlm.objectives import mask_tokens
-    from nlm.tokenizers.base import CLS_ID, SEP_ID
-
-    if family in ("rnn", "lstm"):
-        # B parallel streams read left to right, so the carried state follows the text.
-        width = (len(stream) - 1) // batch_size
-        data = stream[: width * batch_size + 1]
-        x = data[:-1].view(batch_size, width)
-        y = data[1:].view(batch_size, width)
-        while True:
-            for t in range(0, width - 1, seq_len):
-                yield x[:, t : t + seq_len], y[:, t : t + seq_len]
-    body = seq_len - 2 if family == "bert" else seq_len
-    while True:
-        starts = torch.randint(len(stream) - body - 1, (batch_size,), generator=generator)
-        if family == "bert":
-            rows = [
-                torch.cat([torch.tensor([CLS_ID]), stream[s : s + body], torch.tensor([SEP_ID])])
-                for s in starts
-            ]
-            yield mask_tokens(torch.stack(rows), vocab_size, generator=generator)
-        else:
-            yield (
-                torch.stack([stream[s : s + body] for s in starts]),
-                torch.stack([stream[s + 1 : s + body + 1] for s in starts]),
-            )
-
-
-def format_table(results: list[dict[str, Any]]) -> str:
-    lines = [
-        f"{'model':<9}{'params':>12}{'steps':>8}{'seconds':>9}  {'test ppl':<30}{'bits/byte':>9}"
-    ]
-    for r in results:
-        if r["ppl_kind"] == "pseudo":
-            ppl = f"pseudo-ppl {r['ppl']:.1f} / MLM acc {100 * r['mlm_accuracy']:.1f}%"
-        else:
-            ppl = f"{r['ppl']:.1f}"
-        bpb = "-" if r["bits_per_byte"] is None else f"{r['bits_per_byte']:.3f}"
-        steps = "-" if r["steps"] is None else str(r["steps"])
-        secs = "-" if r["seconds"] is None else f"{r['seconds']:.0f}"
-        lines.append(f"{r['model']:<9}{r['params']:>12,}{steps:>8}{secs:>9}  {ppl:<30}{bpb:>9}")
-    return "\n".join(lines)
-
-
-def _log(message: str) -> None:
-    print(f"nlm demo: {message}", file=sys.stderr, flush=True)
