@@ -259,18 +259,24 @@ def generate_batch(
     logits, cache = model._prefill(ids, attention_mask, steps)
     for step in range(steps):
         chosen = torch.full((len(jobs),), EOS_ID, dtype=torch.long)
+        # Rows still going, grouped by their sampling settings: one sample_next call per
+        # group, each row's random number from its own generator.
+        groups: dict[tuple, list[int]] = {}
         for row, job in enumerate(jobs):
-            if ended[row] or step >= job.max_new_tokens:
-                continue
-            token, logprob = sample_next(
-                logits[row : row + 1], job.temperature, job.top_k, job.top_p, generators[row]
-            )
-            chosen[row] = token[0]
-            if job.stop_at_eos and int(token[0]) == EOS_ID:
-                ended[row] = True
-                continue
-            new_ids[row].append(int(token[0]))
-            logprobs[row].append(float(logprob[0]))
+            if not (ended[row] or step >= job.max_new_tokens):
+                groups.setdefault((job.temperature, job.top_k, job.top_p), []).append(row)
+        for (temperature, top_k, top_p), rows in groups.items():
+            uniforms = None
+            if temperature != 0:
+                uniforms = torch.cat([torch.rand(1, generator=generators[r]) for r in rows])
+            tokens, lps = sample_next(logits[rows], temperature, top_k, top_p, uniforms=uniforms)
+            for row, token, logprob in zip(rows, tokens.tolist(), lps.tolist(), strict=True):
+                chosen[row] = token
+                if jobs[row].stop_at_eos and token == EOS_ID:
+                    ended[row] = True
+                    continue
+                new_ids[row].append(token)
+                logprobs[row].append(logprob)
         done = all(e or step + 1 >= j.max_new_tokens for e, j in zip(ended, jobs, strict=True))
         if done:
             break

@@ -49,21 +49,36 @@ def sample_next(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row of (B, V) `logits` -> (ids (B,) long, logprobs (B,) float).
 
-    temperature=0 is greedy (argmax; top-k/top-p do not matter then).
+    temperature=0 is greedy (argmax; top-k/top-p do not matter then). Otherwise row b takes the
+    token where the cumulative probability passes uniforms[b] (inverse-CDF sampling). The
+    uniforms come from `generator`, one per row in order, unless given: serving draws each
+    row's from that request's own generator, then samples the whole batch in one call, and
+    gets what `generate` gives that request alone with the same seed.
     """
     logits = logits.float()
     if temperature == 0:
         ids = logits.argmax(dim=-1)
     else:
         probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
-        if generator is not None and generator.device != probs.device:
-            # A CPU generator (serving seeds one per request) with a GPU model: draw on the CPU.
-            ids = torch.multinomial(probs.cpu(), 1, generator=generator).to(probs.device)
-        else:
-            ids = torch.multinomial(probs, 1, generator=generator)
-        ids = ids.squeeze(-1)
+        if uniforms is None:
+            uniforms = torch.rand(len(probs), generator=generator, device=_device(generator))
+        ids = inverse_cdf(probs, uniforms.to(probs.device))
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, None]).squeeze(-1)
     return ids, logprobs
+
+
+def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """The first token of each row whose cumulative probability exceeds uniforms * row total
+    (never a zero-probability token: its cumulative value equals its predecessor's)."""
+    cdf = probs.cumsum(dim=-1)
+    targets = (uniforms.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
+    ids = torch.searchsorted(cdf, targets, right=True).squeeze(-1)
+    return ids.clamp_(max=probs.size(-1) - 1)
+
+
+def _device(generator: torch.Generator | None) -> torch.device | None:
+    return generator.device if generator is not None else None
