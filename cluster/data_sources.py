@@ -127,8 +127,10 @@ class Unit:
 
     @property
     def key(self) -> str:
-        """Stable across runs and across added files (seeds per-unit randomness)."""
-        return f"{self.files[0][0]}|{self.start}|{self.row_group}"
+        """Stable across runs, across added files and across moving the corpus to another
+        directory or bucket (seeds per-unit randomness): the file's name, not its path."""
+        name = self.files[0][0].rstrip("/").rsplit("/", 1)[-1]
+        return f"{name}|{self.start}|{self.row_group}"
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

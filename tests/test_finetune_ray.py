@@ -145,13 +145,18 @@ def free_port() -> int:
 
 
 def test_serving_answers_classify_and_tag(runs):
-    """Both fine-tuned checkpoints in one Serve application, real HTTP on 127.0.0.1."""
+    """Both fine-tuned checkpoints and a pretrained one in one Serve application, real HTTP on
+    127.0.0.1: answers, and the 4xx of each wrong request."""
     from ray import serve
 
     from nlm.serve.app import build_app
 
     root, port = runs["root"], free_port()
-    checkpoints = [f"seg={root / 'bert-cws'}", f"src={root / 'gpt-src'}"]
+    checkpoints = [
+        f"seg={root / 'bert-cws'}",
+        f"src={root / 'gpt-src'}",
+        f"base={runs['bert'].checkpoint}",
+    ]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app({"checkpoints": checkpoints}), name="finetune-test", route_prefix="/")
@@ -169,15 +174,37 @@ def test_serving_answers_classify_and_tag(runs):
             cls = client.post("/v1/classify", json={"model": "src", "text": ["新年贺词", "今天"]})
             assert cls.status_code == 200, cls.text
             assert {r["label"] for r in cls.json()["results"]} <= {"msr", "pku"}
-            wrong = client.post("/v1/classify", json={"model": "seg", "text": "新年"})
+            # A model asked for what it does not do: a tagger to classify, a classifier to tag,
+            # a pretrained bert (no head) either, a segmenter to fill masks.
+            for path, model in (
+                ("/v1/classify", "seg"),
+                ("/v1/tag", "src"),
+                ("/v1/tag", "base"),
+                ("/v1/classify", "base"),
+            ):
+                wrong = client.post(path, json={"model": model, "text": "新年"})
+                assert wrong.status_code == 400, (path, model, wrong.text)
+                assert wrong.json()["error"]["code"] == "wrong_family", (path, model)
+            wrong = client.post("/v1/fill-mask", json={"model": "seg", "text": "新[MASK]"})
             assert wrong.status_code == 400 and wrong.json()["error"]["code"] == "wrong_family"
+            unknown = client.post("/v1/tag", json={"model": "nope", "text": "新年"})
+            assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_model"
             empty = client.post("/v1/tag", json={"model": "seg", "text": "  "})
             assert empty.status_code == 400 and empty.json()["error"]["code"] == "empty_input"
+            empty = client.post("/v1/tag", json={"model": "seg", "text": ["新年", ""]})
+            assert empty.status_code == 400 and empty.json()["error"]["code"] == "empty_input"
+            assert "item 1" in empty.json()["error"]["message"]
+            empty = client.post("/v1/classify", json={"model": "src", "text": " "})
+            assert empty.status_code == 400 and empty.json()["error"]["code"] == "empty_input"
+            # The pretrained model still answers its own endpoints beside the task models.
+            filled = client.post("/v1/fill-mask", json={"model": "base", "text": "新[MASK]"})
+            assert filled.status_code == 200, filled.text
             both = client.post("/v1/tag", json={"model": "seg", "text": "a", "tokens": ["a"]})
             assert both.status_code == 422
             models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
             assert models["seg"]["endpoints"] == ["tag"] and models["src"]["endpoints"] == [
                 "classify"
             ]
+            assert "tag" not in models["base"]["endpoints"]
     finally:
         serve.shutdown()
