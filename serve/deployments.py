@@ -219,15 +219,21 @@ class ModelServer:
         self.waiting[endpoint].extend(mine)
         self.arrived[endpoint].set()
         stats = self.stats[endpoint]
-        while not all(future.done() for _, future in mine):
+
+        def answered() -> bool:
+            return all(future.done() for _, future in mine)
+
+        while not answered():
             async with self.engine_lock:
+                if answered():  # the lock's previous holder took ours along
+                    break
                 await self._linger(endpoint)
                 queue = self.waiting[endpoint]
                 taken, self.waiting[endpoint] = (
                     queue[: self.max_batch_size],
                     queue[self.max_batch_size :],
                 )
-                if not taken:  # cannot happen while ours are pending; never spin on it
+                if not taken:  # ours are pending, so they are queued; never spin on it
                     raise RuntimeError(f"{endpoint}: a request was lost from the batch queue")
                 stats["batches"] += 1
                 stats["largest_batch"] = max(stats["largest_batch"], len(taken))
