@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from nlm.errors import NLMError
+from nlm.models.base import detach_state
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -136,7 +137,7 @@ def plain_loop(args: argparse.Namespace, data: Path, threads: int) -> dict[str, 
         if recurrent:
             if step % per_stream == 0:
                 state = None
-            state = _detach(state)
+            state = detach_state(state)
             out = model(x, targets=y, state=state)
             state = out.state
         else:
@@ -171,14 +172,6 @@ def _read_rows(paths: list[str]) -> torch.Tensor:
         column = pq.read_table(path, columns=["input_ids"]).column("input_ids").combine_chunks()
         pieces.append(np.array(column.values.to_numpy(), dtype=np.int32).reshape(len(column), -1))
     return torch.from_numpy(np.concatenate(pieces))
-
-
-def _detach(state: Any) -> Any:
-    if state is None:
-        return None
-    if isinstance(state, tuple | list):
-        return type(state)(_detach(s) for s in state)
-    return state.detach()
 
 
 # --- 2, 3. nlm train ---------------------------------------------------------------------------

@@ -180,6 +180,8 @@ def train_model(
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
+    from nlm.models.base import detach_state
+
     seconds, min_steps, max_steps = budget
     family = model.family
     generator = torch.Generator().manual_seed(seed)
@@ -207,7 +209,7 @@ def train_model(
                 loss = model(batch[0], mlm_labels=batch[1]).loss
             elif family in ("rnn", "lstm"):
                 out = model(batch[0], targets=batch[1], state=state)
-                loss, state = out.loss, _detach(out.state)  # truncated BPTT
+                loss, state = out.loss, detach_state(out.state)  # truncated BPTT
             else:
                 loss = model(batch[0], targets=batch[1]).loss
             optimizer.zero_grad(set_to_none=True)
@@ -239,14 +241,6 @@ def learning_rate(peak: float, step: int, done: float) -> float:
     warmup = min(1.0, (step + 1) / WARMUP_STEPS)
     decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
     return peak * warmup * decay
-
-
-def _detach(state: Any) -> Any:
-    if state is None:
-        return None
-    if isinstance(state, tuple | list):
-        return type(state)(_detach(s) for s in state)
-    return state.detach()
 
 
 def _batches(

@@ -143,6 +143,16 @@ class CausalLanguageModel(LanguageModel):
         return torch.stack(new_ids, dim=1), torch.stack(logprobs, dim=1)
 
 
+def detach_state(state: Any) -> Any:
+    """A recurrent state (a tensor, or a tuple/list of them such as the LSTM's (h, c)) cut from
+    the graph: truncated BPTT carries the values into the next window, not the gradients."""
+    if state is None:
+        return None
+    if isinstance(state, tuple | list):
+        return type(state)(detach_state(s) for s in state)
+    return state.detach()
+
+
 def check_left_padding(
     input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 ) -> torch.Tensor | None:
