@@ -31,6 +31,20 @@ COMMANDS: dict[str, str] = {
 }
 
 
+def key_values(items: list[str], flag: str) -> dict[str, object]:
+    """Repeated `--flag KEY=VALUE` options as a dict; values read as YAML scalars (0.3 -> float,
+    true -> bool, 1 -> int), so the config's own checks see typed values."""
+    import yaml
+
+    result = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise NLMError(f"{flag} {item!r}: expected KEY=VALUE")
+        result[key.strip()] = yaml.safe_load(value)
+    return result
+
+
 def _parser(command: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nlm", description="Neural language models on Ray.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from nlm.cli import key_values
 from nlm.errors import NLMError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
@@ -139,23 +140,13 @@ def build_config(args: argparse.Namespace):
     for field in dataclasses.fields(PrepareConfig):
         value = getattr(args, field.name, None)
         if value is not None and field.name == "worker_resources":
-            value = {**(data.get("worker_resources") or {}), **_resources(value)}
+            value = {
+                **(data.get("worker_resources") or {}),
+                **key_values(value, "--worker-resource"),
+            }
         if value is not None:
             data[field.name] = value
     return PrepareConfig.from_dict(data, source=source)
-
-
-def _resources(items: list[str]) -> dict[str, float]:
-    out = {}
-    for item in items:
-        name, _, amount = item.partition("=")
-        try:
-            out[name.strip()] = float(amount)
-        except ValueError:
-            raise NLMError(
-                f"--worker-resource {item!r}: expected NAME=AMOUNT, e.g. data=1"
-            ) from None
-    return out
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-import yaml
+from nlm.cli import key_values
 
 # Field -> help. Every TrainConfig field gets a flag; these say what it means.
 HELP = {
@@ -116,9 +116,8 @@ def resolve_config(args: argparse.Namespace) -> Any:
         if value is None:
             continue
         if field.name in ("model_overrides", "worker_resources"):
-            merged = dict(data.get(field.name) or {})
-            merged.update(_key_values(value))
-            value = merged
+            flag = "--set" if field.name == "model_overrides" else "--worker-resource"
+            value = {**(data.get(field.name) or {}), **key_values(value, flag)}
         data[field.name] = value
     return TrainConfig.from_dict(data, source=source).check(source)
 
@@ -139,15 +138,3 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(
             f"expected numbers separated by commas, got {text!r}"
         ) from None
-
-
-def _key_values(items: list[str]) -> dict[str, Any]:
-    from nlm.errors import NLMError
-
-    result = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise NLMError(f"--set {item!r}: expected KEY=VALUE")
-        result[key.strip()] = yaml.safe_load(value)  # 0.3 -> float, true -> bool
-    return result
