@@ -274,14 +274,14 @@ def train_and_evaluate(
 
 def record_test_metrics(model_dir: Path, row: dict[str, Any]) -> None:
     """Add the test numbers to the checkpoint's metrics.json, where GET /v1/models reads them."""
-    path = model_dir / "metrics.json"
-    metrics = json.loads(path.read_text(encoding="utf-8"))
-    metrics.update(test_ppl=row["ppl"], test_ppl_kind=row["ppl_kind"], test_corpus=row["corpus"])
+    from nlm.checkpoint import record_metrics
+
+    metrics = dict(test_ppl=row["ppl"], test_ppl_kind=row["ppl_kind"], test_corpus=row["corpus"])
     if row["bits_per_byte"] is not None:
         metrics["test_bits_per_byte"] = row["bits_per_byte"]
     if row["mlm_accuracy"] is not None:
         metrics["test_mlm_accuracy"] = row["mlm_accuracy"]
-    _write_json(path, metrics)
+    record_metrics(model_dir, metrics)
 
 
 def baseline_row(shards: Path, config: DemoConfig) -> dict[str, Any]:
