@@ -237,51 +237,129 @@ def pseudo_log_likelihoods(
 # ---------------------------------------------------------------- generation
 
 
-@torch.inference_mode()
-def generate_batch(
-    model: LanguageModel, jobs: Sequence[GenerationJob]
-) -> list[tuple[list[int], list[float], bool]]:
-    """Continue every job's prompt in one batch -> (new ids, their log-probs, ended at </s>).
+@dataclasses.dataclass
+class _Row:
+    """One sequence being generated: its job, its own random stream and what it has so far."""
 
-    Uses the model's incremental decoding (`_prefill` / `_decode`, see nlm/models/base.py) on
-    left-padded prompts, but samples each row on its own: its own seeded generator and its
-    own temperature / top-k / top-p, exactly as `model.generate` would for that prompt alone.
-    A row that is done (its max_new_tokens reached, or </s> sampled with stop_at_eos; the </s>
-    is not returned) feeds </s> until every row is done.
+    key: Any
+    job: GenerationJob
+    generator: torch.Generator
+    new_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    ended: bool = False  # sampled </s> with stop_at_eos
+
+    @property
+    def done(self) -> bool:
+        return self.ended or len(self.new_ids) >= self.job.max_new_tokens
+
+
+Generated = tuple[list[int], list[float], bool]  # new ids, their log-probs, ended at </s>
+
+
+class ContinuousGeneration:
+    """Rows at different points of their generation, decoded together one token per step.
+
+    Continuous batching (Yu et al., Orca, OSDI 2022): `add` runs new prompts (`_prefill`) and
+    joins their cache to the running one between two steps, `step` samples one token for every
+    row, hands back the rows that are done and drops them from the cache. A request therefore
+    never waits for the longest generation of the batch before it, and a server keeps its
+    batch full while clients come and go.
+
+    Every row samples on its own, as `model.generate` would for its prompt alone: its own
+    seeded generator (one uniform per step), temperature, top-k and top-p. A seeded request gets
+    the same tokens whichever rows share its steps.
     """
-    ids, mask = pad_left([j.ids for j in jobs])
-    steps = max(j.max_new_tokens for j in jobs)
-    attention_mask = None if bool(mask.all()) else mask
-    generators = [torch.Generator().manual_seed(j.seed) for j in jobs]
-    new_ids: list[list[int]] = [[] for _ in jobs]
-    logprobs: list[list[float]] = [[] for _ in jobs]
-    ended = [False] * len(jobs)
-    logits, cache = model._prefill(ids, attention_mask, steps)
-    for step in range(steps):
-        chosen = torch.full((len(jobs),), EOS_ID, dtype=torch.long)
-        # Rows still going, grouped by their sampling settings: one sample_next call per
-        # group, each row's random number from its own generator.
+
+    def __init__(self, model: LanguageModel) -> None:
+        self.model = model
+        self.rows: list[_Row] = []
+        self.logits: torch.Tensor | None = None  # (rows, V): the next token's, per row
+        self.cache: Any = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.inference_mode()
+    def add(self, jobs: Sequence[GenerationJob], keys: Sequence[Any] | None = None) -> None:
+        """Start generating for `jobs` (one prefill, left-padded); `keys` name them in `step`."""
+        if not jobs:
+            return
+        keys = list(range(len(jobs))) if keys is None else list(keys)
+        ids, mask = pad_left([j.ids for j in jobs])
+        steps = max(j.max_new_tokens for j in jobs)
+        logits, cache = self.model._prefill(ids, None if bool(mask.all()) else mask, steps)
+        if self.rows:
+            logits = torch.cat([self.logits, logits])
+            cache = self.model._join_caches([self.cache, cache])
+        self.logits, self.cache = logits, cache
+        for key, job in zip(keys, jobs, strict=True):
+            self.rows.append(_Row(key, job, torch.Generator().manual_seed(job.seed)))
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Any, Generated]]:
+        """One token for every row -> the (key, result) of each row that finished with it."""
+        if not self.rows:
+            return []
+        chosen = torch.empty(len(self.rows), dtype=torch.long)
+        # Grouped by sampling settings: one sample_next call per group, each row's uniform from
+        # its own generator.
         groups: dict[tuple, list[int]] = {}
-        for row, job in enumerate(jobs):
-            if not (ended[row] or step >= job.max_new_tokens):
-                groups.setdefault((job.temperature, job.top_k, job.top_p), []).append(row)
-        for (temperature, top_k, top_p), rows in groups.items():
+        for i, row in enumerate(self.rows):
+            groups.setdefault((row.job.temperature, row.job.top_k, row.job.top_p), []).append(i)
+        for (temperature, top_k, top_p), members in groups.items():
             uniforms = None
             if temperature != 0:
-                uniforms = torch.cat([torch.rand(1, generator=generators[r]) for r in rows])
-            tokens, lps = sample_next(logits[rows], temperature, top_k, top_p, uniforms=uniforms)
-            for row, token, logprob in zip(rows, tokens.tolist(), lps.tolist(), strict=True):
-                chosen[row] = token
-                if jobs[row].stop_at_eos and token == EOS_ID:
-                    ended[row] = True
-                    continue
-                new_ids[row].append(token)
-                logprobs[row].append(logprob)
-        done = all(e or step + 1 >= j.max_new_tokens for e, j in zip(ended, jobs, strict=True))
-        if done:
-            break
-        logits, cache = model._decode(chosen, cache)
-    return list(zip(new_ids, logprobs, ended, strict=True))
+                uniforms = torch.cat(
+                    [torch.rand(1, generator=self.rows[i].generator) for i in members]
+                )
+            index = torch.tensor(members)
+            tokens, lps = sample_next(
+                self.logits[index], temperature, top_k, top_p, uniforms=uniforms
+            )
+            chosen[index] = tokens
+            for i, token, logprob in zip(members, tokens.tolist(), lps.tolist(), strict=True):
+                row = self.rows[i]
+                if row.job.stop_at_eos and token == EOS_ID:
+                    row.ended = True  # the </s> is not returned
+                else:
+                    row.new_ids.append(token)
+                    row.logprobs.append(logprob)
+        finished = [(r.key, (r.new_ids, r.logprobs, r.ended)) for r in self.rows if r.done]
+        keep = [i for i, r in enumerate(self.rows) if not r.done]
+        self._keep(keep)
+        if self.rows:
+            self.logits, self.cache = self.model._decode(chosen[keep], self.cache)
+        return finished
+
+    def drop(self, keys: set[Any]) -> None:
+        """Stop generating for `keys` (e.g. their clients went away)."""
+        self._keep([i for i, r in enumerate(self.rows) if r.key not in keys])
+
+    def _keep(self, keep: list[int]) -> None:
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.logits = self.cache = None
+            return
+        index = torch.tensor(keep)
+        self.logits = self.logits[index]
+        self.cache = self.model._select_cache(self.cache, index)
+
+
+def generate_batch(model: LanguageModel, jobs: Sequence[GenerationJob]) -> list[Generated]:
+    """Continue every job's prompt, all in one batch -> (new ids, their log-probs, ended at </s>).
+
+    A row is done when it has its max_new_tokens, or sampled </s> with stop_at_eos (the </s> is
+    not returned); done rows leave the batch, the others go on.
+    """
+    generation = ContinuousGeneration(model)
+    generation.add(jobs)
+    out: list[Any] = [None] * len(jobs)
+    while generation:
+        for key, result in generation.step():
+            out[key] = result
+    return out
 
 
 # ---------------------------------------------------------------- the text layer
@@ -522,20 +600,36 @@ class Engine:
             self._vocab(),
             lambda group: generate_batch(self.model, group),
         )
-        out = []
-        for job, (ids, logprobs, ended) in zip(jobs, results, strict=True):
-            out.append(
-                {
-                    "text": self.tokenizer.decode(ids, skip_special=True),
-                    "tokens": [self.tokenizer.id_to_token(i) for i in ids],
-                    "token_ids": ids,
-                    "logprobs": logprobs,
-                    "prompt_tokens": len(job.ids) - 1,
-                    "seed": job.seed,
-                    "finish_reason": "end_of_document" if ended else "length",
-                }
-            )
-        return out
+        return [self.generation_answer(j, r) for j, r in zip(jobs, results, strict=True)]
+
+    def continuous_generation(self) -> ContinuousGeneration:
+        """A running batch that generation jobs join and leave between steps (serving)."""
+        self._require("generate")
+        return ContinuousGeneration(self.model)
+
+    def admissible(self, running: int, jobs: Sequence[GenerationJob]) -> int:
+        """How many of `jobs` (in order) may join a continuous generation of `running` rows:
+        at most max_rows rows, and their prefill's logits within max_logit_elements."""
+        room = self.limits.max_rows - running
+        n, width = 0, 0
+        for job in jobs[: max(room, 0)]:
+            width = max(width, len(job.ids) + job.max_new_tokens)
+            if n and (n + 1) * width * self._vocab() > self.limits.max_logit_elements:
+                break
+            n += 1
+        return n
+
+    def generation_answer(self, job: GenerationJob, result: Generated) -> dict[str, Any]:
+        ids, logprobs, ended = result
+        return {
+            "text": self.tokenizer.decode(ids, skip_special=True),
+            "tokens": [self.tokenizer.id_to_token(i) for i in ids],
+            "token_ids": ids,
+            "logprobs": logprobs,
+            "prompt_tokens": len(job.ids) - 1,
+            "seed": job.seed,
+            "finish_reason": "end_of_document" if ended else "length",
+        }
 
     def neighbors(self, word: str, k: int) -> list[dict[str, Any]]:
         from nlm.wordvectors import neighbors

@@ -95,6 +95,10 @@ class EndpointStats(BaseModel):
     items: int = Field(description="inputs (a request may carry a list)")
     batches: int = Field(description="batched executions; fewer than requests means batching")
     largest_batch: int = Field(description="most requests merged into one execution")
+    steps: int | None = Field(None, description="generate: decode steps of the running batch")
+    largest_step: int | None = Field(
+        None, description="generate: most sequences decoded together in one step"
+    )
 
 
 class ReplicaInfo(BaseModel):

@@ -126,6 +126,67 @@ def test_generation_is_per_request_whatever_the_batch(engines, family):
         assert close(logprobs[0].tolist(), answer["logprobs"])
 
 
+@pytest.mark.parametrize("family", CAUSAL)
+def test_rows_joining_and_leaving_a_running_generation_answer_as_alone(engines, family):
+    """Continuous batching: jobs join between steps (left-padded to the running cache) and
+    finished rows leave it; every answer is still the one the job gets alone."""
+    engine = engines[family]
+    jobs = [
+        engine.generation_job("the lobster", 5, temperature=1.0, seed=1),
+        engine.generation_job(TEXTS[1], 12, temperature=0.8, top_k=30, seed=2),
+        engine.generation_job("In", 9, temperature=0.0),
+        engine.generation_job(TEXTS[2], 7, temperature=1.2, top_p=0.9, seed=3, stop_at_eos=False),
+        engine.generation_job("blue", 3, temperature=1.0, seed=4, stop_at_eos=False),
+        engine.generation_job("It is", 6, temperature=1.0, seed=5),
+    ]
+    generation = engine.continuous_generation()
+    results, sizes = {}, []
+    joins = {0: [0, 1], 2: [2], 4: [3, 4], 9: [5]}  # step -> jobs joining before it
+    step = 0
+    while generation or step <= max(joins):
+        if step in joins:
+            generation.add([jobs[i] for i in joins[step]], joins[step])
+        sizes.append(len(generation))
+        results.update(generation.step())
+        step += 1
+    assert sorted(results) == list(range(len(jobs)))
+    assert max(sizes) >= 4  # rows really ran together
+    for i, job in enumerate(jobs):
+        alone = engine.generate([job])[0]
+        answer = engine.generation_answer(job, results[i])
+        assert answer["token_ids"] == alone["token_ids"], f"job {i}"
+        assert close(answer["logprobs"], alone["logprobs"])
+        assert answer["finish_reason"] == alone["finish_reason"]
+
+
+def test_dropped_rows_leave_the_others_untouched(engines):
+    engine = engines["gpt"]
+    jobs = [engine.generation_job(t, 8, seed=i, stop_at_eos=False) for i, t in enumerate(TEXTS)]
+    generation = engine.continuous_generation()
+    generation.add(jobs, ["a", "b", "c"])
+    generation.step()
+    generation.drop({"b"})
+    results = {}
+    while generation:
+        results.update(generation.step())
+    assert sorted(results) == ["a", "c"]
+    for key, job in (("a", jobs[0]), ("c", jobs[2])):
+        assert results[key][0] == engine.generate([job])[0]["token_ids"]
+
+
+def test_admission_respects_row_and_memory_limits(engines):
+    engine = engines["gpt"]
+    jobs = [engine.generation_job("the lobster", 8) for _ in range(5)]
+    assert engine.admissible(0, jobs) == 5
+    assert engine.admissible(engine.limits.max_rows - 2, jobs) == 2
+    assert engine.admissible(engine.limits.max_rows, jobs) == 0
+    width = len(jobs[0].ids) + 8
+    tight = Engine(engine.checkpoint, Limits(max_logit_elements=3 * width * 256))
+    assert tight.admissible(0, jobs) == 3
+    big = Limits(max_logit_elements=1)  # one job alone is always admitted into an empty batch
+    assert Engine(engine.checkpoint, big).admissible(0, jobs) == 1
+
+
 def test_seed_reproduces_and_differs(engines):
     engine = engines["lstm"]
     first = engine.generate([engine.generation_job("the lobster", 12, seed=5)])[0]

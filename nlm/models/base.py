@@ -99,6 +99,20 @@ class CausalLanguageModel(LanguageModel):
         """Feed one token per row (B,): (B, V) logits for the token after it, plus the cache."""
         raise NotImplementedError
 
+    # Continuous batching (nlm.inference.ContinuousGeneration) adds and drops rows of a running
+    # generation between decode steps. The default handles caches that are a tensor or a tuple
+    # of tensors with the batch along `cache_batch_dim` (recurrent state, the fnn window); gpt's
+    # KV cache overrides both.
+    cache_batch_dim: ClassVar[int] = 0
+
+    def _join_caches(self, caches: list[Any]) -> Any:
+        """One cache holding the rows of `caches` in order (each from `_prefill`/`_decode`)."""
+        return _map_tensors(lambda *ts: torch.cat(ts, dim=self.cache_batch_dim), *caches)
+
+    def _select_cache(self, cache: Any, rows: torch.Tensor) -> Any:
+        """The cache of the given rows (a (R,) long index), in that order."""
+        return _map_tensors(lambda t: t.index_select(self.cache_batch_dim, rows), cache)
+
     @torch.no_grad()
     def generate(
         self,
@@ -141,6 +155,14 @@ class CausalLanguageModel(LanguageModel):
         finally:
             self.train(was_training)
         return torch.stack(new_ids, dim=1), torch.stack(logprobs, dim=1)
+
+
+def _map_tensors(fn: Any, *states: Any) -> Any:
+    """fn applied to matching tensors of same-shaped states (a tensor or nested tuples/lists)."""
+    first = states[0]
+    if isinstance(first, tuple | list):
+        return type(first)(_map_tensors(fn, *parts) for parts in zip(*states, strict=True))
+    return fn(*states)
 
 
 def detach_state(state: Any) -> Any:

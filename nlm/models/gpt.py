@@ -77,6 +77,55 @@ class KVCache:
         self.values[layer, :, :, self.length : end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
+    # Continuous batching: rows join and leave a running generation between decode steps.
+
+    @staticmethod
+    def join(caches: list[KVCache]) -> KVCache:
+        """One cache with the rows of `caches` in order. Shorter caches are left-padded to the
+        longest (zero keys/values, masked out), and there is room for every row's remaining
+        tokens."""
+        length = max(c.length for c in caches)
+        room = max(c.max_len - c.length for c in caches)
+        n_layer, _, n_head, _, head_dim = caches[0].keys.shape
+        batch = sum(c.keys.size(1) for c in caches)
+        keys = caches[0].keys.new_zeros(n_layer, batch, n_head, length + room, head_dim)
+        values = torch.zeros_like(keys)
+        key_mask = torch.ones(batch, length + room, dtype=torch.bool, device=keys.device)
+        row = 0
+        for c in caches:
+            rows, pad = slice(row, row + c.keys.size(1)), length - c.length
+            keys[:, rows, :, pad:length] = c.keys[:, :, :, : c.length]
+            values[:, rows, :, pad:length] = c.values[:, :, :, : c.length]
+            key_mask[rows, :pad] = False
+            if c.key_mask is not None:
+                key_mask[rows, pad:length] = c.key_mask[:, : c.length]
+            row = rows.stop
+        next_pos = torch.cat([c.next_pos for c in caches])
+        mask = None if bool(key_mask.all()) else key_mask
+        return KVCache(n_layer, length + room, length, mask, next_pos, keys, values)
+
+    def select(self, rows: torch.Tensor) -> KVCache:
+        """The cache of `rows` ((R,) long), without the leading positions none of them uses."""
+        keys, values = self.keys.index_select(1, rows), self.values.index_select(1, rows)
+        key_mask, start = self.key_mask, 0
+        if key_mask is not None:
+            key_mask = key_mask.index_select(0, rows)
+            used = key_mask[:, : self.length].any(dim=0)
+            start = int(used.int().argmax()) if bool(used.any()) else self.length
+            key_mask = key_mask[:, start:]
+            keys, values = keys[:, :, :, start:], values[:, :, :, start:]
+            if bool(key_mask.all()):
+                key_mask = None
+        return KVCache(
+            self.n_layer,
+            self.max_len - start,
+            self.length - start,
+            key_mask,
+            self.next_pos.index_select(0, rows),
+            keys,
+            values,
+        )
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
@@ -254,6 +303,12 @@ class GPT(CausalLanguageModel):
         hidden = self._run(self._embed(input_ids, positions), attn_mask, cache)
         cache.length = time
         return self.lm_head(hidden[:, -1]), cache
+
+    def _join_caches(self, caches):
+        return KVCache.join(caches)
+
+    def _select_cache(self, cache, rows):
+        return cache.select(rows)
 
     def _decode(self, next_ids, cache):
         attn_mask = None

@@ -95,7 +95,9 @@ class RecurrentLanguageModel(CausalLanguageModel):
         loss = causal_lm_loss(logits, targets) if targets is not None else None
         return ModelOutput(logits=logits, loss=loss, hidden=hidden, state=state)
 
-    # Generation: the cache is the recurrent state.
+    # Generation: the cache is the recurrent state, (n_layer, B, H) (a pair of them for lstm).
+    cache_batch_dim = 1
+
     def _prefill(self, input_ids, attention_mask, max_new_tokens):
         out = self.forward(input_ids, attention_mask=attention_mask)
         return out.logits[:, -1], out.state  # left padding: the last position is real in every row
