@@ -275,13 +275,9 @@ def train_and_evaluate(
 def record_test_metrics(model_dir: Path, row: dict[str, Any]) -> None:
     """Add the test numbers to the checkpoint's metrics.json, where GET /v1/models reads them."""
     from nlm.checkpoint import record_metrics
+    from nlm.evaluation import metrics_to_record
 
-    metrics = dict(test_ppl=row["ppl"], test_ppl_kind=row["ppl_kind"], test_corpus=row["corpus"])
-    if row["bits_per_byte"] is not None:
-        metrics["test_bits_per_byte"] = row["bits_per_byte"]
-    if row["mlm_accuracy"] is not None:
-        metrics["test_mlm_accuracy"] = row["mlm_accuracy"]
-    record_metrics(model_dir, metrics)
+    record_metrics(model_dir, {**metrics_to_record(row), "test_corpus": row["corpus"]})
 
 
 def baseline_row(shards: Path, config: DemoConfig) -> dict[str, Any]:

@@ -351,3 +351,15 @@ def evaluate_file(
     ckpt = load_checkpoint(checkpoint)
     result = evaluate_documents(ckpt.model, ckpt.tokenizer, documents, progress=progress, **options)
     return {"model": str(checkpoint), **result, "input": str(text_path)}
+
+
+def metrics_to_record(result: dict[str, Any]) -> dict[str, Any]:
+    """What a test evaluation adds to the checkpoint's metrics.json (`nlm eval --record`, the
+    demo): `test_ppl` for causal models, `test_pseudo_ppl` for bert (not comparable to a ppl),
+    `test_bits_per_byte` and `test_mlm_accuracy` when measured, `test_tokens`."""
+    key = "test_pseudo_ppl" if result.get("ppl_kind") == "pseudo" else "test_ppl"
+    metrics = {key: result["ppl"]}
+    for name in ("bits_per_byte", "mlm_accuracy", "tokens"):
+        if result.get(name) is not None:
+            metrics[f"test_{name}"] = result[name]
+    return metrics

@@ -420,6 +420,7 @@ class Engine:
             # Test figures only when a test was scored (`nlm eval --record`); the validation
             # perplexity of training is reported as what it is.
             "test_ppl": _metric(metrics, "test_ppl", "test_perplexity"),
+            "test_pseudo_ppl": _metric(metrics, "test_pseudo_ppl"),
             "val_ppl": _metric(metrics, "val_ppl"),
             "bits_per_byte": _metric(metrics, "test_bits_per_byte", "bits_per_byte"),
             "metrics": metrics,

@@ -120,6 +120,9 @@ class ModelInfo(BaseModel):
     test_ppl: float | None = Field(
         description="test perplexity from the checkpoint's metrics.json (`nlm eval --record`)"
     )
+    test_pseudo_ppl: float | None = Field(
+        default=None, description="bert: test pseudo-perplexity (`nlm eval --record`)"
+    )
     val_ppl: float | None = Field(
         default=None, description="validation perplexity at the end of training, if recorded"
     )

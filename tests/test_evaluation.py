@@ -10,7 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from nlm.errors import NLMError
-from nlm.evaluation import evaluate_documents, read_documents, text_bytes, token_stream
+from nlm.evaluation import (
+    evaluate_documents,
+    metrics_to_record,
+    read_documents,
+    text_bytes,
+    token_stream,
+)
 from nlm.models import build_model
 from nlm.tokenizers import train_tokenizer
 
@@ -154,3 +160,14 @@ def test_bad_options(documents, tokenizer):
         evaluate_documents(_model("fnn", tokenizer.vocab_size), tokenizer, documents, seq_len=3)
     with pytest.raises(NLMError, match="--batch-size 0"):
         evaluate_documents(gpt, tokenizer, documents, batch_size=0)
+
+
+def test_recorded_test_metrics_keep_pseudo_perplexity_apart():
+    causal = {"ppl": 120.0, "ppl_kind": "causal", "bits_per_byte": 1.5, "tokens": 900}
+    bert = {"ppl": 40.0, "ppl_kind": "pseudo", "bits_per_byte": None, "mlm_accuracy": 0.3}
+    assert metrics_to_record(causal) == {
+        "test_ppl": 120.0,
+        "test_bits_per_byte": 1.5,
+        "test_tokens": 900,
+    }
+    assert metrics_to_record(bert) == {"test_pseudo_ppl": 40.0, "test_mlm_accuracy": 0.3}

@@ -54,16 +54,10 @@ def run(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         from nlm.checkpoint import record_metrics
+        from nlm.evaluation import metrics_to_record
 
-        key = "test_ppl" if result.get("ppl_kind", "causal") == "causal" else "test_pseudo_ppl"
         record_metrics(
-            args.checkpoint,
-            {
-                key: result["ppl"],
-                "test_bits_per_byte": result["bits_per_byte"],
-                "test_tokens": result["tokens"],
-                "test_file": Path(args.input).name,
-            },
+            args.checkpoint, {**metrics_to_record(result), "test_file": Path(args.input).name}
         )
     print(json.dumps(result))
     return 0
