@@ -11,13 +11,15 @@ serving after its job ends.
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 
-from ray_nodes import LocalCluster, free_ports
+from ray_nodes import BIN, REPO, LocalCluster, free_ports
 
 # Real clusters on a 2-core machine shared with other work: generous hang guards, not goals.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -149,6 +151,57 @@ def tiny_checkpoint(directory: Path, data_mirror: Path) -> Path:
     torch.manual_seed(0)
     model = build_model("lstm", "tiny", vocab_size=tokenizer.vocab_size).eval()
     return save_checkpoint(directory / "lstm", model, tokenizer)
+
+
+def test_serve_config_file_deploys_with_serve_deploy(two_nodes, tmp_path: Path, data_mirror):
+    """`serve deploy serve/config.yaml`: the shipped file, with only what must differ on this
+    two-core, two-"node" machine replaced (checkpoint paths, port, sizes, and proxies on the
+    head only, since both nodes share one loopback)."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    (port,) = free_ports(1)
+    config["proxy_location"] = "HeadOnly"
+    config["http_options"]["port"] = port
+    app = config["applications"][0]
+    app["args"]["checkpoints"] = [f"lm={tiny_checkpoint(tmp_path, data_mirror)}"]
+    shipped = {d["name"]: d for d in app["deployments"]}
+    app["deployments"] = [shipped["Gateway"], {**shipped["lstm"], "name": "lm"}]
+    for deployment in app["deployments"]:
+        deployment["ray_actor_options"]["num_cpus"] = 0.25
+        deployment["autoscaling_config"].update(min_replicas=1, max_replicas=1)
+    path = tmp_path / "serve-config.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    def serve_cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "serve"), *args, "--address", two_nodes.dashboard_url],
+            env=two_nodes.env, cwd=REPO, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    deployed = serve_cli("deploy", str(path))
+    assert deployed.returncode == 0, deployed.stderr[-2000:]
+    try:
+        deadline, status = time.monotonic() + 600, ""
+        while time.monotonic() < deadline:
+            status = serve_cli("status").stdout
+            if "RUNNING" in status and "DEPLOYING" not in status:
+                break
+            assert "DEPLOY_FAILED" not in status, status
+            time.sleep(2)
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30)
+        assert models.status_code == 200, status + models.text
+        (info,) = models.json()["models"]
+        assert info["name"] == "lm" and info["replica"]["max_batch_size"] == 32
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/v1/generate",
+            json={"model": "lm", "prompt": "the game", "max_tokens": 5, "seed": 1},
+            timeout=60,
+        )
+        assert answer.status_code == 200, answer.text
+        assert 1 <= len(answer.json()["token_ids"]) <= 5
+    finally:  # the next test starts its own application on this cluster
+        serve_cli("shutdown", "-y")
 
 
 def test_deploy_job_leaves_the_application_serving(two_nodes, tmp_path: Path, data_mirror):
