@@ -50,8 +50,8 @@ class TrainConfig(Config):
 
     # optimisation
     optimizer: str = "adamw"  # adamw | sgd
-    lr: float = 3e-4
-    min_lr: float = 3e-5  # cosine decays from lr to min_lr at max_steps
+    lr: float | None = None  # peak; None: the family and preset's (default_lr)
+    min_lr: float | None = None  # cosine decays from lr to min_lr at max_steps; None: lr / 10
     warmup_steps: int = 100  # capped at max_steps // 5 (train_loop.effective_warmup)
     lr_schedule: str = "cosine"  # cosine | constant (both after linear warm-up)
     weight_decay: float = 0.1  # AdamW only; never on biases, norms, embeddings
@@ -94,6 +94,10 @@ class TrainConfig(Config):
             raise bad("optimizer", f"{self.optimizer!r} is not one of adamw, sgd")
         if self.lr_schedule not in ("cosine", "constant"):
             raise bad("lr_schedule", f"{self.lr_schedule!r} is not one of cosine, constant")
+        if self.lr is None:
+            self.lr = default_lr(self.model, self.preset, self.optimizer)
+        if self.min_lr is None:
+            self.min_lr = self.lr / 10
         if len(self.betas) != 2:
             raise bad("betas", "two numbers, e.g. [0.9, 0.95]")
         positive = ("workers", "micro_batch", "grad_accum", "max_steps", "eval_every", "log_every")
@@ -169,6 +173,18 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise NLMError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
     return data
+
+
+def default_lr(family: str, preset: str, optimizer: str) -> float:
+    """The peak learning rate when none is given: what trained these sizes in the quality-bar
+    runs (docs/BENCHMARKS.md: AdamW 1e-3 for gpt, 2e-3 to 3e-3 for fnn/rnn; SGD 20 for lstm,
+    as PyTorch's word_language_model), and GPT-2 / BERT's own rates for `base`. A single 3e-4
+    for everything left a 40-step `tiny` run at the perplexity of a uniform guess."""
+    if optimizer == "sgd":
+        return 20.0 if family == "lstm" else 1.0  # tanh RNNs and the fnn diverge at 20
+    if preset == "base":
+        return {"gpt": 6e-4, "bert": 1e-4}.get(family, 1e-3)
+    return 1e-3 if family in ("gpt", "bert") else 3e-3
 
 
 def _check_types(config: Config, source: str) -> None:

@@ -239,3 +239,18 @@ def test_model_flops_per_token():
     # nanoGPT's estimate for GPT-2 124M: 6N + 12 L H Q T
     assert flops_per_token("gpt", 124_000_000, gpt, 1024) == 6 * 124e6 + 12 * 12 * 768 * 1024
     assert flops_per_token("lstm", 1000, None, 35) == 6000
+
+
+def test_learning_rate_defaults_follow_family_preset_and_optimizer():
+    def resolved(**fields) -> TrainConfig:
+        return TrainConfig(data="shards", out="run", **fields).check()
+
+    assert (resolved(model="gpt").lr, resolved(model="gpt").min_lr) == (1e-3, 1e-4)
+    assert resolved(model="lstm").lr == 3e-3
+    assert resolved(model="lstm", optimizer="sgd").lr == 20.0
+    assert resolved(model="rnn", optimizer="sgd").lr == 1.0
+    assert resolved(model="gpt", preset="base").lr == 6e-4
+    assert resolved(model="bert", preset="base").lr == 1e-4
+    given = resolved(model="gpt", lr=5e-3)
+    assert (given.lr, given.min_lr) == (5e-3, 5e-4)
+    assert resolved(model="gpt", lr=5e-3, min_lr=0.0).min_lr == 0.0

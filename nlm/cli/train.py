@@ -38,8 +38,8 @@ HELP = {
     "chunk_rows": "rows read per chunk (0: automatic)",
     "materialize_mb": "keep a train split up to this many MB in Ray's object store (0: stream it)",
     "optimizer": "adamw | sgd",
-    "lr": "peak learning rate",
-    "min_lr": "learning rate at the end of the cosine decay",
+    "lr": "peak learning rate (default: by family and preset, e.g. gpt 1e-3, lstm 3e-3)",
+    "min_lr": "learning rate at the end of the cosine decay (default: lr / 10)",
     "warmup_steps": "linear warm-up steps",
     "lr_schedule": "cosine | constant (after warm-up)",
     "weight_decay": "AdamW weight decay (matrices only)",
@@ -92,6 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         elif field.name == "betas":
             parser.add_argument(flag, dest=field.name, type=_floats, default=None, help=text)
         else:
+            if field.name in ("lr", "min_lr"):  # float | None: left out means the default
+                kind = float
             parser.add_argument(flag, dest=field.name, type=kind, default=None, help=text)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
