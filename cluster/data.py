@@ -22,6 +22,7 @@ of workers or on scheduling, so the same command gives byte-identical shards.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import random
@@ -286,6 +287,10 @@ class _TokenizeActor:
                 Path(tmp, name).write_bytes(data)
             self.tok = load_tokenizer(tmp)
         self.opts = opts
+        # Everything imported so far (Ray, Ray Data, pyarrow) lives as long as the actor: keep
+        # it out of the cyclic collector's scans, which the encoder's many short-lived lists
+        # trigger often (~4 % of an actor's CPU time otherwise).
+        gc.freeze()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         tables = [

@@ -15,7 +15,6 @@ row may span two units.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import random
@@ -111,8 +110,9 @@ def document_ids(tok: Tokenizer, text: str) -> list[int]:
 def clm_stream(tok: Tokenizer, docs: list[str], sizes: list[int]) -> np.ndarray:
     """The documents' ids joined and each followed by </s>, as one int32 array.
 
-    Python touches each token once (numpy.fromiter over the encoder's lists); the rest is
-    numpy on whole arrays. This and the encoder are all the per-token work of an actor.
+    The tokenizer's flat encode gives each batch's ids as one array and the lengths as another
+    (Python touches each token once, flattening SentencePiece's lists); the rest is numpy on
+    whole arrays. This and the encoder are all the per-token work of an actor.
     """
     if not tok.kind.startswith("spm-") or not any("\n" in text for text in docs):
         pieces, piece_sizes, counts = docs, sizes, None  # one piece per document
@@ -123,11 +123,8 @@ def clm_stream(tok: Tokenizer, docs: list[str], sizes: list[int]) -> np.ndarray:
         counts = np.fromiter((len(lines) for lines in split), dtype=np.int64, count=len(split))
     flats, lengths = [], []
     for start, end in _batches(pieces, piece_sizes):
-        ids = tok.encode_batch(pieces[start:end])
-        n = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-        flats.append(
-            np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(n.sum()))
-        )
+        ids, n = tok.encode_flat(pieces[start:end])
+        flats.append(ids)
         lengths.append(n)
     if not flats:
         return np.zeros(0, dtype=np.int32)

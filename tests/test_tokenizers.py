@@ -6,11 +6,19 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from nlm.errors import NLMError
 from nlm.tokenizers import KINDS, load_tokenizer, train_tokenizer
-from nlm.tokenizers.base import SPECIAL_TOKENS, UNK_ID, fingerprint
+from nlm.tokenizers.base import (
+    SPECIAL_IDS,
+    SPECIAL_TOKENS,
+    UNK_ID,
+    cut_specials,
+    fingerprint,
+    split_specials,
+)
 
 SPM_VOCAB = 1000
 
@@ -75,6 +83,79 @@ def test_special_ids_fixed_and_literal_specials(kind, wt2_lines):
     assert tok.decode(ids, skip_special=True).strip() == "the <unk> of"  # char keeps the space
     assert tok.decode([0, 0, *tok.encode("the")]) == "the"  # <pad> never shows
     assert tok.token_to_id("surely-not-a-token-§§§") is None
+
+
+# Literal special tokens in every position: alone, adjacent, at the ends, inside words, in
+# broken forms that are not special tokens, several kinds in one text.
+LITERAL_SPECIALS = [
+    "the <unk> of [MASK]",
+    "<unk>",
+    "<unk><unk> x <unk>",
+    "a<unk>b",
+    " <unk> ",
+    "",
+    "no special token here",
+    "[CLS] a [SEP] b [SEP]",
+    "<s> x </s> <pad>",
+    "<un k> [MASK [MASK]] <<unk>> [[SEP]",
+    "< [ ] >",
+]
+
+
+def _reference_cut(text: str) -> tuple[list[str], list[int]]:
+    """What cut_specials must give for one text: the regex's pieces and special ids."""
+    pieces, ids, current = [], [], ""
+    for part in split_specials(text):
+        if part in SPECIAL_IDS:
+            pieces.append(current)
+            ids.append(SPECIAL_IDS[part])
+            current = ""
+        else:
+            current += part
+    return [*pieces, current], ids
+
+
+@pytest.mark.parametrize(
+    "texts",
+    [
+        LITERAL_SPECIALS,
+        [t for t in LITERAL_SPECIALS if "[" not in t],  # one kind of special: str.split
+        ["a <unk> b", "c <unk>", "<unk> d"],
+        ["plain", "text"],
+        [],
+    ],
+)
+def test_cut_specials_matches_the_regex(texts):
+    cut = cut_specials(texts)
+    expected = [_reference_cut(t) for t in texts]
+    if not any(ids for _, ids in expected):
+        assert cut is None
+        return
+    pieces, counts, ids = cut
+    assert counts == [len(p) for p, _ in expected]
+    assert pieces == [piece for p, _ in expected for piece in p]
+    assert ids == [i for _, found in expected for i in found]
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_encode_flat_equals_encode_batch(kind, wt2_lines):
+    tok = _train(kind, wt2_lines[:300])
+    batches = [wt2_lines[:200], LITERAL_SPECIALS, wt2_lines[:20] + LITERAL_SPECIALS, [], ["a"]]
+    for texts in batches:
+        lists = tok.encode_batch(texts)
+        assert lists == [tok.encode(t) for t in texts]
+        ids, lengths = tok.encode_flat(texts)
+        assert ids.dtype == np.int32 and lengths.dtype == np.int64
+        assert lengths.tolist() == [len(x) for x in lists]
+        assert ids.tolist() == [i for x in lists for i in x]
+    if kind.startswith("spm-"):
+        # A literal special token is its id; the text around it is encoded as if the special
+        # token were the end of one text and the start of another (the ids nlm always gave).
+        for text in LITERAL_SPECIALS:
+            expected = []
+            for part in split_specials(text):
+                expected += [SPECIAL_IDS[part]] if part in SPECIAL_IDS else tok.sp.encode(part)
+            assert tok.encode(text) == expected
 
 
 def test_word_vocabulary_rules():

@@ -17,17 +17,25 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import itertools
 import json
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
+
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "[CLS]", "[SEP]", "[MASK]")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
 SPECIAL_IDS = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
 # One regex finds every special token written literally in a text; the capture group keeps them.
 SPECIAL_PATTERN = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
+# The special tokens by first character, the usual literal one (WikiText's <unk>) first.
+_SPECIALS_BY_FIRST_CHAR = {
+    "<": ("<unk>", "<pad>", "<s>", "</s>"),
+    "[": ("[MASK]", "[CLS]", "[SEP]"),
+}
 
 
 class Tokenizer(abc.ABC):
@@ -50,6 +58,11 @@ class Tokenizer(abc.ABC):
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
+
+    def encode_flat(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """`encode_batch` as arrays: all ids concatenated (int32) and each text's length
+        (int64), without a Python list per text where the kind can avoid it."""
+        return flatten_ids(self.encode_batch(texts))
 
     @abc.abstractmethod
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str: ...
@@ -82,6 +95,73 @@ def keep_in_decode(token_id: int, skip_special: bool) -> bool:
 def split_specials(text: str) -> list[str]:
     """`text` cut around literal special tokens: ["the ", "[MASK]", " sat"] (empty parts dropped)."""
     return [part for part in SPECIAL_PATTERN.split(text) if part]
+
+
+def cut_specials(texts: Sequence[str]) -> tuple[list[str], list[int], list[int]] | None:
+    """The texts cut around their literal special tokens, for one batched encode of the rest:
+    (plain pieces of all texts in order, pieces per text, the special ids in order), or None
+    when no text holds a special token. Text i is its first piece, then the next special id
+    and the next piece, and so on (a text with k specials has k + 1 pieces, some maybe empty).
+
+    One `str.split` per text when a single kind of special token occurs in the batch (WikiText
+    has only `<unk>`), the regex otherwise: the same cut either way.
+    """
+    # None of the special tokens holds a line break, so joining cannot make one no text has.
+    present = _specials_in("\n".join(texts))
+    if not present:
+        return None
+    if len(present) == 1:
+        token = present[0]
+        parts = [t.split(token) for t in texts]
+        pieces = list(itertools.chain.from_iterable(parts))
+        return pieces, list(map(len, parts)), [SPECIAL_IDS[token]] * (len(pieces) - len(parts))
+    split = [SPECIAL_PATTERN.split(t) for t in texts]  # plain, special, plain, ..., plain
+    pieces = [piece for parts in split for piece in parts[0::2]]
+    counts = [(len(parts) + 1) // 2 for parts in split]
+    return pieces, counts, [SPECIAL_IDS[s] for parts in split for s in parts[1::2]]
+
+
+def _specials_in(text: str) -> list[str]:
+    """The special tokens that occur in `text`: a few C-level scans, not one per token."""
+    present = []
+    for first, (common, *rare) in _SPECIALS_BY_FIRST_CHAR.items():
+        rest = text
+        if common in rest:
+            present.append(common)
+            rest = rest.replace(common, "\n")  # holds no special token, so it makes none
+        if rest.count(first) > 256:  # many other "<" (markup?): one scan per token
+            present += [token for token in rare if token in rest]
+            continue
+        found, pos = set(), rest.find(first)
+        while pos >= 0:  # no special token is a prefix of another
+            found.update(token for token in rare if rest.startswith(token, pos))
+            pos = rest.find(first, pos + 1)
+        present += [token for token in rare if token in found]
+    return present
+
+
+def flatten_ids(ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Lists of ids -> (all ids concatenated as int32, each list's length as int64)."""
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
+    return flat, lengths
+
+
+def join_specials(
+    flat: np.ndarray, piece_lengths: np.ndarray, counts: Sequence[int], special_ids: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Put the special ids back between the encoded pieces of `cut_specials`: (ids, lengths)
+    per text as `flatten_ids` gives them, with numpy on whole arrays."""
+    counts_a = np.asarray(counts, dtype=np.int64)
+    if len(counts_a) == 0:
+        return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64)
+    last = np.cumsum(counts_a) - 1  # index of each text's last piece
+    between = np.ones(len(piece_lengths), dtype=bool)
+    between[last] = False  # a special follows every piece but a text's last
+    ends = np.cumsum(piece_lengths)
+    ids = np.insert(flat, ends[between], np.asarray(special_ids, dtype=np.int32))
+    lengths = np.add.reduceat(piece_lengths, last - counts_a + 1) + counts_a - 1
+    return ids, lengths
 
 
 def write_json(path: Path, data: object) -> None:

@@ -20,6 +20,7 @@ import random
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
 from nlm.errors import NLMError
@@ -27,6 +28,9 @@ from nlm.tokenizers.base import (
     SPECIAL_IDS,
     SPECIAL_TOKENS,
     Tokenizer,
+    cut_specials,
+    flatten_ids,
+    join_specials,
     keep_in_decode,
     split_specials,
     write_json,
@@ -124,26 +128,32 @@ class SentencePieceTokenizer(Tokenizer):
     def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
         """One batched SentencePiece call; num_threads=1 by default because the corpus pipeline
         already runs one tokenizer per Ray actor (SentencePiece would otherwise take every core)."""
-        # Every special token starts with "<" or "[": a text with neither goes to SentencePiece
-        # whole, with no regex and no re-assembly (one C-level scan per text).
-        if not any("<" in t or "[" in t for t in texts):
+        cut = cut_specials(texts)
+        if cut is None:  # no literal special token: the texts go to SentencePiece whole
             return self.sp.encode(list(texts), num_threads=num_threads)
-        parts = [split_specials(t) if "<" in t or "[" in t else [t] for t in texts]
-        plain = [p for ps in parts for p in ps if p not in SPECIAL_IDS]
-        encoded = iter(self.sp.encode(plain, num_threads=num_threads)) if plain else iter(())
+        pieces, counts, special_ids = cut
+        encoded = iter(self.sp.encode(pieces, num_threads=num_threads))
+        specials = iter(special_ids)
         out = []
-        for ps in parts:
-            if len(ps) == 1 and ps[0] not in SPECIAL_IDS:
-                out.append(next(encoded))
-                continue
-            ids: list[int] = []
-            for p in ps:
-                if p in SPECIAL_IDS:
-                    ids.append(SPECIAL_IDS[p])
-                else:
-                    ids.extend(next(encoded))
+        for n in counts:
+            ids = next(encoded)
+            for _ in range(n - 1):
+                ids.append(next(specials))
+                ids.extend(next(encoded))
             out.append(ids)
         return out
+
+    def encode_flat(
+        self, texts: Sequence[str], num_threads: int = 1
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`encode_batch` as (ids int32, lengths int64): the special ids go back in with numpy,
+        and Python touches each id once (flattening SentencePiece's lists)."""
+        cut = cut_specials(texts)
+        if cut is None:
+            return flatten_ids(self.sp.encode(list(texts), num_threads=num_threads))
+        pieces, counts, special_ids = cut
+        flat, piece_lengths = flatten_ids(self.sp.encode(pieces, num_threads=num_threads))
+        return join_specials(flat, piece_lengths, counts, special_ids)
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         # Runs of ordinary pieces decode with SentencePiece; special ids are shown by name
