@@ -149,6 +149,10 @@ def mlm_rows(
     ids = iter(encode_pieces(tok, flat, [len(s) for s in flat]))
     documents = [[next(ids) for _ in ss] for ss in sentences]
     documents = [[s for s in doc if s] for doc in documents]
+    # A one-sentence document has no next sentence: its two halves stand in for A and B (BERT's
+    # segments need not be linguistic sentences), so it still gives a row with a fair NSP draw
+    # instead of none; pku-style corpora are mostly such lines.
+    documents = [doc if len(doc) > 1 else _halves(doc[0]) for doc in documents if doc]
     documents = [doc for doc in documents if doc]
     if not documents:
         return [], [], []
@@ -158,6 +162,14 @@ def mlm_rows(
         half = len(documents[0]) // 2
         documents = [documents[0][:half], documents[0][half:]]
     return _nsp_columns(make_nsp_pairs(documents, rng, max_length=seq_len))
+
+
+def _halves(sentence: list[int]) -> list[list[int]]:
+    """A sentence's ids as two segments (none when it has a single token)."""
+    if len(sentence) < 2:
+        return []
+    half = len(sentence) // 2
+    return [sentence[:half], sentence[half:]]
 
 
 def _nsp_columns(pairs: Any) -> tuple[list[list[int]], list[list[int]], list[int]]:

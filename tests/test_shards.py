@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 
 from nlm.cluster.data import PrepareConfig, prepare
 from nlm.cluster.data_sources import Skips, find_sources, is_val, plan_units, read_documents
-from nlm.cluster.data_tokenize import document_ids, split_sentences
+from nlm.cluster.data_tokenize import document_ids, mlm_rows, split_sentences
 from nlm.errors import NLMError
 from nlm.shards import MANIFEST, check_tokenizer, clm_stream, iter_tables, read_manifest
 from nlm.tokenizers import load_tokenizer, train_tokenizer
@@ -203,6 +204,22 @@ def test_mlm_pairs(ray_local, tmp_path, paragraphs, word_tokenizer):
     assert manifest.splits["train"]["rows"] == len(labels)
     assert split_sentences("One. Two! Three?\nFour") == ["One.", "Two!", "Three?", "Four"]
     assert split_sentences("他来了。 我走了！好") == ["他来了。", "我走了！", "好"]
+
+
+def test_one_sentence_documents_give_mlm_rows(word_tokenizer):
+    tok = load_tokenizer(word_tokenizer)
+    docs = [f"the {w} was a game of the season" for w in ("first", "second", "third", "last")]
+    docs += ["game"]  # one token: nothing to pair
+    input_ids, token_types, labels = mlm_rows(tok, docs, 64, random.Random(0))
+    assert len(labels) == 4  # one row per multi-token sentence, none for "game"
+    assert 0 in labels and 1 in labels
+    for ids, types, label in zip(input_ids, token_types, labels, strict=True):
+        a = ids[1 : ids.index(SEP_ID)]
+        b = ids[ids.index(SEP_ID) + 1 : -1]
+        assert len(a) == 4  # the first half of an 8-word sentence
+        if label == 0:  # IsNext: B is the same sentence's second half
+            assert len(b) == 4 and tok.decode(a + b) in docs
+        assert sum(types) == len(b) + 1
 
 
 def test_many_small_files_give_many_blocks(ray_local, tmp_path, paragraphs, word_tokenizer):
