@@ -39,7 +39,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -215,9 +215,7 @@ class ModelServer:
     async def _run_batch(
         self, endpoint: str, requests: list[list[Any]], run: Callable[[list[Any]], list[Any]]
     ) -> list[list[Any]]:
-        stats = self.stats[endpoint]
-        stats["requests"] += len(requests)
-        stats["items"] += sum(len(jobs) for jobs in requests)
+        stats = self._count_arrivals(endpoint, requests)
         if self.max_batch_size > 1:
             return await self._merged(endpoint, requests, run)
         # Batching off: one input per forward pass, like a server without batching.
@@ -230,6 +228,12 @@ class ModelServer:
                 answers.extend(await self._compute(run, [job]))
             out.append(answers)
         return out
+
+    def _count_arrivals(self, endpoint: str, requests: list[list[Any]]) -> dict[str, int]:
+        stats = self.stats[endpoint]
+        stats["requests"] += len(requests)
+        stats["items"] += sum(len(jobs) for jobs in requests)
+        return stats
 
     async def _merged(
         self, endpoint: str, requests: list[list[Any]], run: Callable[[list[Any]], list[Any]]
@@ -269,9 +273,7 @@ class ModelServer:
                     self.waiting[endpoint][:0] = [t for t in taken if not t[1].done()]
                     raise
                 except Exception as exc:  # noqa: BLE001 - every waiter must hear of it
-                    for _, future in taken:
-                        if not future.done():
-                            future.set_exception(exc)
+                    _fail(taken, exc)
                     continue
                 self.last_call_s[endpoint] = time.monotonic() - started
                 start = 0
@@ -313,9 +315,7 @@ class ModelServer:
 
     async def _join_generation(self, requests: list[list[Any]]) -> list[list[Any]]:
         """Add the requests' jobs to the continuous generation; their answers when done."""
-        stats = self.stats["generate"]
-        stats["requests"] += len(requests)
-        stats["items"] += sum(len(jobs) for jobs in requests)
+        self._count_arrivals("generate", requests)
         loop = asyncio.get_running_loop()
         mine = [[(job, loop.create_future()) for job in jobs] for jobs in requests]
         self.joining.extend(pair for pairs in mine for pair in pairs)
@@ -334,9 +334,7 @@ class ModelServer:
         try:
             await self._step_generation()
         except BaseException as exc:  # a bug here must not leave requests waiting forever
-            for _, future in [*self.running.values(), *self.joining]:
-                if not future.done():
-                    future.set_exception(exc)
+            _fail([*self.running.values(), *self.joining], exc)
             self.running.clear()
             self.joining.clear()
             raise
@@ -365,9 +363,7 @@ class ModelServer:
                     _advance, generation, [job for job, _ in admitted], keys, gone
                 )
             except Exception as exc:  # noqa: BLE001 - every running request must hear of it
-                for _, future in self.running.values():
-                    if not future.done():
-                        future.set_exception(exc)
+                _fail(self.running.values(), exc)
                 self.running.clear()
                 generation = self.engine.continuous_generation()
                 continue
@@ -387,6 +383,13 @@ class ModelServer:
     @_batched
     async def _fill_mask_batch(self, requests: list[list[Any]]) -> list[list[Any]]:
         return await self._run_batch("fill-mask", requests, self.engine.fill_mask)
+
+
+def _fail(waiting: Iterable[tuple[Any, asyncio.Future]], exc: BaseException) -> None:
+    """Hand `exc` to every (job, future) pair still waiting for its answer."""
+    for _, future in waiting:
+        if not future.done():
+            future.set_exception(exc)
 
 
 def _advance(

@@ -170,9 +170,7 @@ def detach_state(state: Any) -> Any:
     the graph: truncated BPTT carries the values into the next window, not the gradients."""
     if state is None:
         return None
-    if isinstance(state, tuple | list):
-        return type(state)(detach_state(s) for s in state)
-    return state.detach()
+    return _map_tensors(torch.Tensor.detach, state)
 
 
 def check_left_padding(
