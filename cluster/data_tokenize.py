@@ -159,17 +159,17 @@ def mlm_rows(
     if len(documents) == 1 and len(documents[0]) >= 4:
         # A random B must come from another document; a unit holding a single (long)
         # document lends its two halves to each other instead of giving only IsNext pairs.
-        half = len(documents[0]) // 2
-        documents = [documents[0][:half], documents[0][half:]]
+        documents = _halves(documents[0])
     return _nsp_columns(make_nsp_pairs(documents, rng, max_length=seq_len))
 
 
-def _halves(sentence: list[int]) -> list[list[int]]:
-    """A sentence's ids as two segments (none when it has a single token)."""
-    if len(sentence) < 2:
+def _halves(items: list[Any]) -> list[list[Any]]:
+    """The first and second half of a list (a sentence's ids, a document's sentences); none
+    when it has fewer than two items."""
+    if len(items) < 2:
         return []
-    half = len(sentence) // 2
-    return [sentence[:half], sentence[half:]]
+    half = len(items) // 2
+    return [items[:half], items[half:]]
 
 
 def _nsp_columns(pairs: Any) -> tuple[list[list[int]], list[list[int]], list[int]]:
