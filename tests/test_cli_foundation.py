@@ -157,7 +157,7 @@ def test_eval_bad_input(case, message, workdir, tmp_path):
 def test_demo_machinery(tmp_path):
     """All five families through train -> save -> evaluate on a tiny budget (a spent clock still
     trains min_steps, bert a tenth of them); lstm trains long enough to beat its untrained self."""
-    from nlm.foundation_demo import format_table, run_foundation_demo
+    from nlm.workflows.foundation_demo import format_table, run_foundation_demo
 
     out = tmp_path / "demo"
     small = dict(preset="tiny", vocab_size=2000, test_lines=8, max_pll_tokens=50, progress=False)

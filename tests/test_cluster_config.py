@@ -263,8 +263,8 @@ def test_cluster_job_configs_load_with_their_commands_own_loaders():
     """configs/cluster-*.yaml are what the docs submit: each must load as its command would."""
     from ray.serve.schema import ServeDeploySchema
 
-    from nlm.cluster.data import PrepareConfig
-    from nlm.cluster.train_config import TrainConfig
+    from nlm.cluster.prepare.pipeline import PrepareConfig
+    from nlm.cluster.train.config import TrainConfig
     from nlm.serve.app import AppArgs
 
     configs = REPO / "configs"

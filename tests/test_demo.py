@@ -15,9 +15,9 @@ import httpx
 import pytest
 
 from nlm.checkpoint import load_checkpoint
-from nlm.cluster.demo import PKU_RUN, PKU_WORD, WORD, DemoConfig, format_table, run_demo
 from nlm.errors import NLMError
-from nlm.foundation_demo import DEMO_MARKER, clear_out_dir
+from nlm.workflows.demo import PKU_RUN, PKU_WORD, WORD, DemoConfig, format_table, run_demo
+from nlm.workflows.foundation_demo import DEMO_MARKER, clear_out_dir
 
 MODELS = ["fnn", "rnn", "lstm", "gpt", "bert", PKU_RUN]
 STEPS = 3

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from nlm.checkpoint import save_checkpoint
-from nlm.cluster.finetune_loop import finetune
-from nlm.cluster.train_metrics import read_metrics
+from nlm.cluster.finetune.loop import finetune
+from nlm.cluster.train.metrics import read_metrics
 from nlm.errors import NLMError
 from nlm.finetune.config import FinetuneConfig
 from nlm.finetune.cws import convert_cws, first_invalid_bmes, write_jsonl

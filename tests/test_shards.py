@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nlm.cluster.data import PrepareConfig, prepare
-from nlm.cluster.data_sources import Skips, find_sources, is_val, plan_units, read_documents
-from nlm.cluster.data_tokenize import document_ids, mlm_rows, split_sentences
+from nlm.cluster.prepare.encode import document_ids, mlm_rows, split_sentences
+from nlm.cluster.prepare.pipeline import PrepareConfig, prepare
+from nlm.cluster.prepare.sources import Skips, find_sources, is_val, plan_units, read_documents
 from nlm.errors import NLMError
 from nlm.shards import MANIFEST, check_tokenizer, clm_stream, iter_tables, read_manifest
 from nlm.tokenizers import load_tokenizer, train_tokenizer

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from nlm.checkpoint import load_checkpoint
-from nlm.cluster.train_config import TrainConfig
-from nlm.cluster.train_metrics import read_metrics
-from nlm.cluster.train_plan import list_checkpoints, plan_run
+from nlm.cluster.train.config import TrainConfig
+from nlm.cluster.train.metrics import read_metrics
+from nlm.cluster.train.plan import list_checkpoints, plan_run
 from nlm.errors import NLMError
 
 from train_shards import corpus_lines, write_shards
@@ -94,7 +94,7 @@ def process_group():
     ],
 )
 def test_every_family_trains_and_exports(process_group, shards, tmp_path, model, stage, optimizer):
-    from nlm.cluster.train_loop import LocalSession, run_worker
+    from nlm.cluster.train.loop import LocalSession, run_worker
 
     lr = 1.0 if optimizer == "sgd" else 3e-3
     cfg = tiny(shards, tmp_path / model, model, zero_stage=stage, optimizer=optimizer, lr=lr,
@@ -117,7 +117,7 @@ def test_every_family_trains_and_exports(process_group, shards, tmp_path, model,
 
 def test_zero3_export_gives_the_engines_logits(process_group, shards, tmp_path):
     """ZeRO-3 partitions every parameter; the export gathers them whole."""
-    from nlm.cluster.train_loop import LocalSession, run_worker
+    from nlm.cluster.train.loop import LocalSession, run_worker
 
     cfg = tiny(
         shards, tmp_path / "z3", "gpt", zero_stage=3, max_steps=3, eval_every=3, eval_rows=16
@@ -155,7 +155,7 @@ def math_finite(x: float) -> bool:
     ],
 )
 def test_unplaceable_workers_fail_before_starting(ray_local, shards, tmp_path, changes):
-    from nlm.cluster.trainer import train
+    from nlm.cluster.train.driver import train
 
     cfg = tiny(shards, tmp_path / "big", "gpt", micro_batch=4, placement_timeout_s=2.0, **changes)
     started = time.monotonic()
@@ -166,7 +166,7 @@ def test_unplaceable_workers_fail_before_starting(ray_local, shards, tmp_path, c
 
 
 def test_bert_zero3_on_two_ray_workers(ray_local, shards, tmp_path):
-    from nlm.cluster.trainer import train
+    from nlm.cluster.train.driver import train
 
     cfg = tiny(shards, tmp_path / "bert", "bert", workers=2, zero_stage=3, max_steps=6,
                eval_every=3, keep_checkpoints=1)  # fmt: skip
@@ -187,7 +187,7 @@ def test_killed_worker_restarts_from_checkpoint_then_resume(ray_local, shards, t
     """Kill rank 1 mid-run: Ray restarts the group, it resumes from the last checkpoint with
     the same data position, optimizer state and RNG (so the replayed steps reproduce the first
     attempt's losses) and finishes. Then --resume extends the finished run."""
-    from nlm.cluster.trainer import train
+    from nlm.cluster.train.driver import train
 
     out = tmp_path / "ft"
     cfg = tiny(shards, out, "lstm", workers=2, zero_stage=2, micro_batch=4, max_steps=150,
@@ -265,7 +265,7 @@ def test_torchrun_two_ranks_without_ray(shards, tmp_path):
     config_file = tmp_path / "gpt.yaml"
     cfg.save_yaml(config_file)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "nlm.cluster.train_loop", str(config_file)]  # fmt: skip
+           "-m", "nlm.cluster.train.loop", str(config_file)]  # fmt: skip
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]

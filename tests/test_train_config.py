@@ -13,10 +13,10 @@ import pytest
 import torch
 import yaml
 
-from nlm.cluster.train_config import TrainConfig
-from nlm.cluster.train_data import batches_per_epoch, micro_batches, reset_state
-from nlm.cluster.train_loop import lr_at
-from nlm.cluster.train_plan import plan_run
+from nlm.cluster.train.batches import batches_per_epoch, micro_batches, reset_state
+from nlm.cluster.train.config import TrainConfig
+from nlm.cluster.train.loop import lr_at
+from nlm.cluster.train.plan import plan_run
 from nlm.errors import NLMError
 
 from train_shards import corpus_lines, write_shards
@@ -220,7 +220,7 @@ def test_shipped_configs_are_valid():
 
 
 def test_deepspeed_config_per_device():
-    from nlm.cluster.deepspeed_config import deepspeed_config
+    from nlm.cluster.train.deepspeed_config import deepspeed_config
 
     cfg = TrainConfig(micro_batch=8, grad_accum=4, zero_stage=3, grad_clip=0.5)
     cpu = deepspeed_config(cfg, "cpu", world_size=2)
@@ -232,7 +232,7 @@ def test_deepspeed_config_per_device():
 
 
 def test_model_flops_per_token():
-    from nlm.cluster.train_metrics import flops_per_token
+    from nlm.cluster.train.metrics import flops_per_token
     from nlm.models.gpt import GPTConfig
 
     gpt = GPTConfig(n_layer=12, n_embd=768, block_size=1024)

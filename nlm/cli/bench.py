@@ -1,8 +1,8 @@
 """`nlm bench data|train|serve`: the project's benchmarks, one module each, imported lazily.
 
-    nlm bench data     nlm.cluster.data_bench   corpus pipeline vs single-process SentencePiece
-    nlm bench train    nlm.cluster.bench_train  nlm train (1 and 2 workers) vs a plain PyTorch loop
-    nlm bench serve    nlm.serve.bench          Ray Serve with/without batching vs plain FastAPI
+    nlm bench data     nlm.bench.data   corpus pipeline vs single-process SentencePiece
+    nlm bench train    nlm.bench.train  nlm train (1 and 2 workers) vs a plain PyTorch loop
+    nlm bench serve    nlm.bench.serve          Ray Serve with/without batching vs plain FastAPI
 
 A benchmark module exposes `add_arguments(parser)` and `run(args) -> int | None` (like the
 subcommand modules), or else `main(argv: list[str])`, which gets the remaining arguments.
@@ -19,9 +19,9 @@ from types import ModuleType
 from nlm.errors import NLMError
 
 TARGETS: dict[str, tuple[str, str]] = {
-    "data": ("nlm.cluster.data_bench", "corpus pipeline throughput and memory"),
-    "train": ("nlm.cluster.bench_train", "training throughput: plain PyTorch vs 1 and 2 workers"),
-    "serve": ("nlm.serve.bench", "serving throughput and latency, batched vs unbatched"),
+    "data": ("nlm.bench.data", "corpus pipeline throughput and memory"),
+    "train": ("nlm.bench.train", "training throughput: plain PyTorch vs 1 and 2 workers"),
+    "serve": ("nlm.bench.serve", "serving throughput and latency, batched vs unbatched"),
 }
 
 

@@ -3,7 +3,7 @@
     nlm demo                      # Ray: prepare -> train x5 (+ an lstm on pku) -> eval -> Serve
     nlm demo --in-process         # the foundation version: one process, plain PyTorch, no Ray
 
-The Ray pipeline lives in nlm.cluster.demo, the one-process version in nlm.foundation_demo.
+The Ray pipeline lives in nlm.workflows.demo, the one-process version in nlm.workflows.foundation_demo.
 Both write under --out (default runs/demo), replacing an earlier demo run there.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from nlm.foundation_demo import FAMILIES
+from nlm.workflows.foundation_demo import FAMILIES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if args.in_process:
         return _in_process(args, families)
 
-    from nlm.cluster.demo import DemoConfig, run_demo
+    from nlm.workflows.demo import DemoConfig, run_demo
 
     config = DemoConfig(
         out=args.out,
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _in_process(args: argparse.Namespace, families: tuple[str, ...]) -> int:
-    from nlm.foundation_demo import clear_out_dir, format_table, run_foundation_demo
+    from nlm.workflows.foundation_demo import clear_out_dir, format_table, run_foundation_demo
 
     clear_out_dir(args.out)
     results = run_foundation_demo(

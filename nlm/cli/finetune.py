@@ -99,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_config(args: argparse.Namespace) -> Any:
-    from nlm.cluster.train_config import read_yaml
+    from nlm.cluster.train.config import read_yaml
     from nlm.finetune.config import FinetuneConfig
 
     data: dict[str, Any] = {}
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> dict[str, Any]:
-    from nlm.cluster.finetune_loop import finetune
+    from nlm.cluster.finetune.loop import finetune
 
     return finetune(resolve_config(args), progress=not args.no_progress)
 

@@ -1,4 +1,4 @@
-"""`nlm prepare`: tokenize a corpus into Parquet shards with Ray Data (nlm.cluster.data).
+"""`nlm prepare`: tokenize a corpus into Parquet shards with Ray Data (nlm.cluster.prepare.pipeline).
 
     nlm prepare --input 'corpus/*.txt' --output shards/wt2 --tokenizer spm-bpe --vocab-size 8000 \\
                 --objective clm --seq-len 256 --val-fraction 0.05
@@ -122,7 +122,7 @@ def load_yaml(path: str) -> dict[str, Any]:
 
 
 def build_config(args: argparse.Namespace):
-    from nlm.cluster.data import PrepareConfig
+    from nlm.cluster.prepare.pipeline import PrepareConfig
 
     data: dict[str, Any] = {}
     source = "flags"
@@ -150,7 +150,7 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from nlm.cluster.data import prepare
+    from nlm.cluster.prepare.pipeline import prepare
 
     cfg = build_config(args)
     manifest, stats = prepare(cfg)

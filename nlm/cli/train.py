@@ -64,7 +64,7 @@ HELP = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from nlm.cluster.train_config import TrainConfig
+    from nlm.cluster.train.config import TrainConfig
 
     parser.add_argument("--config", help="YAML file of TrainConfig fields; flags override it")
     hints = typing.get_type_hints(TrainConfig)
@@ -100,7 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_config(args: argparse.Namespace) -> Any:
     """--config FILE (or RUN/config.yaml with --resume), then the flags given on top."""
-    from nlm.cluster.train_config import TrainConfig, read_yaml
+    from nlm.cluster.train.config import TrainConfig, read_yaml
     from nlm.errors import NLMError
 
     data: dict[str, Any] = {}
@@ -125,7 +125,7 @@ def resolve_config(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nlm.cluster.trainer import train
+    from nlm.cluster.train.driver import train
 
     config = resolve_config(args)
     summary = train(config, progress=not args.no_progress)

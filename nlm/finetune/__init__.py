@@ -11,5 +11,5 @@ the first token's ([CLS]) final hidden state and labels sequences from every tok
     predict.py  Predictor: classify(texts) and tag(tokens | raw text) on a loaded checkpoint
     config.py   FinetuneConfig (every knob of `nlm finetune`)
 
-The Ray Train + DeepSpeed loop is nlm.cluster.finetune_loop; this package is plain torch.
+The Ray Train + DeepSpeed loop is nlm.cluster.finetune.loop; this package is plain torch.
 """

@@ -33,9 +33,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nlm.cluster.deepspeed_config import deepspeed_config
-from nlm.cluster.train_config import TrainConfig
-from nlm.cluster.train_loop import (
+from nlm.cluster.train.config import TrainConfig
+from nlm.cluster.train.deepspeed_config import deepspeed_config
+from nlm.cluster.train.loop import (
     _all_reduce_sum,
     _cpus,
     _gathered,
@@ -43,7 +43,7 @@ from nlm.cluster.train_loop import (
     lr_at,
     make_optimizer,
 )
-from nlm.cluster.train_metrics import MetricsLog, read_metrics
+from nlm.cluster.train.metrics import MetricsLog, read_metrics
 from nlm.errors import NLMError
 from nlm.finetune.config import FinetuneConfig
 from nlm.finetune.cws import viterbi_bmes
@@ -70,7 +70,7 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
     import ray
 
     from nlm.cluster.launch import check_resources, ensure_ray
-    from nlm.cluster.trainer import _user_error, resolve_device
+    from nlm.cluster.train.driver import _user_error, resolve_device
 
     plan, payload = plan_finetune(config)
     config = plan.finetune

@@ -6,7 +6,7 @@
 
 A plain PyTorch loop on purpose: no Ray, no DeepSpeed (this module is part of the library and
 never imports them). `nlm demo` without --in-process runs the whole pipeline on Ray instead
-(nlm.cluster.demo). The table has a unigram row (add-one smoothed train counts) as the floor
+(nlm.workflows.demo). The table has a unigram row (add-one smoothed train counts) as the floor
 every trained model should get clearly below; the Ray demo reuses `unigram_baseline`.
 
 Defaults, chosen for a 2-core machine: `tiny` presets (a `small` model's step costs well over ten

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from nlm.cluster.train_data import Chunk, table_to_chunk
-from nlm.cluster.train_plan import CHECKPOINT_PREFIX, CHECKPOINTS, RunPlan, list_checkpoints
+from nlm.cluster.train.batches import Chunk, table_to_chunk
+from nlm.cluster.train.plan import CHECKPOINT_PREFIX, CHECKPOINTS, RunPlan, list_checkpoints
 
 
 class RaySession:

@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from nlm.cluster.deepspeed_config import check_zero_stage
-from nlm.cluster.train_config import TrainConfig
+from nlm.cluster.train.config import TrainConfig
+from nlm.cluster.train.deepspeed_config import check_zero_stage
 from nlm.config import Config
 from nlm.errors import NLMError
 

@@ -182,9 +182,9 @@ def nlm_train(
 ) -> dict[str, Any]:
     import shutil
 
-    from nlm.cluster.train_config import TrainConfig
-    from nlm.cluster.train_metrics import read_metrics
-    from nlm.cluster.trainer import train
+    from nlm.cluster.train.config import TrainConfig
+    from nlm.cluster.train.driver import train
+    from nlm.cluster.train.metrics import read_metrics
 
     shutil.rmtree(out, ignore_errors=True)
     config = TrainConfig(

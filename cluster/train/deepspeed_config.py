@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nlm.cluster.train_config import TrainConfig
+from nlm.cluster.train.config import TrainConfig
 from nlm.errors import NLMError
 
 # Parameters below this many elements stay whole on every rank under ZeRO-3 (DeepSpeed's

@@ -6,7 +6,7 @@
    tokenizer, preset, context length, split sizes, run directory, ZeRO stage, device; and that
    the cluster can place the workers plus a CPU for Ray Data (cluster.launch.check_resources).
 2. Write RUN/config.yaml (the resolved config: rerun it with `--config`) and RUN/plan.json (what
-   `python -m nlm.cluster.train_loop` needs to run a rank without Ray).
+   `python -m nlm.cluster.train.loop` needs to run a rank without Ray).
 3. Run a ray.train.torch.TorchTrainer: gloo on CPU, nccl with one GPU per worker on GPUs;
    `FailureConfig(max_failures)` restarts the worker group from the last checkpoint;
    `CheckpointConfig(num_to_keep)` keeps the last K; storage is RUN/checkpoints.
@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nlm.cluster.deepspeed_config import check_zero_stage
-from nlm.cluster.train_config import TrainConfig
-from nlm.cluster.train_metrics import read_metrics
-from nlm.cluster.train_plan import CHECKPOINTS, RunPlan, plan_run
+from nlm.cluster.train.config import TrainConfig
+from nlm.cluster.train.deepspeed_config import check_zero_stage
+from nlm.cluster.train.metrics import read_metrics
+from nlm.cluster.train.plan import CHECKPOINTS, RunPlan, plan_run
 from nlm.errors import NLMError
 
 DATA_CPUS = 1.0  # kept free for Ray Data's read tasks (each asks for one CPU)
@@ -129,7 +129,7 @@ def make_trainer(plan: RunPlan, worker: dict[str, float]) -> Any:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from nlm.cluster.train_loop import train_worker
+    from nlm.cluster.train.loop import train_worker
 
     config = plan.train
     context = ray.data.DataContext.get_current()

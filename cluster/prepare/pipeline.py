@@ -39,8 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from nlm.cluster.data_sources import Skips, Unit, find_sources, is_val, plan_units, read_documents
-from nlm.cluster.data_tokenize import (
+from nlm.cluster.prepare.encode import (
     META,
     TRAIN,
     VAL,
@@ -48,6 +47,14 @@ from nlm.cluster.data_tokenize import (
     peak_rss_bytes,
     private_rss_bytes,
     process_unit,
+)
+from nlm.cluster.prepare.sources import (
+    Skips,
+    Unit,
+    find_sources,
+    is_val,
+    plan_units,
+    read_documents,
 )
 from nlm.config import Config
 from nlm.errors import NLMError

@@ -6,7 +6,7 @@ says where rows, checkpoints and reports come from:
 - `RaySession` inside a Ray Train worker (`train_worker`, the TorchTrainer's loop): rows from
   `ray.train.get_dataset_shard(...).iter_torch_batches`, checkpoints through `ray.train.report`
   / `ray.train.get_checkpoint`. Ray has set up the process group; DeepSpeed joins it.
-- `LocalSession` without Ray (`torchrun -m nlm.cluster.train_loop CONFIG.yaml`, or RANK /
+- `LocalSession` without Ray (`torchrun -m nlm.cluster.train.loop CONFIG.yaml`, or RANK /
   WORLD_SIZE / MASTER_ADDR / MASTER_PORT set by hand; see `main`): rows straight from the
   Parquet files, checkpoints written to RUN/checkpoints. This is how GPU throughput is measured
   where only torch and DeepSpeed are installed; Ray's share of a step is the same as on CPU.
@@ -40,9 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nlm.cluster.deepspeed_config import deepspeed_config
-from nlm.cluster.train_config import TrainConfig
-from nlm.cluster.train_data import (
+from nlm.cluster.train.batches import (
     Batch,
     Chunk,
     batches_per_epoch,
@@ -51,9 +49,11 @@ from nlm.cluster.train_data import (
     reset_state,
     state_to,
 )
-from nlm.cluster.train_metrics import MetricsLog, flops_per_token, peak_flops
-from nlm.cluster.train_plan import CHECKPOINT_META, RunPlan, plan_run
-from nlm.cluster.train_session import LocalSession, RaySession
+from nlm.cluster.train.config import TrainConfig
+from nlm.cluster.train.deepspeed_config import deepspeed_config
+from nlm.cluster.train.metrics import MetricsLog, flops_per_token, peak_flops
+from nlm.cluster.train.plan import CHECKPOINT_META, RunPlan, plan_run
+from nlm.cluster.train.session import LocalSession, RaySession
 from nlm.errors import NLMError
 
 DS_TAG = "ds"  # DeepSpeed's tag inside every checkpoint directory
@@ -681,7 +681,7 @@ def _progress(enabled: bool, start: int, total: int) -> _NoProgress:
 def main(argv: list[str] | None = None) -> None:
     """One rank without Ray, under torchrun (or RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT):
 
-        torchrun --standalone --nproc_per_node 8 -m nlm.cluster.train_loop CONFIG.yaml
+        torchrun --standalone --nproc_per_node 8 -m nlm.cluster.train.loop CONFIG.yaml
 
     CONFIG.yaml holds TrainConfig fields (as `nlm train --config`); `workers` is taken from
     WORLD_SIZE. Rank 0 checks it (train_plan.plan_run) and writes RUN/config.yaml and
@@ -689,11 +689,11 @@ def main(argv: list[str] | None = None) -> None:
     """
     import deepspeed
 
-    from nlm.cluster.train_config import TrainConfig
+    from nlm.cluster.train.config import TrainConfig
 
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        raise SystemExit("usage: python -m nlm.cluster.train_loop CONFIG.yaml (under torchrun)")
+        raise SystemExit("usage: python -m nlm.cluster.train.loop CONFIG.yaml (under torchrun)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     os.environ.setdefault("DS_ACCELERATOR", device)
     if device == "cuda":

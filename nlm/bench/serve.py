@@ -6,7 +6,7 @@
 Three servers, each its own process on 127.0.0.1, all started first and stopped at the end:
 - `batched`:   nlm serve with @serve.batch (max_batch_size 32),
 - `unbatched`: the same with --no-batching (max_batch_size 1),
-- `plain`:     one FastAPI + PyTorch process (`python -m nlm.serve.bench plain ...`, below): what
+- `plain`:     one FastAPI + PyTorch process (`python -m nlm.bench.serve plain ...`, below): what
                a user would write instead, with the same nlm.inference code per request,
 this process (a second one) drives /v1/generate (64 new tokens, no early stop, so every request
 does the same work) and /v1/score with N concurrent clients, each sending its requests one after
@@ -165,7 +165,7 @@ class running:
             self.cmd = [
                 py,
                 "-m",
-                "nlm.serve.bench",
+                "nlm.bench.serve",
                 "plain",
                 str(checkpoint),
                 "--port",
@@ -399,7 +399,7 @@ def plain_app(checkpoint: str, threads: int) -> Any:
 def main_plain(argv: list[str]) -> None:
     import uvicorn
 
-    parser = argparse.ArgumentParser(prog="python -m nlm.serve.bench plain")
+    parser = argparse.ArgumentParser(prog="python -m nlm.bench.serve plain")
     parser.add_argument("checkpoint")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--torch-threads", type=int, default=1)
@@ -412,6 +412,6 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["plain"]:
         main_plain(sys.argv[2:])
     else:
-        parser = argparse.ArgumentParser(prog="python -m nlm.serve.bench")
+        parser = argparse.ArgumentParser(prog="python -m nlm.bench.serve")
         add_arguments(parser)
         raise SystemExit(run(parser.parse_args()))

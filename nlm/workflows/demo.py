@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from nlm.errors import NLMError
-from nlm.foundation_demo import FAMILIES, clear_out_dir, unigram_baseline
+from nlm.workflows.foundation_demo import FAMILIES, clear_out_dir, unigram_baseline
 
 SEQ_LEN = 64  # tokens per training row: the tiny gpt's and bert's context
 MIN_COUNT = 3  # wt2-mini word vocabulary: the words seen at least 3 times (~6,700 ids)
@@ -159,7 +159,7 @@ def start_ray() -> str:
 
 def prepare_all(config: DemoConfig, out: Path) -> dict[str, Path]:
     """wt2-mini clm + mlm (one tokenizer), pku-lm clm; prints each manifest's summary."""
-    from nlm.cluster.data import PrepareConfig, prepare
+    from nlm.cluster.prepare.pipeline import PrepareConfig, prepare
 
     common = dict(line_docs=True, seq_len=SEQ_LEN, val_fraction=0.05, seed=config.seed)
     progress = None if config.progress else False  # None: a bar when stderr is a terminal
@@ -205,7 +205,7 @@ def planned_runs(config: DemoConfig) -> list[tuple[str, str, str]]:
 
 
 def train_config(config: DemoConfig, name: str, family: str, data: Path, out: Path) -> Any:
-    from nlm.cluster.train_config import TrainConfig
+    from nlm.cluster.train.config import TrainConfig
 
     settings = {**COMMON, **SETTINGS[family]}
     if name == PKU_RUN:
@@ -223,8 +223,8 @@ def train_and_evaluate(
     config: DemoConfig, out: Path, name: str, family: str, corpus: str, shards: dict[str, Path]
 ) -> tuple[dict[str, Any], Path]:
     from nlm.checkpoint import load_checkpoint
-    from nlm.cluster.train_metrics import read_metrics
-    from nlm.cluster.trainer import train
+    from nlm.cluster.train.driver import train
+    from nlm.cluster.train.metrics import read_metrics
     from nlm.corpora import resolve_corpus
     from nlm.evaluation import evaluate_documents, read_documents
 

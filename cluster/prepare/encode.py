@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from nlm.cluster.data_sources import Skips, Unit, is_val, read_documents
+from nlm.cluster.prepare.sources import Skips, Unit, is_val, read_documents
 from nlm.errors import NLMError
 from nlm.tokenizers.base import EOS_ID, Tokenizer
 

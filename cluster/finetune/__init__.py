@@ -1,0 +1,1 @@
+"""Fine-tuning (`nlm finetune`) on Ray Train + DeepSpeed."""

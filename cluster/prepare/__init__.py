@@ -1,0 +1,1 @@
+"""The corpus pipeline (`nlm prepare`): Ray Data reads, tokenizes and writes Parquet shards."""

@@ -1,0 +1,1 @@
+"""The project's benchmarks (`nlm bench data|train|serve`), one module each."""
