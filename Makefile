@@ -28,6 +28,7 @@ demo: $(BIN)/nlm
 
 test: $(BIN)/nlm
 	$(BIN)/ruff check nlm cluster serve jobs tests scripts
+	$(BIN)/python scripts/lint_imports.py
 	$(BIN)/python -m pytest tests
 
 lint: $(BIN)/nlm

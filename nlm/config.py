@@ -7,8 +7,10 @@ silently falls back to a default.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any, Self
 
@@ -54,3 +56,19 @@ class Config:
     @classmethod
     def load_json(cls, path: str | Path) -> Self:
         return cls.from_json(Path(path).read_text(encoding="utf-8"), source=str(path))
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """A byte size as written in configs and flags: '64M' -> 67108864 (binary units k, M, G, T,
+    optional 'iB'/'B'); a plain number is bytes. Raises argparse.ArgumentTypeError (so argparse
+    reports it against its flag) for anything else."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(str(text))
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 4M, 512k, 1G)")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    return int(number * 1024 ** " kmgt".index(unit or " "))

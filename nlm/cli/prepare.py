@@ -13,25 +13,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 from nlm.cli import key_values
+from nlm.config import parse_size
 from nlm.errors import NLMError
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str | int) -> int:
-    """'64M' -> 67108864; plain numbers are bytes."""
-    if isinstance(text, int):
-        return text
-    match = _SIZE.match(str(text))
-    if not match:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 4M, 512k, 1G)")
-    number, unit = float(match.group(1)), match.group(2).lower()
-    return int(number * 1024 ** " kmgt".index(unit or " "))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -12,17 +12,15 @@ own way is `serve deploy serve/config.yaml`, which builds the same application.
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import signal
-import socket
 import sys
 import threading
 
-APP_NAME = "nlm"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from nlm.serve.launch import LOCAL_DEFAULTS as D
+
     parser.add_argument(
         "checkpoints",
         nargs="+",
@@ -33,13 +31,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     batching = parser.add_argument_group("batching")
     batching.add_argument(
-        "--max-batch-size", type=int, default=32, help="requests merged into one run (default 32)"
+        "--max-batch-size",
+        type=int,
+        default=D["max_batch_size"],
+        help="requests merged into one run (default %(default)s)",
     )
     batching.add_argument(
         "--batch-wait-ms",
         type=float,
-        default=10.0,
-        help="how long a batch waits to fill (default 10)",
+        default=D["batch_wait_timeout_s"] * 1000.0,
+        help="how long a batch waits to fill (default %(default)s)",
     )
     batching.add_argument(
         "--no-batching", action="store_true", help="max batch size 1: every request runs alone"
@@ -48,20 +49,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sizing.add_argument(
         "--replica-cpus",
         type=float,
-        default=0.25,
-        help="logical CPUs reserved per replica (default 0.25: five models fit on 2 cores)",
+        default=D["num_cpus"],
+        help="logical CPUs reserved per replica (default %(default)s: six models fit on 2 cores)",
     )
     sizing.add_argument(
         "--torch-threads",
         type=int,
-        default=None,
+        default=D["torch_threads"],
         help="torch threads per model replica (default: its whole reserved CPUs, at least 1)",
     )
-    sizing.add_argument("--replicas", type=int, default=1, help="replicas per model (default 1)")
+    sizing.add_argument(
+        "--replicas", type=int, default=D["num_replicas"], help="replicas per model (default 1)"
+    )
     limits = parser.add_argument_group("request limits")
-    limits.add_argument("--max-input-tokens", type=int, default=512)
-    limits.add_argument("--max-new-tokens", type=int, default=256)
-    limits.add_argument("--max-items", type=int, default=64, help="inputs per request")
+    for field, help_text in (
+        ("max_input_tokens", "tokens per input"),
+        ("max_new_tokens", "tokens generated per input"),
+        ("max_items", "inputs per request"),
+    ):
+        limits.add_argument(
+            "--" + field.replace("_", "-"),
+            type=int,
+            default=D["limits"][field],
+            help=f"{help_text} (default %(default)s)",
+        )
     parser.add_argument(
         "--access-log", action="store_true", help="log every request (off: it costs throughput)"
     )
@@ -103,35 +114,6 @@ def check_args(args: argparse.Namespace) -> None:
             raise NLMError(message)
 
 
-def check_port_free(host: str, port: int) -> None:
-    """Fail before starting Ray rather than leave Serve's proxy retrying a taken port."""
-    from nlm.errors import NLMError
-
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise NLMError(f"--host {host}: cannot resolve ({exc.strerror})") from None
-    family, _, _, _, address = infos[0]
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(address)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise NLMError(f"{host}:{port} is already in use (choose another --port)") from None
-            raise NLMError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-
-
-def metrics_url() -> str | None:
-    """Where this node's Prometheus metrics (Ray's, Serve's included) are exported."""
-    import ray
-
-    for node in ray.nodes():
-        if node.get("Alive") and node.get("MetricsExportPort"):
-            return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
-    return None
-
-
 def run(args: argparse.Namespace) -> int:
     from nlm.errors import NLMError
 
@@ -142,17 +124,16 @@ def run(args: argparse.Namespace) -> int:
         # command), the same as every other local command. NLM_API_TOKEN guards the HTTP API.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Checkpoints and port first: bad input fails here, before Ray is imported or started.
+    from nlm.serve import launch
     from nlm.serve.catalog import parse_checkpoints
 
     parse_checkpoints(list(args.checkpoints))
     if not os.environ.get("RAY_ADDRESS"):
-        check_port_free(args.host, args.port)
-    from ray import serve
-
+        launch.check_port_free(args.host, args.port)
     from nlm.cluster.launch import ensure_ray
     from nlm.serve.app import build_app
 
-    app = build_app(app_args(args))
+    app = build_app(app_args(args))  # bad application args fail here, before Ray starts
     try:
         how = ensure_ray()
     except NLMError:
@@ -165,23 +146,16 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(
-            app,
-            name=APP_NAME,
-            route_prefix="/",
-            logging_config={"enable_access_log": bool(args.access_log)},
-        )
-    except (RuntimeError, ValueError, TypeError) as exc:
-        _shutdown(how)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise NLMError(f"the application did not start: {first}") from None
+        url = launch.deploy(app, host=args.host, port=args.port, access_log=args.access_log)
+    except NLMError:
+        if how == "local":
+            launch.shutdown(how)
+        raise
 
-    url = f"http://{args.host}:{args.port}"
     print(
         f"nlm: serving {len(args.checkpoints)} model(s) at {url} (GET {url}/v1/models)", flush=True
     )
-    if metrics := metrics_url():
+    if metrics := launch.metrics_url():
         print(f"nlm: Prometheus metrics at {metrics}", flush=True)
     if how == "joined":
         print("nlm: deployed onto the cluster at RAY_ADDRESS; `serve shutdown` removes it")
@@ -190,14 +164,5 @@ def run(args: argparse.Namespace) -> int:
     while not stop.wait(1.0):
         pass
     print("nlm: shutting down", file=sys.stderr, flush=True)
-    _shutdown(how)
+    launch.shutdown(how)
     return 0
-
-
-def _shutdown(how: str) -> None:
-    import ray
-
-    if how == "local":
-        # The whole local instance goes, so its actors need no graceful Serve shutdown (which
-        # waits up to 30 s for the controller on a busy machine).
-        ray.shutdown()

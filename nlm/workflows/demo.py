@@ -303,28 +303,13 @@ def baseline_row(shards: Path, config: DemoConfig) -> dict[str, Any]:
 
 def start_serve(models: list[tuple[str, Path]], port: int) -> str:
     """The application `nlm serve` builds, with its default flags, on 127.0.0.1; its URL."""
-    import argparse
-
-    from ray import serve
-
-    from nlm.cli import serve as serve_cli
+    from nlm.serve import launch
     from nlm.serve.app import build_app
 
     port = port or _free_port()
-    parser = argparse.ArgumentParser()
-    serve_cli.add_arguments(parser)
-    args = parser.parse_args([*(f"{name}={path}" for name, path in models), "--port", str(port)])
-    serve_cli.check_args(args)
-    serve_cli.check_port_free(args.host, args.port)
-    app = build_app(serve_cli.app_args(args))
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(
-        app,
-        name=serve_cli.APP_NAME,
-        route_prefix="/",
-        logging_config={"enable_access_log": False},
-    )
-    return f"http://{args.host}:{args.port}"
+    launch.check_port_free("127.0.0.1", port)
+    app = build_app(launch.local_app_args([f"{name}={path}" for name, path in models]))
+    return launch.deploy(app, host="127.0.0.1", port=port)
 
 
 def demo_requests(runs: dict[str, Path]) -> list[tuple[str, str, dict[str, Any]]]:
@@ -405,24 +390,13 @@ def stop(how: str, serving: bool) -> None:
     """Ray and Serve go, on success, on error and on Ctrl-C alike."""
     import ray
 
+    from nlm.serve import launch
+
     if not ray.is_initialized():
         return
-    if how == "local":
-        # The whole instance is ours: its actors need no graceful Serve shutdown (which waits
-        # up to 30 s for the controller on a busy machine), the same as `nlm serve`.
-        _log("shutting down Ray")
-        ray.shutdown()
-    elif serving:
-        from ray import serve
-
-        from nlm.cli.serve import APP_NAME
-
-        _log("removing the Serve application")
-        try:
-            serve.delete(APP_NAME)
-            serve.shutdown()
-        except Exception as exc:  # a failed clean-up must not hide the demo's own error
-            _log(f"Serve shutdown: {type(exc).__name__}: {exc}")
+    if how == "local" or serving:
+        _log("shutting down Ray" if how == "local" else "removing the Serve application")
+        launch.shutdown(how)
 
 
 # ------------------------------------------------------------------------- 5. report
