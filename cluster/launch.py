@@ -10,7 +10,8 @@ Every command (`nlm prepare`, `nlm train`, `nlm serve`, the jobs/ entrypoints) c
 
 `check_resources()` then asks the cluster for the workers' resources up front, through a
 placement group with a deadline, so an undersized cluster fails with one clear `NLMError`
-instead of a job that waits forever for resources that never come (see the field notes).
+instead of a job that waits forever for resources that never come (Ray queues an
+unplaceable request without an error; on 2 cores a Train job and Ray Data can starve each other).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import logging
 import os
 import socket
 import time
-from typing import Any
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -168,11 +168,3 @@ def check_resources(
         f"{_fmt(ray.available_resources())}. Use fewer or smaller workers, add nodes with "
         "those resources, or raise NLM_RESOURCE_TIMEOUT_S if an autoscaler is still adding them"
     )
-
-
-def describe_cluster() -> list[dict[str, Any]]:
-    """Nodes (id, alive, resources) of the connected cluster, for logs and tests."""
-    return [
-        {"node_id": n["NodeID"], "alive": n["Alive"], "resources": n.get("Resources", {})}
-        for n in ray.nodes()
-    ]

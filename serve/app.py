@@ -120,7 +120,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
                 "max_batch_size": spec.max_batch_size,
                 "batch_wait_timeout_s": spec.batch_wait_timeout_s,
             },
-            # Queue room for a full batch (field notes): never below max_batch_size.
+            # Queue room for a full batch: never below max_batch_size (ray-project/ray#43288).
             "max_ongoing_requests": max(2 * spec.max_batch_size, 8),
         }
         if spec.num_cpus is not None:

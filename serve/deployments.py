@@ -81,7 +81,7 @@ def as_list(value: str | list[str]) -> list[str]:
 
 @serve.deployment(
     # Local sizes; serve/config.yaml carries the cluster's. max_ongoing_requests must stay
-    # >= max_batch_size or batches can never fill (field notes, ray #43288).
+    # >= max_batch_size or batches can never fill (ray-project/ray#43288).
     ray_actor_options={"num_cpus": 0.25},
     max_ongoing_requests=2 * DEFAULT_MAX_BATCH_SIZE,
     health_check_period_s=5,

@@ -155,13 +155,13 @@ def tiny_checkpoint(directory: Path, data_mirror: Path) -> Path:
 
 def test_serve_config_file_deploys_with_serve_deploy(two_nodes, tmp_path: Path, data_mirror):
     """`serve deploy serve/config.yaml`: the shipped file, with only what must differ on this
-    two-core, two-"node" machine replaced (checkpoint paths, port, sizes, and proxies on the
-    head only, since both nodes share one loopback)."""
+    two-core, two-"node" machine replaced (checkpoint paths, port, sizes). Its proxy runs on
+    the head only, as docs/OPERATIONS.md says (and both local nodes share one loopback)."""
     import yaml
 
     config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
     (port,) = free_ports(1)
-    config["proxy_location"] = "HeadOnly"
+    assert config["proxy_location"] == "HeadOnly"
     config["http_options"]["port"] = port
     app = config["applications"][0]
     app["args"]["checkpoints"] = [f"lm={tiny_checkpoint(tmp_path, data_mirror)}"]

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +110,7 @@ def worker_resources(config: TrainConfig, device: str) -> dict[str, float]:
 
 
 def check_storage(plan: RunPlan) -> None:
-    """Multi-node runs need the run directory on storage every node sees (field notes)."""
+    """Multi-node runs need the run directory on storage every node sees (a node-local storage_path fails only at checkpoint time)."""
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -215,13 +214,3 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     tmp.rename(path)
-
-
-def wait_for(predicate: Any, timeout_s: float, interval_s: float = 0.5) -> bool:
-    """Poll `predicate()` until true or timeout (tests and benchmarks watch runs with it)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return False

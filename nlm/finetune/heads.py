@@ -217,10 +217,6 @@ class TaskCheckpoint:
         return self.model.labels
 
 
-def is_task_checkpoint(path: str | Path) -> bool:
-    return "task" in read_checkpoint_config(path)
-
-
 def load_task_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> TaskCheckpoint:
     import json
 

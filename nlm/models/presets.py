@@ -98,7 +98,3 @@ def preset_config(family: str, preset: str) -> dict[str, Any]:
     if preset not in known:
         raise NLMError(f"unknown preset '{preset}' for {family} (known: {', '.join(known)})")
     return dict(known[preset])
-
-
-def preset_names(family: str) -> list[str]:
-    return list(PRESETS.get(family, {}))
