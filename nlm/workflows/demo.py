@@ -33,7 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from nlm.errors import NLMError
-from nlm.workflows.foundation_demo import FAMILIES, clear_out_dir, unigram_baseline
+from nlm.workflows.foundation_demo import (
+    FAMILIES,
+    clear_out_dir,
+    ppl_cell,
+    text_table,
+    unigram_baseline,
+)
 
 SEQ_LEN = 64  # tokens per training row: the tiny gpt's and bert's context
 MIN_COUNT = 3  # wt2-mini word vocabulary: the words seen at least 3 times (~6,700 ids)
@@ -403,25 +409,28 @@ def stop(how: str, serving: bool) -> None:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    header = (
-        f"{'model':<10}{'corpus':<10}{'params':>9}{'steps':>7}{'wall':>7}{'tokens/s':>10}"
-        f"  {'test ppl':<28}{'bits/byte':>9}"
+    return text_table(
+        rows,
+        [
+            ("model", -10, lambda r: r["model"]),
+            ("corpus", -10, lambda r: r["corpus"]),
+            ("params", 9, lambda r: f"{r['params']:,}"),
+            ("steps", 7, lambda r: "-" if r["steps"] is None else str(r["steps"])),
+            ("wall", 7, lambda r: "-" if r["wall_s"] is None else f"{r['wall_s']:.0f} s"),
+            (
+                "tokens/s",
+                10,
+                lambda r: "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}",
+            ),
+            ("", 2, lambda r: ""),
+            ("test ppl", -28, ppl_cell),
+            (
+                "bits/byte",
+                9,
+                lambda r: "-" if r["bits_per_byte"] is None else f"{r['bits_per_byte']:.3f}",
+            ),
+        ],
     )
-    lines = [header]
-    for r in rows:
-        if r["ppl_kind"] == "pseudo":
-            ppl = f"pseudo {r['ppl']:.1f}, MLM acc {100 * r['mlm_accuracy']:.1f}%"
-        else:
-            ppl = f"{r['ppl']:.1f}"
-        bpb = "-" if r["bits_per_byte"] is None else f"{r['bits_per_byte']:.3f}"
-        steps = "-" if r["steps"] is None else str(r["steps"])
-        wall = "-" if r["wall_s"] is None else f"{r['wall_s']:.0f} s"
-        speed = "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}"
-        lines.append(
-            f"{r['model']:<10}{r['corpus']:<10}{r['params']:>9,}{steps:>7}{wall:>7}{speed:>10}"
-            f"  {ppl:<28}{bpb:>9}"
-        )
-    return "\n".join(lines)
 
 
 def format_report(result: dict[str, Any], out: Path, answers: bool = True) -> str:

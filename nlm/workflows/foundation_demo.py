@@ -277,20 +277,42 @@ def _batches(
             )
 
 
-def format_table(results: list[dict[str, Any]]) -> str:
-    lines = [
-        f"{'model':<9}{'params':>12}{'steps':>8}{'seconds':>9}  {'test ppl':<30}{'bits/byte':>9}"
-    ]
-    for r in results:
-        if r["ppl_kind"] == "pseudo":
-            ppl = f"pseudo-ppl {r['ppl']:.1f} / MLM acc {100 * r['mlm_accuracy']:.1f}%"
-        else:
-            ppl = f"{r['ppl']:.1f}"
-        bpb = "-" if r["bits_per_byte"] is None else f"{r['bits_per_byte']:.3f}"
-        steps = "-" if r["steps"] is None else str(r["steps"])
-        secs = "-" if r["seconds"] is None else f"{r['seconds']:.0f}"
-        lines.append(f"{r['model']:<9}{r['params']:>12,}{steps:>8}{secs:>9}  {ppl:<30}{bpb:>9}")
+def _or_dash(value: Any, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def ppl_cell(row: dict[str, Any], pseudo: str = "pseudo {:.1f}, MLM acc {:.1f}%") -> str:
+    """The test-ppl cell: bert's pseudo-perplexity with its MLM accuracy, else the perplexity."""
+    if row["ppl_kind"] == "pseudo":
+        return pseudo.format(row["ppl"], 100 * row["mlm_accuracy"])
+    return f"{row['ppl']:.1f}"
+
+
+def text_table(rows: list[dict[str, Any]], columns: list[tuple[str, int, Any]]) -> str:
+    """A plain-text table: `columns` are (header, width, cell(row) -> str); a negative width
+    left-aligns the column, a positive one right-aligns it."""
+
+    def fit(text: str, width: int) -> str:
+        return f"{text:<{-width}}" if width < 0 else f"{text:>{width}}"
+
+    lines = ["".join(fit(header, width) for header, width, _ in columns)]
+    lines += ["".join(fit(cell(r), width) for _, width, cell in columns) for r in rows]
     return "\n".join(lines)
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    return text_table(
+        results,
+        [
+            ("model", -9, lambda r: r["model"]),
+            ("params", 12, lambda r: f"{r['params']:,}"),
+            ("steps", 8, lambda r: _or_dash(r["steps"], "")),
+            ("seconds", 9, lambda r: _or_dash(r["seconds"], ".0f")),
+            ("", 2, lambda r: ""),
+            ("test ppl", -30, lambda r: ppl_cell(r, "pseudo-ppl {:.1f} / MLM acc {:.1f}%")),
+            ("bits/byte", 9, lambda r: _or_dash(r["bits_per_byte"], ".3f")),
+        ],
+    )
 
 
 def _log(message: str) -> None:
