@@ -8,9 +8,7 @@ driver joins the cluster the job runs on (RAY_ADDRESS is set for a job's driver)
 directory and the checkpoint must be on storage the workers see.
 """
 
-import sys
-
-from nlm.cli import main
+from config_args import run_job
 
 if __name__ == "__main__":
-    main(["finetune", *sys.argv[1:]])
+    run_job("finetune")

@@ -10,9 +10,7 @@ and outputs must then be visible from every node: object storage (s3://, gs://) 
 filesystem path. Bad input exits with status 2 and one `nlm: error:` line in the job's log.
 """
 
-import sys
-
-from nlm.cli import main
+from config_args import run_job
 
 if __name__ == "__main__":
-    main(["prepare", *sys.argv[1:]])
+    run_job("prepare")

@@ -9,9 +9,7 @@ so the trainer joins the cluster instead of starting a local Ray. The run direct
 must be on storage every node sees when the cluster has several nodes (`shared_fs: true`).
 """
 
-import sys
-
-from nlm.cli import main
+from config_args import run_job
 
 if __name__ == "__main__":
-    main(["train", *sys.argv[1:]])
+    run_job("train")

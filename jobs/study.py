@@ -7,9 +7,7 @@ The arguments are those of `nlm study`. Each step's `nlm prepare` / `nlm train` 
 cluster the job runs on (RAY_ADDRESS is set for a job's driver).
 """
 
-import sys
-
-from nlm.cli import main
+from config_args import run_job
 
 if __name__ == "__main__":
-    main(["study", *sys.argv[1:]])
+    run_job("study")

@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import functools
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -36,7 +37,8 @@ def option(default: Any = dataclasses.MISSING, help: str = "", **metadata: Any) 
     """A dataclass field with its help text (and argparse hints) beside it.
 
     metadata: `flag` (the option string, default `--field-name`), `metavar`, `choices`,
-    `type` (a converter for the flag's text, e.g. a size parser), `cli=False` (no flag).
+    `type` (a converter for the flag's text, e.g. `parse_size`), `group` (the help's argument
+    group), `cli=False` (no flag).
     A list or dict default is copied per instance."""
     meta = {"help": help, **metadata}
     if isinstance(default, list | dict):
@@ -103,6 +105,21 @@ def key_values(items: list[str], flag: str) -> dict[str, object]:
             raise NLMError(f"{flag} {item!r}: expected KEY=VALUE")
         result[key.strip()] = yaml.safe_load(value)
     return result
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """A size in bytes: '64M' -> 67108864, '512k', '1G'; plain numbers are bytes.
+    argparse.ArgumentTypeError when it is not one (a flag's `type`)."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(str(text))
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 4M, 512k, 1G)")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    return int(number * 1024 ** " kmgt".index(unit or " "))
 
 
 @dataclasses.dataclass
@@ -269,6 +286,7 @@ def add_config_arguments(
     KEY=VALUE; `T | None`: T. `defaults`: the instance whose values the help shows (a section's
     owner sets its own)."""
     hints = typing.get_type_hints(cls)
+    groups: dict[str, Any] = {}
     for field in dataclasses.fields(cls):
         if field.name in exclude or field.metadata.get("cli") is False:
             continue
@@ -279,7 +297,13 @@ def add_config_arguments(
             add_config_arguments(group, sub, exclude=exclude, defaults=own)
             continue
         default = getattr(defaults, field.name) if defaults is not None else _default_of(field)
-        _add_flag(parser, field, hints[field.name], default)
+        target = parser
+        if "group" in field.metadata:  # argument groups of the help, e.g. prepare's "input"
+            title = field.metadata["group"]
+            if title not in groups:
+                groups[title] = parser.add_argument_group(title)
+            target = groups[title]
+        _add_flag(target, field, hints[field.name], default)
 
 
 def args_to_dict(

@@ -33,7 +33,7 @@ FILE_BYTES = 8 * MB
 
 
 def _sizes(text: str) -> list[int]:
-    from nlm.cli.prepare import parse_size
+    from nlm.config import parse_size
 
     try:
         return sorted({parse_size(s) for s in text.split(",") if s.strip()})

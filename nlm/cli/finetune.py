@@ -28,6 +28,7 @@ from typing import Any
 
 ACTIONS = ("train", "convert-cws", "maxmatch", "evaluate")
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from nlm.config import add_config_arguments
     from nlm.finetune.config import FinetuneConfig

@@ -214,8 +214,8 @@ def train_config(config: DemoConfig, name: str, family: str, data: Path, out: Pa
         settings["max_steps"] = min(settings["max_steps"], config.max_steps)
     settings["eval_every"] = settings["max_steps"]  # validate (and checkpoint) once, at the end
     settings["warmup_steps"] = min(settings["warmup_steps"], settings["max_steps"] // 4)
-    return TrainConfig(
-        data=str(data), model=family, out=str(out), workers=config.workers, **settings
+    return TrainConfig.from_dict(
+        dict(data=str(data), model=family, out=str(out), workers=config.workers, **settings)
     )
 
 
