@@ -22,6 +22,7 @@ and checks that it gives the engine's logits.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 from collections.abc import Iterator
@@ -86,9 +87,10 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
         worker=worker,
         name=RUN_NAME,
         storage=plan.run_dir,
-        max_failures=0,  # no mid-run checkpoints (fine-tuning runs are short): a failure fails
+        # No mid-run checkpoints (fine-tuning runs are short): a failure fails the run.
+        max_failures=0,
     )
-    follow = (lambda thread: _follow(run_dir, plan, thread)) if progress else None
+    follow = functools.partial(_follow, run_dir, plan) if progress else None
     return fit(trainer, run_dir, what="fine-tuning", follow=follow)
 
 

@@ -2,7 +2,7 @@
 
     train(TrainConfig(...)) -> summary dict
 
-1. Check everything that can be checked before a worker starts (train_plan.plan_run): shards,
+1. Check everything that can be checked before a worker starts (plan.plan_run): shards,
    tokenizer, preset, context length, split sizes, run directory, ZeRO stage, device; and that
    the cluster can place the workers plus a CPU for Ray Data (cluster.launch.check_resources).
 2. Write RUN/config.yaml (the resolved config: rerun it with `--config`) and RUN/plan.json (what
@@ -24,6 +24,7 @@ returned) and `follow_progress`.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections.abc import Callable
@@ -64,9 +65,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     _write_json(run_dir / "plan.json", plan.to_dict())
 
     trainer = make_trainer(plan, worker)
-    follow = None
-    if progress:
-        follow = lambda thread: _follow(run_dir, config, thread)  # noqa: E731
+    follow = functools.partial(_follow, run_dir, config) if progress else None
     return fit(trainer, run_dir, what="training", follow=follow)
 
 
