@@ -195,3 +195,20 @@ def test_train_flags_cover_every_field():
     config = TrainConfig.from_dict(args_to_dict(TrainConfig, args))
     assert config.optim.betas == [0.8, 0.9] and config.optim.lr == 3e-4
     assert config.model_overrides == {"dropout": 0.3}
+
+
+# --- the one schedule ---------------------------------------------------------------------------
+
+
+def test_finetune_warmup_fraction_and_the_demos_clock_use_the_same_schedule():
+    from nlm.optim import Schedule
+    from nlm.workflows.foundation_demo import WARMUP_STEPS, learning_rate
+
+    optim = FinetuneConfig().optim  # warm-up: a tenth of the steps
+    schedule = optim.schedule(200)
+    assert schedule.warmup == 20 and schedule.at(19) == pytest.approx(1e-4)
+    assert schedule.at(200) == pytest.approx(1e-5)
+    # the one-process demo: the same warm-up, then the cosine follows the clock (`done`)
+    assert learning_rate(1.0, WARMUP_STEPS - 1, 0.0) == pytest.approx(1.0)
+    assert learning_rate(1.0, 500, 0.5) == pytest.approx(Schedule(1.0, 0.1, 0, 0).at(0, 0.5))
+    assert learning_rate(1.0, 500, 1.0) == pytest.approx(0.1)
