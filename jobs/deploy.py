@@ -10,7 +10,7 @@ cluster and the job ends while the application keeps serving; `serve status` sho
 otherwise); set NLM_API_TOKEN in the cluster's environment to require a bearer token.
 """
 
-from config_args import run_with_config
+from config_args import run_job
 
 if __name__ == "__main__":
-    run_with_config("serve")
+    run_job("serve")

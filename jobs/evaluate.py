@@ -8,7 +8,7 @@ the end of the job's log (`ray job logs <id>`). Evaluation is plain PyTorch in t
 so the checkpoint and the text must be readable on the head node (shared storage on a cluster).
 """
 
-from config_args import run_with_config
+from config_args import run_job
 
 if __name__ == "__main__":
-    run_with_config("eval")
+    run_job("eval")

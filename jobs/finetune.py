@@ -6,11 +6,12 @@
 The arguments are those of `nlm finetune` (convert-cws, maxmatch and evaluate included). The
 driver joins the cluster the job runs on (RAY_ADDRESS is set for a job's driver); the run
 directory and the checkpoint must be on storage the workers see.
+
+The arguments follow every job's convention (jobs/config_args.py): an optional YAML file of
+`nlm finetune` options first, then `nlm finetune` flags, which override it.
 """
 
-import sys
-
-from nlm.cli import main
+from config_args import run_job
 
 if __name__ == "__main__":
-    main(["finetune", *sys.argv[1:]])
+    run_job("finetune")

@@ -8,11 +8,12 @@
 A job's driver has RAY_ADDRESS set, so the tokenizer actors run on the cluster's nodes. Inputs
 and outputs must then be visible from every node: object storage (s3://, gs://) or a shared
 filesystem path. Bad input exits with status 2 and one `nlm: error:` line in the job's log.
+
+The arguments follow every job's convention (jobs/config_args.py): an optional YAML file of
+`nlm prepare` options first, then `nlm prepare` flags, which override it.
 """
 
-import sys
-
-from nlm.cli import main
+from config_args import run_job
 
 if __name__ == "__main__":
-    main(["prepare", *sys.argv[1:]])
+    run_job("prepare")

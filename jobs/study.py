@@ -5,11 +5,12 @@
 
 The arguments are those of `nlm study`. Each step's `nlm prepare` / `nlm train` connects to the
 cluster the job runs on (RAY_ADDRESS is set for a job's driver).
+
+The arguments follow every job's convention (jobs/config_args.py): an optional YAML file of
+`nlm study` options first, then `nlm study` flags, which override it.
 """
 
-import sys
-
-from nlm.cli import main
+from config_args import run_job
 
 if __name__ == "__main__":
-    main(["study", *sys.argv[1:]])
+    run_job("study")

@@ -270,7 +270,7 @@ def test_cluster_job_configs_load_with_their_commands_own_loaders():
     configs = REPO / "configs"
     prepare = PrepareConfig.from_dict(load(configs / "cluster-prepare-wt2.yaml"))
     train = TrainConfig.from_dict(load(configs / "cluster-pretrain-gpt.yaml"))
-    assert train.data == prepare.output and train.shared_fs and train.device == "cuda"
+    assert train.data == prepare.output and train.shared_fs and train.scale.device == "cuda"
     evaluate = config_argv("eval", str(configs / "cluster-evaluate-wt2.yaml"))
     assert evaluate[evaluate.index("--checkpoint") + 1] == train.out
     deploy = config_argv("serve", str(configs / "cluster-deploy.yaml"))

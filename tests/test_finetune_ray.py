@@ -56,35 +56,39 @@ def pretrained(tmp_path_factory, data_mirror) -> dict[str, Path]:
 def runs(ray_local, pretrained) -> dict[str, FinetuneConfig]:
     """Both fine-tuning runs (the tests below check them, the serving test serves them)."""
     root = pretrained["root"]
-    bert = FinetuneConfig(
-        checkpoint=str(pretrained["bert"]),
-        task="tag",
-        train=str(root / "cws-train.jsonl"),
-        eval=str(root / "cws-test.jsonl"),
-        out=str(root / "bert-cws"),
-        max_steps=6,
-        eval_every=3,
-        log_every=2,
-        micro_batch=16,
-        lr=2e-3,
-        workers=2,
-        cpus_per_worker=0.5,
-        zero_stage=2,
-        max_length=48,
+    bert = FinetuneConfig.from_dict(
+        dict(
+            checkpoint=str(pretrained["bert"]),
+            task="tag",
+            train=str(root / "cws-train.jsonl"),
+            eval=str(root / "cws-test.jsonl"),
+            out=str(root / "bert-cws"),
+            max_steps=6,
+            eval_every=3,
+            log_every=2,
+            micro_batch=16,
+            lr=2e-3,
+            workers=2,
+            cpus_per_worker=0.5,
+            zero_stage=2,
+            max_length=48,
+        )
     )
-    gpt = FinetuneConfig(
-        checkpoint=str(pretrained["gpt"]),
-        task="classify",
-        lm_weight=0.5,
-        train=str(root / "src-train.jsonl"),
-        eval=str(root / "src-test.jsonl"),
-        out=str(root / "gpt-src"),
-        max_steps=4,
-        log_every=2,
-        micro_batch=16,
-        lr=2e-3,
-        workers=1,
-        cpus_per_worker=1.0,
+    gpt = FinetuneConfig.from_dict(
+        dict(
+            checkpoint=str(pretrained["gpt"]),
+            task="classify",
+            lm_weight=0.5,
+            train=str(root / "src-train.jsonl"),
+            eval=str(root / "src-test.jsonl"),
+            out=str(root / "gpt-src"),
+            max_steps=4,
+            log_every=2,
+            micro_batch=16,
+            lr=2e-3,
+            workers=1,
+            cpus_per_worker=1.0,
+        )
     )
     return {
         "bert": bert,

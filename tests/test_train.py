@@ -54,7 +54,7 @@ def tiny(shards: dict[str, Path], out: Path, model: str, **changes) -> TrainConf
         eval_rows=64,
     )
     fields.update(changes)
-    return TrainConfig(**fields)
+    return TrainConfig.from_dict(fields)
 
 
 # --- without Ray: one process, every family ---------------------------------------------------
@@ -180,7 +180,7 @@ def test_bert_zero3_on_two_ray_workers(ray_local, shards, tmp_path):
     assert [c["step"] for c in kept] == [6]  # the last K=1
     ranks = sorted(p.name for p in Path(kept[0]["path"]).glob("rank_*.pt"))
     assert ranks == ["rank_00000.pt", "rank_00001.pt"]  # both ranks' state, merged by Ray
-    assert TrainConfig.load_yaml(Path(cfg.out) / "config.yaml").zero_stage == 3
+    assert TrainConfig.load_yaml(Path(cfg.out) / "config.yaml").scale.zero_stage == 3
 
 
 def test_killed_worker_restarts_from_checkpoint_then_resume(ray_local, shards, tmp_path):
@@ -275,4 +275,4 @@ def test_torchrun_two_ranks_without_ray(shards, tmp_path):
     kept = list_checkpoints(cfg.out)
     assert [c["step"] for c in kept] == [4]  # keep_checkpoints=1 pruned step 2
     assert len(list(Path(kept[0]["path"]).glob("rank_*.pt"))) == 2
-    assert TrainConfig.load_yaml(Path(cfg.out) / "config.yaml").workers == 2
+    assert TrainConfig.load_yaml(Path(cfg.out) / "config.yaml").scale.workers == 2

@@ -15,9 +15,9 @@ import yaml
 
 from nlm.cluster.train.batches import batches_per_epoch, micro_batches, reset_state
 from nlm.cluster.train.config import TrainConfig
-from nlm.cluster.train.loop import lr_at
 from nlm.cluster.train.plan import plan_run
 from nlm.errors import NLMError
+from nlm.optim import OptimConfig
 
 from train_shards import corpus_lines, write_shards
 
@@ -35,7 +35,7 @@ def config(shards: Path, tmp_path: Path, **changes) -> TrainConfig:
         data=str(shards), model="gpt", preset="tiny", out=str(tmp_path / "run"), workers=2
     )
     fields.update(changes)
-    return TrainConfig(**fields)
+    return TrainConfig.from_dict(fields)
 
 
 # --- config ------------------------------------------------------------------------------------
@@ -53,8 +53,8 @@ def test_yaml_round_trip_and_flags_override(tmp_path, shards):
     add_arguments(parser)
     args = parser.parse_args(["--config", str(path), "--zero-stage", "3", "--set", "n_layer=1"])
     resolved = resolve_config(args)
-    assert resolved.zero_stage == 3  # the flag wins
-    assert resolved.lr == 1e-3  # the file's value stays
+    assert resolved.scale.zero_stage == 3  # the flag wins
+    assert resolved.optim.lr == 1e-3  # the file's value stays
     assert resolved.model_overrides == {"dropout": 0.1, "n_layer": 1}
 
 
@@ -82,8 +82,12 @@ def test_invalid_yaml_names_the_line(tmp_path):
         TrainConfig.load_yaml(path)
 
 
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    return cfg.schedule().at(step)
+
+
 def test_lr_schedule_warmup_then_cosine():
-    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    cfg = TrainConfig.from_dict(dict(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110))
     assert lr_at(0, cfg) == pytest.approx(0.1)
     assert lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(10, cfg) == pytest.approx(1.0)
@@ -92,7 +96,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def test_warmup_never_takes_more_than_a_fifth_of_the_run():
-    cfg = TrainConfig(lr=1.0, min_lr=0.0, warmup_steps=100, max_steps=40)  # the default warm-up
+    cfg = TrainConfig.from_dict(dict(lr=1.0, min_lr=0.0, warmup_steps=100, max_steps=40))
     assert lr_at(7, cfg) == pytest.approx(1.0)  # peak after 40 // 5 = 8 steps
     assert lr_at(20, cfg) > 0.4
     constant = cfg.replace(lr_schedule="constant")
@@ -216,13 +220,13 @@ def test_shipped_configs_are_valid():
         if "model" not in data:
             continue  # another command's config
         cfg = TrainConfig.from_dict(data, source=str(path)).check(str(path))
-        assert math.isfinite(cfg.lr)
+        assert math.isfinite(cfg.optim.lr)
 
 
 def test_deepspeed_config_per_device():
     from nlm.cluster.train.deepspeed_config import deepspeed_config
 
-    cfg = TrainConfig(micro_batch=8, grad_accum=4, zero_stage=3, grad_clip=0.5)
+    cfg = TrainConfig.from_dict(dict(micro_batch=8, grad_accum=4, zero_stage=3, grad_clip=0.5))
     cpu = deepspeed_config(cfg, "cpu", world_size=2)
     assert cpu["train_batch_size"] == 8 * 4 * 2 and not cpu["bf16"]["enabled"]
     assert cpu["zero_optimization"]["stage"] == 3 and cpu["gradient_clipping"] == 0.5
@@ -242,8 +246,8 @@ def test_model_flops_per_token():
 
 
 def test_learning_rate_defaults_follow_family_preset_and_optimizer():
-    def resolved(**fields) -> TrainConfig:
-        return TrainConfig(data="shards", out="run", **fields).check()
+    def resolved(**fields) -> OptimConfig:
+        return TrainConfig.from_dict(dict(data="shards", out="run", **fields)).check().optim
 
     assert (resolved(model="gpt").lr, resolved(model="gpt").min_lr) == (1e-3, 1e-4)
     assert resolved(model="lstm").lr == 3e-3

@@ -6,14 +6,14 @@ Driver, `finetune(config) -> summary`:
 2. The payload (encoded rows, initial weights) goes into the object store once. Fine-tuning sets
    are small, so each worker keeps its share in memory (an interleaved, equal share: every rank
    runs the same number of steps) instead of streaming it through Ray Data as pretraining does.
-3. A TorchTrainer runs `finetune_worker` on every rank (gloo on CPU, nccl on GPUs); the driver
-   draws a progress bar from RUN/metrics.jsonl meanwhile.
+3. A TorchTrainer runs `finetune_worker` on every rank, through the pretraining driver's own
+   pieces (nlm.cluster.train.driver: `torch_trainer`, `fit`, `follow_progress`).
 
-Worker: the pretraining loop's own pieces (train_loop.make_optimizer and lr_at, the DeepSpeed
-config, MetricsLog): `deepspeed.initialize` on the task model, `engine.backward`, `engine.step`.
-Batches are shuffled every epoch and grouped by length (less padding). Evaluation runs every
-`eval_every` steps on the eval rows (windows; B/M/E/S tags Viterbi-decoded per window, other
-tags by argmax), summed over ranks. At the end rank 0
+Worker: `FinetuneWorker` is fine-tuning's `TrainingLoop` (nlm.cluster.train.base_loop, the loop
+pretraining uses): the same engine set-up, optimizer, schedule and step. Its hooks: batches
+shuffled every epoch and grouped by length (less padding); the task loss (plus λ times the LM
+loss for gpt); evaluation every `eval_every` steps on the eval rows (windows; B/M/E/S tags
+Viterbi-decoded per window, other tags by argmax), summed over ranks; at the end rank 0
 consolidates the weights, scores the eval file example by example with the exported model
 (nlm.finetune.predict: whole sequences, Viterbi-decoded B/M/E/S), writes RUN/model, reloads it
 and checks that it gives the engine's logits.
@@ -21,30 +21,18 @@ and checks that it gives the engine's logits.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import math
-import threading
-import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from nlm.cluster.train.config import TrainConfig
-from nlm.cluster.train.deepspeed_config import deepspeed_config
-from nlm.cluster.train.loop import (
-    _all_reduce_sum,
-    _cpus,
-    _gathered,
-    _seed_everything,
-    lr_at,
-    make_optimizer,
-)
-from nlm.cluster.train.metrics import MetricsLog, read_metrics
-from nlm.errors import NLMError
+from nlm.cluster.train.base_loop import Interval, TrainingLoop
+from nlm.cluster.train.distributed import all_reduce_sum, barrier, seed_everything
 from nlm.finetune.config import FinetuneConfig
 from nlm.finetune.cws import viterbi_bmes
 from nlm.finetune.data import collate
@@ -70,14 +58,15 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
     import ray
 
     from nlm.cluster.launch import check_resources, ensure_ray
-    from nlm.cluster.train.driver import _user_error, resolve_device
+    from nlm.cluster.train.driver import fit, resolve_device, torch_trainer, worker_resources
 
     plan, payload = plan_finetune(config)
     config = plan.finetune
     ensure_ray()
-    plan.device = resolve_device(config)  # type: ignore[arg-type]  (reads .device, .workers)
-    worker = {"CPU": config.cpus_per_worker, **({"GPU": 1.0} if plan.device == "cuda" else {})}
-    check_resources([worker] * config.workers, what=f"{config.workers} fine-tuning workers")
+    plan.device = resolve_device(config.scale)
+    worker = worker_resources(config.scale, plan.device)
+    workers = config.scale.workers
+    check_resources([worker] * workers, what=f"{workers} fine-tuning workers")
 
     run_dir = Path(plan.run_dir)
     if config.overwrite:
@@ -87,77 +76,37 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
                 missing_ok=True
             )
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_text(run_dir / "config.yaml", _yaml(config.to_dict()))
+    config.save_yaml(run_dir / "config.yaml")
     _write_text(run_dir / "plan.json", json.dumps(plan.to_dict(), indent=2) + "\n")
 
-    trainer = make_trainer(plan, worker, ray.put(payload))
-    error: list[BaseException] = []
-
-    def fit() -> None:
-        try:
-            trainer.fit()
-        except BaseException as exc:  # re-raised in the calling thread
-            error.append(exc)
-
-    thread = threading.Thread(target=fit, name="nlm-finetune-fit", daemon=True)
-    thread.start()
-    _follow(run_dir, plan, thread, progress)
-    thread.join()
-    if error:
-        raise _user_error(error[0]) or error[0]
-    metrics_path = run_dir / "model" / "metrics.json"
-    if not metrics_path.is_file():
-        raise RuntimeError(
-            f"{run_dir}: fine-tuning finished but wrote no model/ (see the Ray logs)"
-        )
-    summary = json.loads(metrics_path.read_text(encoding="utf-8"))
-    return {**summary, "run": str(run_dir), "model_dir": str(run_dir / "model")}
-
-
-def make_trainer(plan: FinetunePlan, worker: dict[str, float], payload_ref: Any) -> Any:
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    cuda = plan.device == "cuda"
-    return TorchTrainer(
+    trainer = torch_trainer(
         finetune_worker,
-        train_loop_config={"plan": plan.to_dict(), "payload": payload_ref},
-        torch_config=TorchConfig(backend="nccl" if cuda else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=plan.finetune.workers, use_gpu=cuda, resources_per_worker=worker
-        ),
-        run_config=ray.train.RunConfig(
-            name=RUN_NAME,
-            storage_path=plan.run_dir,
-            # No mid-run checkpoints (fine-tuning runs are short): a failure fails the run.
-            failure_config=ray.train.FailureConfig(max_failures=0),
-            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if cuda else "cpu"}},
-        ),
+        {"plan": plan.to_dict(), "payload": ray.put(payload)},
+        device=plan.device,
+        workers=workers,
+        worker=worker,
+        name=RUN_NAME,
+        storage=plan.run_dir,
+        # No mid-run checkpoints (fine-tuning runs are short): a failure fails the run.
+        max_failures=0,
     )
+    follow = functools.partial(_follow, run_dir, plan) if progress else None
+    return fit(trainer, run_dir, what="fine-tuning", follow=follow)
 
 
-def _follow(run_dir: Path, plan: FinetunePlan, thread: threading.Thread, enabled: bool) -> None:
-    if not enabled:
-        return
-    from tqdm import tqdm
+def _follow(run_dir: Path, plan: FinetunePlan, thread: Any) -> None:
+    from nlm.cluster.train.driver import follow_progress
 
-    bar = tqdm(total=plan.max_steps, desc=f"finetune {plan.family} {plan.task}", unit="step")
-    seen = 0
-    try:
-        while thread.is_alive():
-            thread.join(timeout=1.0)
-            records = read_metrics(run_dir)
-            for record in records[seen:]:
-                if "loss" in record:
-                    bar.n = record["step"]
-                    bar.set_postfix(loss=f"{record['loss']:.3f}")
-                elif "eval_loss" in record:
-                    shown = {k: record[k] for k in ("eval_accuracy", "eval_span_f1") if k in record}
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
-                bar.refresh()
-            seen = len(records)
-    finally:
-        bar.close()
+    def show(bar: Any, record: dict[str, Any]) -> None:
+        if "loss" in record:
+            bar.n = record["step"]
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+        elif "eval_loss" in record:
+            shown = {k: record[k] for k in ("eval_accuracy", "eval_span_f1") if k in record}
+            bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
+
+    desc = f"finetune {plan.family} {plan.task}"
+    follow_progress(run_dir, thread, total=plan.max_steps, desc=desc, show=show)
 
 
 # --- the worker --------------------------------------------------------------------------------
@@ -185,33 +134,14 @@ def finetune_worker(loop_config: dict[str, Any]) -> None:
         context.get_local_world_size(),
         device,
     )
-    worker.train()
+    worker.run()
 
 
-def optimizer_config(plan: FinetunePlan) -> TrainConfig:
-    """The pretraining loop's TrainConfig, for its optimizer, schedule and DeepSpeed helpers."""
-    c = plan.finetune
-    return TrainConfig(
-        data="-",
-        out=plan.run_dir,
-        model=plan.family,
-        micro_batch=c.micro_batch,
-        grad_accum=c.grad_accum,
-        max_steps=plan.max_steps,
-        optimizer="adamw",
-        lr=c.lr,
-        min_lr=min(c.min_lr, c.lr),
-        warmup_steps=plan.warmup_steps,
-        lr_schedule="cosine",
-        weight_decay=c.weight_decay,
-        betas=[0.9, 0.999],
-        grad_clip=c.grad_clip,
-        zero_stage=c.zero_stage,
-        seed=c.seed,
-    )
+class FinetuneWorker(TrainingLoop):
+    """One rank's fine-tuning: the task model on the engine, its share of the rows in memory."""
 
+    what = "fine-tuning"
 
-class FinetuneWorker:
     def __init__(
         self,
         plan: FinetunePlan,
@@ -221,43 +151,42 @@ class FinetuneWorker:
         local_world_size: int,
         device: torch.device,
     ) -> None:
-        import deepspeed
-
-        warnings.filterwarnings(
-            "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
+        config = plan.finetune
+        super().__init__(
+            config,
+            max_steps=plan.max_steps,
+            eval_every=plan.eval_every,
+            rank=rank,
+            world_size=world_size,
+            local_world_size=local_world_size,
+            device=device,
+            run_dir=plan.run_dir,
         )
         self.plan, self.payload = plan, payload
-        self.config = config = plan.finetune
-        self.optim = optimizer_config(plan)
-        self.rank, self.world_size, self.device = rank, world_size, device
-        torch.set_num_threads(config.torch_threads or max(1, _cpus() // max(1, local_world_size)))
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        _seed_everything(config.seed + 1000 * (rank + 1))  # dropout differs per rank
-        model = build_task_model(plan, payload["state"])
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model,
-            optimizer=make_optimizer(model, self.optim),
-            config=deepspeed_config(self.optim, device.type, world_size),
-        )
-        self.log = MetricsLog(Path(plan.run_dir) if rank == 0 else None)
+        seed_everything(config.seed + 1000 * (rank + 1))  # dropout differs per rank
+        self.start_engine(build_task_model(plan, payload["state"]))
         share = len(payload["train"]) // world_size  # equal shares: equal step counts
         self.train_rows = payload["train"][rank::world_size][:share]
-        self.step = 0
         self.examples = 0  # training rows seen, all ranks
-        self.last_eval: dict[str, Any] = {}
 
-    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-
-    def forward(self, module: Any, batch: dict[str, torch.Tensor], labels: bool = True) -> Any:
-        batch = self.to_device(batch)
+    def forward(
+        self,
+        module: Any,
+        batch: dict[str, torch.Tensor],
+        labels: bool = True,
+        device: torch.device | None = None,
+    ) -> Any:
+        """`module` on `batch` moved to `device` (default: this rank's)."""
+        device = device or self.device
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         return module(
             batch["input_ids"],
             attention_mask=batch["attention_mask"],
             token_type_ids=batch["token_type_ids"],
             labels=batch["labels"] if labels else None,
         )
+
+    # -- the loop's hooks ----------------------------------------------------------------
 
     def batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """Micro-batches, epoch after epoch: shuffled, grouped by length in pools of 50."""
@@ -278,8 +207,8 @@ class FinetuneWorker:
                 yield collate([self.train_rows[i] for i in groups[g]], self.engine.module.pad_left)
             epoch += 1
 
-    def train(self) -> None:
-        config, plan = self.config, self.plan
+    def log_start(self) -> None:
+        plan = self.plan
         self.log.write(
             {
                 "event": "start",
@@ -293,60 +222,36 @@ class FinetuneWorker:
                 "labels": plan.labels,
             }
         )
-        batches = self.batches()
-        sums = {"loss": 0.0, "task_loss": 0.0, "lm_loss": 0.0}
-        interval_start, interval_steps, interval_rows = time.perf_counter(), 0, 0
-        while self.step < plan.max_steps:
-            lr = lr_at(self.step, self.optim)
-            for group in self.engine.optimizer.param_groups:
-                group["lr"] = lr
-            for _ in range(config.grad_accum):
-                batch = next(batches)
-                out = self.forward(self.engine, batch)
-                self.engine.backward(out.loss)
-                self.engine.step()
-                sums["loss"] += out.loss.item() / config.grad_accum
-                sums["task_loss"] += out.task_loss.item() / config.grad_accum
-                if out.lm_loss is not None:
-                    sums["lm_loss"] += out.lm_loss.item() / config.grad_accum
-                interval_rows += batch["input_ids"].size(0)
-            self.step += 1
-            interval_steps += 1
-            last = self.step == plan.max_steps
-            if self.step % config.log_every == 0 or last:
-                elapsed = time.perf_counter() - interval_start
-                means = _all_reduce_sum(
-                    [v / interval_steps for v in sums.values()] + [interval_rows], self.device
-                )
-                rows = int(means.pop())
-                self.examples += rows
-                record = {"step": self.step, "epoch": round(self.step / plan.steps_per_epoch, 3)}
-                record.update(
-                    {k: round(v / self.world_size, 5) for k, v in zip(sums, means, strict=True)}
-                )
-                if not config.lm_weight:
-                    record.pop("lm_loss")
-                if not math.isfinite(record["loss"]):
-                    raise NLMError(
-                        f"fine-tuning diverged: loss is {record['loss']} at step {self.step}; lower --lr"
-                    )
-                record.update(
-                    {
-                        "lr": lr,
-                        "rows_per_s": round(rows / elapsed, 1),
-                        "step_ms": round(1000 * elapsed / interval_steps, 1),
-                    }
-                )
-                self.log.write(record)
-                sums = dict.fromkeys(sums, 0.0)
-                interval_start, interval_steps, interval_rows = time.perf_counter(), 0, 0
-            if self.step % plan.eval_every == 0 or last:
-                self.last_eval = {"step": self.step, **self.evaluate()}
-                self.log.write(self.last_eval)
-                interval_start = time.perf_counter()
-        final = self.export()
-        self.log.write({"event": "end", **final})
-        self.log.close()
+
+    def train_forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        out = self.forward(self.engine, batch)
+        accum = self.config.grad_accum
+        parts = {
+            "loss": out.loss.item() / accum,
+            "task_loss": out.task_loss.item() / accum,
+            "lm_loss": out.lm_loss.item() / accum if out.lm_loss is not None else 0.0,
+            "rows": batch["input_ids"].size(0),
+        }
+        return out.loss, parts
+
+    def interval_record(self, sums: dict[str, Any], interval: Interval, lr: float) -> dict:
+        elapsed, steps = interval.elapsed, interval.steps
+        keys = ("loss", "task_loss", "lm_loss")
+        means = all_reduce_sum([sums[k] / steps for k in keys] + [sums["rows"]], self.device)
+        rows = int(means.pop())
+        self.examples += rows
+        record = {"step": self.step, "epoch": round(self.step / self.plan.steps_per_epoch, 3)}
+        record.update({k: round(v / self.world_size, 5) for k, v in zip(keys, means, strict=True)})
+        if not self.config.lm_weight:
+            record.pop("lm_loss")
+        record.update(
+            {
+                "lr": lr,
+                "rows_per_s": round(rows / elapsed, 1),
+                "step_ms": round(1000 * elapsed / steps, 1),
+            }
+        )
+        return record
 
     # -- evaluation ------------------------------------------------------------------------
 
@@ -383,7 +288,7 @@ class FinetuneWorker:
                 )
             }
         keys = sorted(counts)
-        summed = _all_reduce_sum([counts[k] for k in keys] + [loss_sum, labelled], self.device)
+        summed = all_reduce_sum([counts[k] for k in keys] + [loss_sum, labelled], self.device)
         labelled, loss_sum = summed.pop(), summed.pop()
         counts = dict(zip(keys, summed, strict=True))
         result: dict[str, Any] = {"eval_loss": round(loss_sum / max(1.0, labelled), 5)}
@@ -420,31 +325,22 @@ class FinetuneWorker:
         from nlm.tokenizers import load_tokenizer
 
         plan, module = self.plan, self.engine.module
-        state = None
-        with _gathered(module, self.config.zero_stage == 3):
-            if self.rank == 0:
-                state = {
-                    k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()
-                }
+        state = self.consolidated_state()
         probe = collate(self.payload["eval"][:4], module.pad_left)
         self.engine.eval()
         with torch.no_grad():
             engine_logits = self.forward(self.engine, probe, labels=False).logits.float()
         final: dict[str, Any] = {}
         if self.rank == 0:
-            model = build_task_model(plan, state).to(self.device).eval()
+            model = build_task_model(plan, state).eval()
+            # Compare in the engine's precision (bf16 on GPU): the weights are what is checked.
+            twin = copy.deepcopy(model).to(self.device, dtype=self.engine_dtype())
             with torch.no_grad():
-                diff = (
-                    (self.forward(model, probe, labels=False).logits.float() - engine_logits)
-                    .abs()
-                    .max()
-                    .item()
+                diff = self.check_export(
+                    self.forward(twin, probe, labels=False).logits, engine_logits
                 )
-            tolerance = 1e-4 if self.device.type == "cpu" else 5e-2  # bf16 engine on GPU
-            if not diff <= tolerance:
-                raise RuntimeError(
-                    f"consolidated model's logits differ from the engine's by {diff}"
-                )
+            del twin
+            model = model.to(self.device)
             tokenizer = load_tokenizer(plan.tokenizer_dir)
             predictor = Predictor(TaskCheckpoint(Path(plan.run_dir), model, tokenizer, {}, {}))
             test = evaluate(
@@ -459,9 +355,10 @@ class FinetuneWorker:
                 "export_max_abs_logit_diff": diff,
             }
             c = self.config
+            model = model.cpu()
             save_task_checkpoint(
                 Path(plan.run_dir) / "model",
-                model.cpu(),
+                model,
                 tokenizer,
                 metrics=final,
                 finetune={
@@ -473,27 +370,24 @@ class FinetuneWorker:
                     "steps": self.step,
                 },
             )
-            reloaded = load_task_checkpoint(Path(plan.run_dir) / "model", device=self.device)
+            # What a reader loads is what was checked (fp32, on the CPU).
+            reloaded = load_task_checkpoint(Path(plan.run_dir) / "model")
+            reloaded.model.eval()
             if reloaded.labels != plan.labels:
                 raise RuntimeError(f"label map changed on save: {reloaded.labels} != {plan.labels}")
+            cpu = torch.device("cpu")
             with torch.no_grad():
-                again = self.forward(reloaded.model, probe, labels=False).logits.float()
-            if not (again - engine_logits).abs().max().item() <= tolerance:
-                raise RuntimeError("the saved checkpoint does not reproduce the engine's logits")
-        if dist.is_initialized():
-            dist.barrier()
+                again = self.forward(reloaded.model, probe, labels=False, device=cpu).logits
+                saved = self.forward(model, probe, labels=False, device=cpu).logits
+            if not torch.equal(again, saved):
+                raise RuntimeError("the saved checkpoint does not reproduce the exported logits")
+        barrier(self.device)
         return final
 
 
 def _add(total: dict[str, float], part: dict[str, float]) -> None:
     for key, value in part.items():
         total[key] = total.get(key, 0.0) + float(value)
-
-
-def _yaml(data: dict[str, Any]) -> str:
-    import yaml
-
-    return yaml.safe_dump(data, sort_keys=False)
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -56,7 +56,7 @@ from nlm.cluster.prepare.sources import (
     plan_units,
     read_documents,
 )
-from nlm.config import Config
+from nlm.config import Config, option, parse_size
 from nlm.errors import NLMError
 from nlm.shards import (
     MANIFEST,
@@ -88,36 +88,81 @@ MANIFEST_SETTINGS = (
 class PrepareConfig(Config):
     """Everything `nlm prepare` takes (flags and YAML keys have the same names)."""
 
-    input: list[str] = dataclasses.field(default_factory=list)  # paths, dirs, globs, URIs
-    corpus: str | None = None  # or a named corpus (nlm.corpora): its training file
-    output: str = ""
-    format: str = "auto"  # auto | text | jsonl | parquet
-    line_docs: bool = False  # text files: one document per line instead of per file
-    text_column: str = "text"  # the JSONL field / Parquet column holding the text
-    tokenizer: str | None = None  # spm-bpe | spm-unigram | word | char (default spm-bpe)
-    tokenizer_from: str | None = None  # reuse a saved tokenizer instead of training one
-    vocab_size: int | None = None  # spm: 8000 by default; word/char: all units
-    min_count: int | None = None
-    segmented: bool | None = None  # whitespace is the word boundary (pku/msr Chinese)
-    sample_bytes: int = 32 * MiB  # bound on the tokenizer's training sample
-    objective: str = "clm"
-    seq_len: int = 256
-    val_fraction: float = 0.05
-    seed: int = 0
-    workers: int = 0  # tokenizer actors; 0 = one per CPU core
-    cpus_per_worker: float = 0.5  # fractional: leaves room for Ray Data's own tasks
-    # custom Ray resources each actor asks for, e.g. {data: 1} to land on cluster.yaml's data nodes
-    worker_resources: dict[str, float] = dataclasses.field(default_factory=dict)
-    unit_bytes: int = 4 * MiB  # text per work unit
-    rows_per_file: int = 0  # rows per part file; 0 = about 4M tokens per file
-    max_doc_bytes: int = 64 * MiB
-    skip_bad: bool = False
-    overwrite: bool = False
-    progress: bool | None = None  # None: a progress bar when stderr is a terminal
+    input: list[str] = option(
+        [],
+        "files, directories, globs or URIs (s3://, gs://); repeatable",
+        group="input",
+        metavar="PATH",
+    )
+    corpus: str | None = option(
+        None,
+        "a named corpus instead (wt2-mini, pku-lm, shakespeare): its train file",
+        group="input",
+    )
+    output: str = option("", "shard directory (local path or URI)", group="output")
+    format: str = option(
+        "auto",
+        "auto: by file suffix",
+        group="input",
+        choices=["auto", "text", "jsonl", "parquet"],
+    )
+    line_docs: bool = option(False, "text: one document per line", group="input")
+    text_column: str = option("text", "JSONL field / Parquet column with the text", group="input")
+    tokenizer: str | None = option(None, "default spm-bpe", group="tokenizer", choices=list(KINDS))
+    tokenizer_from: str | None = option(
+        None, "reuse a saved tokenizer", group="tokenizer", metavar="DIR"
+    )
+    vocab_size: int | None = option(
+        None, "spm: 8000 by default; word/char: all units", group="tokenizer"
+    )
+    min_count: int | None = option(
+        None, "word/char: keep units seen at least this often", group="tokenizer"
+    )
+    segmented: bool | None = option(
+        None,
+        "pre-segmented text (pku/msr Chinese): whitespace is the word boundary",
+        group="tokenizer",
+    )
+    sample_bytes: int = option(
+        32 * MiB, "tokenizer training sample (e.g. 32M)", group="tokenizer", type=parse_size
+    )
+    objective: str = option("clm", "clm | mlm", group="output", choices=list(OBJECTIVES))
+    seq_len: int = option(256, "ids per row", group="output")
+    val_fraction: float = option(0.05, "fraction held out for the val split", group="output")
+    seed: int = option(0, "random seed", group="output")
+    workers: int = option(0, "tokenizer actors (0: one per core)", group="execution")
+    # fractional: leaves room for Ray Data's own tasks
+    cpus_per_worker: float = option(0.5, "logical CPUs per actor", group="execution")
+    worker_resources: dict[str, float] = option(
+        {},
+        "custom Ray resource per actor (repeatable), e.g. data=1 for cluster.yaml's data nodes",
+        group="execution",
+        flag="--worker-resource",
+        metavar="NAME=AMOUNT",
+    )
+    unit_bytes: int = option(4 * MiB, "text per work unit", group="execution", type=parse_size)
+    rows_per_file: int = option(
+        0, "rows per Parquet part (0: about 4M tokens per file)", group="output"
+    )
+    max_doc_bytes: int = option(
+        64 * MiB, "longest document accepted", group="input", type=parse_size
+    )
+    skip_bad: bool = option(
+        False,
+        "skip bad documents (counted in the manifest) instead of stopping",
+        group="input",
+    )
+    overwrite: bool = option(False, "replace the shards in --output", group="output")
+    progress: bool | None = option(
+        None, "progress bar (default: when stderr is a terminal)", group="execution"
+    )
 
-    def validate(self) -> None:
+    def check(self, source: str = "prepare config") -> PrepareConfig:
+        """Types and ranges; NLMError naming the field."""
+        self = self.typed(source)
+
         def bad(field: str, why: str) -> NLMError:
-            return NLMError(f"prepare config (field '{field}'): {why}")
+            return NLMError(f"{source} (field '{field}'): {why}")
 
         if not self.input and not self.corpus:
             raise bad("input", "no input given (--input PATH or --corpus NAME)")
@@ -140,6 +185,7 @@ class PrepareConfig(Config):
             not isinstance(v, (int, float)) or v <= 0 for v in self.worker_resources.values()
         ):
             raise bad("worker_resources", "a mapping NAME: positive amount, e.g. {data: 1}")
+        return self
 
     def worker_options(self) -> dict[str, Any]:
         keys = ("objective", "seq_len", "seed", "val_fraction", "line_docs", "text_column")
@@ -382,7 +428,7 @@ def prepare(cfg: PrepareConfig) -> tuple[Manifest, PrepareStats]:
     """Run the pipeline (see the module docstring); NLMError for bad input, nothing left
     looking complete on failure."""
     started = time.perf_counter()
-    cfg.validate()
+    cfg = cfg.check()
     cfg = resolve_inputs(cfg)
     sources = find_sources(cfg.input, cfg.format)
     skips = Skips(cfg.skip_bad)

@@ -2,7 +2,7 @@
 
     train(TrainConfig(...)) -> summary dict
 
-1. Check everything that can be checked before a worker starts (train_plan.plan_run): shards,
+1. Check everything that can be checked before a worker starts (plan.plan_run): shards,
    tokenizer, preset, context length, split sizes, run directory, ZeRO stage, device; and that
    the cluster can place the workers plus a CPU for Ray Data (cluster.launch.check_resources).
 2. Write RUN/config.yaml (the resolved config: rerun it with `--config`) and RUN/plan.json (what
@@ -13,13 +13,21 @@
 4. While it runs, draw a progress bar from RUN/metrics.jsonl (rank 0 writes it), which works
    whether or not worker output reaches the driver.
 
-The workers export RUN/model at the end (train_loop.Trainer.export).
+The workers export RUN/model at the end (nlm.cluster.train.loop.Trainer.export).
+
+The pieces every TorchTrainer run shares, pretraining and fine-tuning (nlm.cluster.finetune.
+loop.finetune): `resolve_device`, `worker_resources`, `torch_trainer` (the TorchTrainer with its
+backend, scaling and worker environment), `fit` (fit on a thread while the progress bar follows
+RUN/metrics.jsonl, Ray's failures mapped back to the worker's NLMError, RUN/model's metrics
+returned) and `follow_progress`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +36,7 @@ from nlm.cluster.train.deepspeed_config import check_zero_stage
 from nlm.cluster.train.metrics import read_metrics
 from nlm.cluster.train.plan import CHECKPOINTS, RunPlan, plan_run
 from nlm.errors import NLMError
+from nlm.scale import ScaleConfig
 
 DATA_CPUS = 1.0  # kept free for Ray Data's read tasks (each asks for one CPU)
 
@@ -40,15 +49,14 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     plan = plan_run(config.check())
     config = plan.train
     ensure_ray()
-    plan.device = resolve_device(config)
-    check_zero_stage(config.zero_stage, plan.device)
-    device = plan.device
+    plan.device = resolve_device(config.scale)
+    check_zero_stage(config.scale.zero_stage, plan.device)
     check_storage(plan)
-    worker = worker_resources(config, device)
+    worker = worker_resources(config.scale, plan.device)
     check_resources(
-        [worker] * config.workers + [{"CPU": DATA_CPUS}],
+        [worker] * config.scale.workers + [{"CPU": DATA_CPUS}],
         config.placement_timeout_s or None,
-        what=f"{config.workers} training workers and Ray Data",
+        what=f"{config.scale.workers} training workers and Ray Data",
     )
 
     run_dir = Path(plan.run_dir)
@@ -57,50 +65,62 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     _write_json(run_dir / "plan.json", plan.to_dict())
 
     trainer = make_trainer(plan, worker)
+    follow = functools.partial(_follow, run_dir, config) if progress else None
+    return fit(trainer, run_dir, what="training", follow=follow)
+
+
+def fit(
+    trainer: Any,
+    run_dir: Path,
+    *,
+    what: str,
+    follow: Callable[[threading.Thread], None] | None = None,
+) -> dict[str, Any]:
+    """`trainer.fit()` on a thread while `follow(thread)` draws progress; the worker's NLMError
+    re-raised as such; returns RUN/model/metrics.json plus `run` and `model_dir`."""
     error: list[BaseException] = []
 
-    def fit() -> None:
+    def run() -> None:
         try:
             trainer.fit()
         except BaseException as exc:  # re-raised in the calling thread
             error.append(exc)
 
-    thread = threading.Thread(target=fit, name="nlm-train-fit", daemon=True)
+    thread = threading.Thread(target=run, name=f"nlm-{what}-fit", daemon=True)
     thread.start()
-    _follow(run_dir, config, thread, progress)
+    if follow is not None:
+        follow(thread)
     thread.join()
     if error:
-        raise _user_error(error[0]) or error[0]
-
+        raise user_error(error[0]) or error[0]
     metrics_path = run_dir / "model" / "metrics.json"
     if not metrics_path.is_file():
-        raise RuntimeError(f"{run_dir}: training finished but wrote no model/ (see the Ray logs)")
+        raise RuntimeError(f"{run_dir}: {what} finished but wrote no model/ (see the Ray logs)")
     summary = json.loads(metrics_path.read_text(encoding="utf-8"))
-    summary["run"] = str(run_dir)
-    summary["model_dir"] = str(run_dir / "model")
-    return summary
+    return {**summary, "run": str(run_dir), "model_dir": str(run_dir / "model")}
 
 
-def resolve_device(config: TrainConfig) -> str:
+def resolve_device(scale: ScaleConfig) -> str:
     """auto: cuda when the cluster has a GPU for every worker, else cpu."""
     import ray
 
     gpus = ray.cluster_resources().get("GPU", 0)
-    if config.device == "cuda" and gpus < config.workers:
+    if scale.device == "cuda" and gpus < scale.workers:
         raise NLMError(
-            f"device 'cuda' needs {config.workers} GPUs, the Ray cluster has {gpus:g}; "
+            f"device 'cuda' needs {scale.workers} GPUs, the Ray cluster has {gpus:g}; "
             "use --device cpu or fewer --workers"
         )
-    if config.device == "auto":
-        return "cuda" if gpus >= config.workers else "cpu"
-    return config.device
+    if scale.device == "auto":
+        return "cuda" if gpus >= scale.workers else "cpu"
+    return scale.device
 
 
-def worker_resources(config: TrainConfig, device: str) -> dict[str, float]:
-    resources = {"CPU": config.cpus_per_worker}
+def worker_resources(scale: ScaleConfig, device: str) -> dict[str, float]:
+    """What each worker asks Ray for: its CPUs, a GPU on cuda, the custom resources."""
+    resources = {"CPU": scale.cpus_per_worker}
     if device == "cuda":
         resources["GPU"] = 1.0
-    for name, amount in config.worker_resources.items():
+    for name, amount in scale.worker_resources.items():
         if name in ("CPU", "GPU"):
             raise NLMError(
                 f"worker_resources: set {name} with --cpus-per-worker / --device, not here"
@@ -126,7 +146,6 @@ def check_storage(plan: RunPlan) -> None:
 def make_trainer(plan: RunPlan, worker: dict[str, float]) -> Any:
     import ray.data
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from nlm.cluster.train.loop import train_worker
 
@@ -138,62 +157,105 @@ def make_trainer(plan: RunPlan, worker: dict[str, float]) -> Any:
         # Read once into the object store: every epoch then splits blocks already in memory
         # instead of starting Parquet read tasks again (seconds per epoch on a small node).
         train_rows = train_rows.materialize()
-    datasets = {"train": train_rows}  # val is small: each worker reads its share directly
     # preserve_order makes the split deterministic: the same rows reach the same rank on every
     # epoch and after a restart, which is what lets a resumed run skip to its data position.
     options = ray.data.ExecutionOptions(preserve_order=True)
-    env = {"DS_ACCELERATOR": "cuda" if plan.device == "cuda" else "cpu"}
-    return TorchTrainer(
+    return torch_trainer(
         train_worker,
-        train_loop_config={"plan": plan.to_dict()},
-        torch_config=TorchConfig(backend="nccl" if plan.device == "cuda" else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=config.workers,
-            use_gpu=plan.device == "cuda",
-            resources_per_worker=worker,
-        ),
-        run_config=ray.train.RunConfig(
-            name=CHECKPOINTS,
-            storage_path=plan.storage,
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
-            worker_runtime_env={"env_vars": env},
-        ),
-        datasets=datasets,
+        {"plan": plan.to_dict()},
+        device=plan.device,
+        workers=config.scale.workers,
+        worker=worker,
+        name=CHECKPOINTS,
+        storage=plan.storage,
+        max_failures=config.max_failures,
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
+        datasets={"train": train_rows},  # val is small: each worker reads its share directly
         dataset_config=ray.train.DataConfig(datasets_to_split="all", execution_options=options),
     )
 
 
-def _follow(run_dir: Path, config: TrainConfig, thread: threading.Thread, enabled: bool) -> None:
-    """Progress bar from RUN/metrics.jsonl until the fit thread ends."""
-    if not enabled:
-        return
+def torch_trainer(
+    loop: Callable[[dict[str, Any]], None],
+    loop_config: dict[str, Any],
+    *,
+    device: str,
+    workers: int,
+    worker: dict[str, float],
+    name: str,
+    storage: str,
+    max_failures: int,
+    **options: Any,
+) -> Any:
+    """A TorchTrainer running `loop(loop_config)` on `workers` ranks: gloo on CPU, nccl with one
+    GPU per worker on cuda; `max_failures` worker-group restarts; Ray Train's run directory is
+    STORAGE/NAME. `options`: checkpoint_config (RunConfig), datasets, dataset_config."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cuda = device == "cuda"
+    checkpoint_config = options.pop("checkpoint_config", None)
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if cuda else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=cuda, resources_per_worker=worker
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=checkpoint_config,
+            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if cuda else "cpu"}},
+        ),
+        **options,
+    )
+
+
+def follow_progress(
+    run_dir: Path,
+    thread: threading.Thread,
+    *,
+    total: int,
+    desc: str,
+    show: Callable[[Any, dict[str, Any]], None],
+) -> None:
+    """A progress bar from RUN/metrics.jsonl until `thread` ends (rank 0 writes the file, so
+    this works whether or not worker output reaches the driver); `show(bar, record)` per line."""
     from tqdm import tqdm
 
-    bar = tqdm(total=config.max_steps, desc=f"train {config.model}", unit="step")
+    bar = tqdm(total=total, desc=desc, unit="step")
     seen = 0
     try:
         while thread.is_alive():
             thread.join(timeout=1.0)
             records = read_metrics(run_dir)
             for record in records[seen:]:
-                if record.get("event") == "start":
-                    bar.n = record["step"]
-                    bar.set_description(f"train {config.model} (start at {record['step']})")
-                elif "loss" in record:
-                    bar.n = record["step"]
-                    bar.set_postfix(
-                        loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}"
-                    )
-                elif "val_loss" in record:
-                    bar.set_postfix(val_ppl=f"{record['val_ppl']:.1f}")
+                show(bar, record)
                 bar.refresh()
             seen = len(records)
     finally:
         bar.close()
 
 
-def _user_error(exc: BaseException) -> NLMError | None:
+def _follow(run_dir: Path, config: TrainConfig, thread: threading.Thread) -> None:
+    def show(bar: Any, record: dict[str, Any]) -> None:
+        if record.get("event") == "start":
+            bar.n = record["step"]
+            bar.set_description(f"train {config.model} (start at {record['step']})")
+        elif "loss" in record:
+            bar.n = record["step"]
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        elif "val_loss" in record:
+            bar.set_postfix(val_ppl=f"{record['val_ppl']:.1f}")
+
+    follow_progress(
+        run_dir, thread, total=config.max_steps, desc=f"train {config.model}", show=show
+    )
+
+
+def user_error(exc: BaseException) -> NLMError | None:
     """An NLMError raised inside a worker, unwrapped from Ray's failure types."""
     pending = [exc]
     seen: set[int] = set()

@@ -1,7 +1,10 @@
-"""The per-worker training loop: shard rows -> DeepSpeed engine -> metrics, checkpoints, export.
+"""Pretraining on one rank: shard rows -> DeepSpeed engine -> metrics, checkpoints, export.
 
-One function, `run_worker(plan, session)`, runs on every rank. The session (train_session.py)
-says where rows, checkpoints and reports come from:
+`Trainer` is the pretraining objective's `TrainingLoop` (nlm.cluster.train.base_loop, the loop
+fine-tuning shares): its hooks read shard rows, compute the clm/stream/mlm losses, evaluate
+the val split, checkpoint, and export RUN/model. One function, `run_worker(plan, session)`,
+runs on every rank. The session (nlm.cluster.train.session) says where rows, checkpoints and
+reports come from:
 
 - `RaySession` inside a Ray Train worker (`train_worker`, the TorchTrainer's loop): rows from
   `ray.train.get_dataset_shard(...).iter_torch_batches`, checkpoints through `ray.train.report`
@@ -17,29 +20,26 @@ resumed rank continues exactly where the checkpoint was taken. The run ends by e
 serving checkpoint (RUN/model), gathered from the engine and checked against its logits.
 
 A step is `grad_accum` micro-batches; DeepSpeed accumulates and steps the optimizer at the
-boundary. The learning rate is a pure function of the step (linear warm-up, then cosine or
-constant), set on the optimizer before each step, so a resumed run needs no scheduler state.
+boundary. The learning rate is a pure function of the step (nlm.optim.Schedule), set on the
+optimizer before each step, so a resumed run needs no scheduler state.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
 import os
 import random
 import sys
-import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
+from nlm.cluster.train.base_loop import Interval, Progress, TrainingLoop, _NoProgress
 from nlm.cluster.train.batches import (
     Batch,
     Chunk,
@@ -49,9 +49,8 @@ from nlm.cluster.train.batches import (
     reset_state,
     state_to,
 )
-from nlm.cluster.train.config import TrainConfig
-from nlm.cluster.train.deepspeed_config import deepspeed_config
-from nlm.cluster.train.metrics import MetricsLog, flops_per_token, peak_flops
+from nlm.cluster.train.distributed import all_reduce_sum, barrier, seed_everything
+from nlm.cluster.train.metrics import flops_per_token, peak_flops
 from nlm.cluster.train.plan import CHECKPOINT_META, RunPlan, plan_run
 from nlm.cluster.train.session import LocalSession, RaySession
 from nlm.errors import NLMError
@@ -59,90 +58,44 @@ from nlm.errors import NLMError
 DS_TAG = "ds"  # DeepSpeed's tag inside every checkpoint directory
 
 
-def lr_at(step: int, config: TrainConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warm-up, then cosine/constant."""
-    warmup = effective_warmup(config)
-    if step < warmup:
-        return config.lr * (step + 1) / warmup
-    if config.lr_schedule == "constant":
-        return config.lr
-    span = max(1, config.max_steps - warmup)
-    progress = min(1.0, (step - warmup) / span)
-    return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
-
-
-def effective_warmup(config: TrainConfig) -> int:
-    """The warm-up, capped at a fifth of the run: the default 100 steps on a `--max-steps 40`
-    smoke run would otherwise end it before the learning rate ever reached its peak."""
-    return min(config.warmup_steps, config.max_steps // 5)
-
-
-def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with decay on matrices only (nanoGPT's rule), or plain SGD (the classic RNN recipe)."""
-    params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
-
-
 # --- the loop ----------------------------------------------------------------------------------
 
 
-class Trainer:
-    """One rank's state: the engine, the data position, the metrics log."""
+class Trainer(TrainingLoop):
+    """One rank's pretraining: the engine, the data position, the metrics log."""
 
     def __init__(self, plan: RunPlan, session: RaySession | LocalSession) -> None:
-        import deepspeed
-
-        # DeepSpeed's ZeRO-3 calls a collective torch 2.13 deprecates, once per parameter
-        # gather: thousands of identical lines per run otherwise.
-        warnings.filterwarnings(
-            "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
+        config = plan.train
+        super().__init__(
+            config,
+            max_steps=config.max_steps,
+            eval_every=config.eval_every,
+            rank=session.rank,
+            world_size=session.world_size,
+            local_world_size=session.local_world_size,
+            device=session.device(),
+            run_dir=plan.run_dir,
         )
-        # DeepSpeed JIT-builds its CPU communication op into torch's shared extension cache; a
-        # program building it with other flags makes the next run rebuild it (minutes on a
-        # busy 2-core machine, seen here). nlm keeps its own copy.
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_extensions_dir()))
         self.plan, self.session = plan, session
-        self.config = config = plan.train
-        self.rank, self.world_size = session.rank, session.world_size
-        self.device = session.device()
         self.kind = "mlm" if config.model == "bert" else ("stream" if config.recurrent else "clm")
-        self.threads = config.torch_threads or max(1, _cpus() // max(1, session.local_world_size))
-        torch.set_num_threads(self.threads)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
 
         # Same seed on every rank for the weights; a rank-specific one for dropout/masking.
-        _seed_everything(config.seed)
+        seed_everything(config.seed)
         model = self.build_model()
         self.num_params = model.num_parameters()
         self.flops_per_token = flops_per_token(
             config.model, self.num_params, model.config, plan.seq_len
         )
-        _seed_everything(config.seed + 1000 * (self.rank + 1))
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model,
-            optimizer=make_optimizer(model, config),
-            config=deepspeed_config(config, self.device.type, self.world_size),
-        )
-        if self.world_size == 1 and config.zero_stage == 0:
-            # One rank has nothing to average: skip DeepSpeed's per-step flatten / all-reduce /
-            # unflatten of every gradient (ZeRO 1-3 need that path to fill their partitions).
-            self.engine.enable_backward_allreduce = False
+        seed_everything(config.seed + 1000 * (self.rank + 1))
+        self.start_engine(model)
         self.mask_rng = torch.Generator().manual_seed(config.seed + 7919 * (self.rank + 1))
-        self.log = MetricsLog(Path(plan.run_dir) if self.rank == 0 else None)
 
-        self.step = 0  # optimizer steps done
         self.epoch = 0
         self.epoch_batches = 0  # micro-batches consumed in the current epoch
         self.tokens = 0  # tokens trained on, all ranks
+        self.tokens_per_step = (
+            config.micro_batch * config.grad_accum * self.world_size * plan.seq_len
+        )
         self.state: Any = None  # recurrent hidden state carried across windows
         self.val_chunk: Chunk | None = None
         self.resumed_from: int | None = None
@@ -195,7 +148,7 @@ class Trainer:
 
     def report_split(self, rows: int) -> None:
         """Ray's equal split may drop up to workers-1 rows per epoch: count and log them."""
-        total = _all_reduce_sum([float(rows)], self.device)[0]
+        total = all_reduce_sum([float(rows)], self.device)[0]
         dropped = self.plan.train_rows - int(total)
         per_epoch = batches_per_epoch(
             rows,
@@ -271,89 +224,49 @@ class Trainer:
             out = self.engine(x, targets=y)
         return out.loss, {"loss": out.loss.detach() * y.numel(), "tokens": y.numel()}
 
-    # -- train -----------------------------------------------------------------------------
+    # -- the loop's hooks ----------------------------------------------------------------
 
-    def train(self) -> dict[str, Any]:
-        config = self.config
-        self.restore()
-        self.log_start()
-        tokens_per_step = (
-            config.micro_batch * config.grad_accum * self.world_size * self.plan.seq_len
-        )
-        batches = self.batches()
-        progress = _progress(
-            self.rank == 0 and isinstance(self.session, LocalSession), self.step, config.max_steps
-        )
-        # The loss is summed on the device and read at log steps only: `.item()` every step
-        # would make the host wait for the GPU each time.
-        interval_start, interval_steps = time.perf_counter(), 0
-        interval_cpu = time.process_time()  # this process's CPU time (all its threads)
-        timed_steps = 0  # steps since the clock started (evaluations restart it)
-        loss_sum = torch.zeros((), device=self.device)
-        while self.step < config.max_steps:
-            lr = lr_at(self.step, config)
-            for group in self.engine.optimizer.param_groups:
-                group["lr"] = lr
-            for _ in range(config.grad_accum):
-                loss, _ = self.forward(next(batches), self.mask_rng)
-                self.engine.backward(loss)
-                self.engine.step()
-                loss_sum += loss.detach().float() / config.grad_accum
-            self.step += 1
-            self.tokens += tokens_per_step
-            interval_steps += 1
-            timed_steps += 1
-            last = self.step == config.max_steps
+    def train_forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
+        loss, _ = self.forward(batch, self.mask_rng)
+        return loss, {"loss": loss.detach().float() / self.config.grad_accum}
 
-            if self.step % config.log_every == 0 or last:
-                elapsed = time.perf_counter() - interval_start
-                cpu = time.process_time() - interval_cpu
-                mean = loss_sum.item() / interval_steps
-                loss = _all_reduce_sum([mean], self.device)[0] / self.world_size
-                if not math.isfinite(loss):
-                    raise NLMError(
-                        f"training diverged: loss is {loss} at step {self.step} (lr {lr:g}); "
-                        "lower --lr or set --grad-clip"
-                    )
-                record = {
-                    "step": self.step,
-                    "epoch": self.epoch,
-                    "loss": round(loss, 5),
-                    "lr": lr,
-                    "tokens": self.tokens,
-                    "tokens_per_s": round(timed_steps * tokens_per_step / elapsed, 1),
-                    "step_ms": round(1000 * elapsed / timed_steps, 2),
-                    "step_cpu_ms": round(1000 * cpu / timed_steps, 2),  # rank 0's CPU time
-                }
-                peak = peak_flops(self.device)
-                if peak:
-                    achieved = record["tokens_per_s"] * self.flops_per_token / self.world_size
-                    record["mfu"] = round(achieved / peak, 4)
-                self.log.write(record)
-                progress.update(interval_steps, loss=loss, tok_s=record["tokens_per_s"])
-                interval_start, interval_steps, timed_steps = time.perf_counter(), 0, 0
-                interval_cpu = time.process_time()
-                loss_sum.zero_()
+    def after_step(self) -> None:
+        self.tokens += self.tokens_per_step
 
-            evaluate = self.step % config.eval_every == 0 or last
-            save = self.step % config.checkpoint_interval == 0 or last
-            if evaluate or save:
-                metrics = {"step": self.step, "epoch": self.epoch}
-                if evaluate:
-                    metrics.update(self.evaluate())
-                    self.log.write(metrics)
-                self.checkpoint(metrics, save)
-                # eval/checkpoint time is not training time
-                interval_start, interval_cpu = time.perf_counter(), time.process_time()
-                timed_steps = 0
-        progress.close()
+    def interval_record(self, sums: dict[str, Any], interval: Interval, lr: float) -> dict:
+        elapsed, cpu, timed = interval.elapsed, interval.cpu_elapsed, interval.timed_steps
+        mean = float(sums["loss"]) / interval.steps
+        loss = all_reduce_sum([mean], self.device)[0] / self.world_size
+        record = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "loss": round(loss, 5),
+            "lr": lr,
+            "tokens": self.tokens,
+            "tokens_per_s": round(timed * self.tokens_per_step / elapsed, 1),
+            "step_ms": round(1000 * elapsed / timed, 2),
+            "step_cpu_ms": round(1000 * cpu / timed, 2),  # rank 0's CPU time
+        }
+        peak = peak_flops(self.device)
+        if peak:
+            achieved = record["tokens_per_s"] * self.flops_per_token / self.world_size
+            record["mfu"] = round(achieved / peak, 4)
+        return record
 
-        if not self.final:  # resumed at max_steps: nothing trained, evaluate for the export
-            self.final = {"step": self.step, **self.evaluate()}
-        self.export()
-        self.log.write({"event": "end", **self.final})
-        self.log.close()
-        return self.final
+    def progress_bar(self) -> _NoProgress:
+        """A bar when this process owns the terminal (under Ray the driver draws one)."""
+        if self.rank == 0 and isinstance(self.session, LocalSession):
+            return Progress(self.step, self.config.max_steps)
+        return _NoProgress()
+
+    def progress_postfix(self, record: dict[str, Any]) -> dict[str, float]:
+        return {"loss": record["loss"], "tok_s": record["tokens_per_s"]}
+
+    def position(self) -> dict[str, Any]:
+        return {"epoch": self.epoch}
+
+    def checkpoint_due(self, last: bool) -> bool:
+        return self.step % self.config.checkpoint_interval == 0 or last
 
     # -- evaluation ------------------------------------------------------------------------
 
@@ -376,7 +289,7 @@ class Trainer:
         self.engine.train()
         keys = sorted(totals)
         summed = dict(
-            zip(keys, _all_reduce_sum([totals[k] for k in keys], self.device), strict=True)
+            zip(keys, all_reduce_sum([totals[k] for k in keys], self.device), strict=True)
         )
         if self.kind == "mlm":
             mlm_loss = summed["mlm_loss"] / max(1.0, summed["mlm_tokens"])
@@ -418,7 +331,7 @@ class Trainer:
             directory = self.session.staging_dir(self.step)
             self.engine.save_checkpoint(str(directory), tag=DS_TAG)
             torch.save(self.rank_state(), directory / f"rank_{self.rank:05d}.pt")
-            _barrier(self.device)
+            barrier(self.device)
             if self.rank == 0:
                 meta = {
                     "step": self.step,
@@ -427,7 +340,7 @@ class Trainer:
                     "model": self.config.model,
                     "preset": self.config.preset,
                     "workers": self.world_size,
-                    "zero_stage": self.config.zero_stage,
+                    "zero_stage": self.config.scale.zero_stage,
                     **{k: v for k, v in metrics.items() if k.startswith("val_")},
                 }
                 (directory / CHECKPOINT_META).write_text(json.dumps(meta, indent=2) + "\n")
@@ -478,7 +391,7 @@ class Trainer:
                 "epoch": self.epoch,
                 "world_size": self.world_size,
                 "device": str(self.device),
-                "zero_stage": self.config.zero_stage,
+                "zero_stage": self.config.scale.zero_stage,
                 "torch_threads": self.threads,
                 "params": self.num_params,
                 "workers": pids,
@@ -487,19 +400,15 @@ class Trainer:
 
     # -- export ----------------------------------------------------------------------------
 
-    def export(self) -> None:
+    def export(self) -> dict[str, Any]:
         """RUN/model: the serving checkpoint, consolidated from the (possibly ZeRO-3) engine,
-        checked to give the engine's logits."""
+        checked to give the engine's logits. Returns the final metrics."""
         from nlm.checkpoint import load_checkpoint, save_checkpoint
         from nlm.tokenizers import load_tokenizer
 
-        module = self.engine.module
-        state_dict = None
-        with _gathered(module, self.config.zero_stage == 3):
-            if self.rank == 0:
-                state_dict = {
-                    k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()
-                }
+        if not self.final:  # resumed at max_steps: nothing trained, evaluate for the export
+            self.final = {"step": self.step, **self.evaluate()}
+        state_dict = self.consolidated_state()
         # The probe: the first val micro-batch, through the engine on every rank (ZeRO-3's
         # forward is collective), and through the exported model on rank 0.
         probe = next(_eval_batches(self.val_chunk, self.kind, min(4, chunk_rows(self.val_chunk))))
@@ -508,17 +417,8 @@ class Trainer:
             model = self.build_model()
             model.load_state_dict(state_dict)
             # Compare in the engine's precision (bf16 on GPU): the weights are what is checked.
-            dtype = next(self.engine.module.parameters()).dtype
-            twin = copy.deepcopy(model).to(self.device, dtype=dtype)
-            got = self.probe_logits(twin, probe)
-            diff = (got - engine_logits).abs().max().item()
-            tolerance = 1e-4  # fp32: the same numbers, up to the order of float additions
-            if dtype != torch.float32:  # bf16: relative to the logits' size
-                tolerance = 2e-2 * max(1.0, engine_logits.abs().max().item())
-            if not diff <= tolerance:
-                raise RuntimeError(
-                    f"the exported weights' logits differ from the engine's by {diff}"
-                )
+            twin = copy.deepcopy(model).to(self.device, dtype=self.engine_dtype())
+            diff = self.check_export(self.probe_logits(twin, probe), engine_logits)
             self.final["export_max_abs_logit_diff"] = diff
             run_dir = Path(self.plan.run_dir)
             save_checkpoint(
@@ -535,7 +435,8 @@ class Trainer:
                 self.probe_logits(reloaded, cpu_probe), self.probe_logits(model, cpu_probe)
             ):
                 raise RuntimeError(f"{run_dir / 'model'}: reloading changed the logits")
-        _barrier(self.device)
+        barrier(self.device)
+        return self.final
 
     def probe_logits(self, model: Any, batch: Batch) -> torch.Tensor:
         """Eval-mode logits of a probe batch, on the device `batch` is on (moved to `model`'s)."""
@@ -559,7 +460,7 @@ class Trainer:
 def run_worker(plan: RunPlan, session: RaySession | LocalSession) -> Trainer:
     """Train on this rank until max_steps; returns the Trainer (engine included) for tests."""
     trainer = Trainer(plan, session)
-    trainer.train()
+    trainer.run()
     return trainer
 
 
@@ -603,79 +504,6 @@ def _concat_chunks(pieces: list[Chunk], kind: str) -> Chunk:
         "lengths": torch.cat([p["lengths"] for p in pieces]),
         "nsp_label": torch.cat([p["nsp_label"] for p in pieces]),
     }
-
-
-@contextlib.contextmanager
-def _gathered(module: torch.nn.Module, zero3: bool) -> Iterator[None]:
-    """Under ZeRO-3 each rank holds a slice of every parameter: gather them whole."""
-    if not zero3:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-        yield
-
-
-def _barrier(device: torch.device) -> None:
-    """A barrier that names the GPU under NCCL (without it, barrier() can hang: field notes)."""
-    if device.type == "cuda":
-        dist.barrier(device_ids=[device.index])
-    else:
-        dist.barrier()
-
-
-def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def _extensions_dir() -> Path:
-    from nlm.corpora import cache_dir
-
-    return cache_dir() / "torch_extensions"
-
-
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-class _NoProgress:
-    def update(self, n: int, **postfix: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class _Progress(_NoProgress):
-    def __init__(self, start: int, total: int) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, initial=start, desc="train", unit="step", file=sys.stderr)
-
-    def update(self, n: int, **postfix: Any) -> None:
-        self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
-        self.bar.update(n)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def _progress(enabled: bool, start: int, total: int) -> _NoProgress:
-    """A progress bar when this process owns the terminal (no Ray: the driver draws Ray's)."""
-    return _Progress(start, total) if enabled else _NoProgress()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -57,7 +57,7 @@ def plan_run(config: TrainConfig, device: str = "cpu") -> RunPlan:
         out=_absolute(config.out),
         storage=_absolute(config.storage) if config.storage else "",
     ).check()
-    check_zero_stage(config.zero_stage, device)
+    check_zero_stage(config.scale.zero_stage, device)
 
     manifest = read_manifest(config.data)
     wanted = "mlm" if config.model == "bert" else "clm"
@@ -89,16 +89,16 @@ def plan_run(config: TrainConfig, device: str = "cpu") -> RunPlan:
 
     train_rows = int(manifest.splits["train"].get("rows", 0))
     val_rows = int(manifest.splits["val"].get("rows", 0))
-    per_worker = train_rows // config.workers
+    per_worker = train_rows // config.scale.workers
     if per_worker < config.micro_batch:
         raise NLMError(
             f"{config.data}: the train split has {train_rows} rows, {per_worker} per worker, "
             f"fewer than one micro-batch of {config.micro_batch}: use fewer workers, a smaller "
             "--micro-batch, or more data"
         )
-    if val_rows < config.workers:
+    if val_rows < config.scale.workers:
         raise NLMError(
-            f"{config.data}: the val split has {val_rows} rows, fewer than the {config.workers} "
+            f"{config.data}: the val split has {val_rows} rows, fewer than the {config.scale.workers} "
             "workers that evaluate it (nlm prepare --val-fraction)"
         )
 
@@ -117,7 +117,7 @@ def plan_run(config: TrainConfig, device: str = "cpu") -> RunPlan:
         )
 
     return RunPlan(
-        config=config.to_dict(),
+        config=config.flat_dict(),
         run_dir=str(run_dir),
         storage=storage,
         objective=manifest.objective,

@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nlm.config import parse_size
 from nlm.errors import NLMError
 
 MB = 1 << 20
@@ -34,6 +33,8 @@ FILE_BYTES = 8 * MB
 
 
 def _sizes(text: str) -> list[int]:
+    from nlm.config import parse_size
+
     try:
         return sorted({parse_size(s) for s in text.split(",") if s.strip()})
     except argparse.ArgumentTypeError as exc:

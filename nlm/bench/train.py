@@ -187,24 +187,26 @@ def nlm_train(
     from nlm.cluster.train.metrics import read_metrics
 
     shutil.rmtree(out, ignore_errors=True)
-    config = TrainConfig(
-        data=str(data),
-        model=args.model,
-        preset=args.preset,
-        out=str(out),
-        workers=workers,
-        zero_stage=args.zero_stage,
-        micro_batch=args.micro_batch,
-        max_steps=args.steps,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        warmup_steps=0,
-        lr_schedule="constant",
-        grad_clip=0.25,
-        eval_every=args.steps,  # one evaluation, at the end
-        log_every=10,
-        eval_rows=64,
-        torch_threads=threads,
+    config = TrainConfig.from_dict(
+        dict(
+            data=str(data),
+            model=args.model,
+            preset=args.preset,
+            out=str(out),
+            workers=workers,
+            zero_stage=args.zero_stage,
+            micro_batch=args.micro_batch,
+            max_steps=args.steps,
+            optimizer=args.optimizer,
+            lr=args.lr,
+            warmup_steps=0,
+            lr_schedule="constant",
+            grad_clip=0.25,
+            eval_every=args.steps,  # one evaluation, at the end
+            log_every=10,
+            eval_rows=64,
+            torch_threads=threads,
+        )
     )
     started = time.time()
     train(config, progress=False)

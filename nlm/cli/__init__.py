@@ -31,18 +31,12 @@ COMMANDS: dict[str, str] = {
 }
 
 
-def key_values(items: list[str], flag: str) -> dict[str, object]:
-    """Repeated `--flag KEY=VALUE` options as a dict; values read as YAML scalars (0.3 -> float,
-    true -> bool, 1 -> int), so the config's own checks see typed values."""
-    import yaml
-
-    result = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise NLMError(f"{flag} {item!r}: expected KEY=VALUE")
-        result[key.strip()] = yaml.safe_load(value)
-    return result
+def command_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of `nlm <name>` on its own (its options bound by the command's module), for
+    programs that turn other inputs into its flags (jobs/config_args.py)."""
+    parser = argparse.ArgumentParser(prog=f"nlm {name}", description=COMMANDS[name])
+    _module(name).add_arguments(parser)
+    return parser
 
 
 def _parser(command: str | None) -> argparse.ArgumentParser:

@@ -22,46 +22,15 @@ segmenter; --train adds the OOV recall). Each prints one JSON line.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import typing
 from pathlib import Path
 from typing import Any
 
 ACTIONS = ("train", "convert-cws", "maxmatch", "evaluate")
 
-HELP = {
-    "checkpoint": "pretrained gpt/bert checkpoint or run directory",
-    "task": "classify (JSONL text/label or text_a/text_b/label) | tag (JSONL tokens/tags)",
-    "train": "training JSONL",
-    "eval": "evaluation JSONL",
-    "out": "run directory (config.yaml, metrics.jsonl, tb/, model/)",
-    "overwrite": "replace an existing run in --out",
-    "lm_weight": "gpt: λ in L = L2 + λ·L1 (task loss + language-model loss); 0 disables L1",
-    "from_scratch": "train the checkpoint's architecture from fresh weights (a control)",
-    "max_length": "ids per input including specials (0: the model's maximum)",
-    "dropout": "dropout while fine-tuning (default: the pretrained model's)",
-    "epochs": "passes over the training rows (when --max-steps is 0)",
-    "max_steps": "optimizer steps (0: epochs x steps per epoch)",
-    "micro_batch": "examples per worker per micro-batch",
-    "grad_accum": "micro-batches per optimizer step",
-    "lr": "peak learning rate (AdamW)",
-    "min_lr": "learning rate at the end of the cosine decay",
-    "warmup_fraction": "fraction of the steps spent in linear warm-up",
-    "weight_decay": "AdamW weight decay (matrices only)",
-    "grad_clip": "gradient norm clipping (0: off)",
-    "seed": "random seed",
-    "workers": "Ray Train workers (data-parallel ranks)",
-    "cpus_per_worker": "logical CPUs each worker reserves",
-    "device": "auto | cpu | cuda",
-    "zero_stage": "DeepSpeed ZeRO stage 0..3",
-    "torch_threads": "torch threads per worker (0: node cores / workers)",
-    "eval_every": "steps between evaluations (0: once an epoch)",
-    "log_every": "steps between metric lines",
-}
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from nlm.config import add_config_arguments
     from nlm.finetune.config import FinetuneConfig
 
     parser.add_argument(
@@ -72,21 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="train (default), convert-cws, maxmatch or evaluate",
     )
     parser.add_argument("--config", help="YAML file of fine-tuning fields; flags override it")
-    hints = typing.get_type_hints(FinetuneConfig)
-    for field in dataclasses.fields(FinetuneConfig):
-        flag = "--" + field.name.replace("_", "-")
-        kind, text = hints[field.name], HELP.get(field.name, field.name)
-        if kind is bool:
-            parser.add_argument(
-                flag,
-                dest=field.name,
-                action=argparse.BooleanOptionalAction,
-                default=None,
-                help=text,
-            )
-        else:
-            convert = float if field.name == "dropout" else kind
-            parser.add_argument(flag, dest=field.name, type=convert, default=None, help=text)
+    add_config_arguments(parser, FinetuneConfig)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     cws = parser.add_argument_group("convert-cws / maxmatch")
     cws.add_argument("--input", help="convert-cws: segmented text, words separated by spaces")
@@ -99,17 +54,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_config(args: argparse.Namespace) -> Any:
-    from nlm.cluster.train.config import read_yaml
+    from nlm.config import args_to_dict, read_yaml
     from nlm.finetune.config import FinetuneConfig
 
     data: dict[str, Any] = {}
     source = "command line"
     if args.config:
         data, source = read_yaml(args.config), args.config
-    for field in dataclasses.fields(FinetuneConfig):
-        value = getattr(args, field.name, None)
-        if value is not None:
-            data[field.name] = value
+    data = args_to_dict(FinetuneConfig, args, data)
     return FinetuneConfig.from_dict(data, source=source).check(source)
 
 

@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int)
     parser.add_argument("--workers", type=int, help="Ray Train workers per model (default 2)")
     parser.add_argument("--max-steps", type=int, help="training steps per model (default 1500)")
-    parser.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default: STUDY_LR, 3e-3)")
     parser.add_argument("--random", type=int, dest="n_words", help="words to draw (default 20)")
     parser.add_argument("--k", type=int, help="neighbours per word (default 10)")
     parser.add_argument("--seed", type=int, help="seed of the word draw (default 7)")
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     changes = {name: getattr(args, name) for name in FLAGS if getattr(args, name) is not None}
     if args.models:
         changes["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
-    config = config.replace(**changes)
+    config = config.replace(**changes).check(args.config or "study config")
     data = run_study(config, args.out, force=args.force, dry_run=args.dry_run)
     if data is not None:
         from nlm.cli.compare import summary

@@ -7,57 +7,63 @@ flags override it (configs/finetune-*.yaml are examples).
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from pathlib import Path
-from typing import Any
 
-from nlm.config import Config
+from nlm.config import Config, option, section
 from nlm.errors import NLMError
 from nlm.finetune.data import TASKS
+from nlm.optim import OptimConfig
+from nlm.scale import ScaleConfig
 
 
 @dataclasses.dataclass
 class FinetuneConfig(Config):
     # what to fine-tune, on what, where the run goes
-    checkpoint: str = ""  # pretrained gpt/bert checkpoint (or run directory)
-    task: str = ""  # classify | tag
-    train: str = ""  # JSONL training examples
-    eval: str = ""  # JSONL evaluation examples (its labels must occur in train)
-    out: str = ""  # the run directory: config.yaml, metrics.jsonl, tb/, model/
-    overwrite: bool = False  # replace an existing run in `out`
+    checkpoint: str = option("", "pretrained gpt/bert checkpoint or run directory")
+    task: str = option(
+        "", "classify (JSONL text/label or text_a/text_b/label) | tag (JSONL tokens/tags)"
+    )
+    train: str = option("", "training JSONL")
+    eval: str = option("", "evaluation JSONL (its labels must occur in train)")
+    out: str = option("", "run directory (config.yaml, metrics.jsonl, tb/, model/)")
+    overwrite: bool = option(False, "replace an existing run in --out")
 
     # the model
-    lm_weight: float = 0.0  # gpt: L = L2 + lm_weight * L1; 0 disables L1
-    from_scratch: bool = False  # same architecture and tokenizer, freshly initialised weights
-    max_length: int = 0  # ids per input incl. [CLS]/[SEP] or <s>/</s>; 0: the model's maximum
-    dropout: float | None = None  # None: the pretrained model's
+    lm_weight: float = option(
+        0.0, "gpt: λ in L = L2 + λ·L1 (task loss + language-model loss); 0 disables L1"
+    )
+    from_scratch: bool = option(
+        False, "train the checkpoint's architecture from fresh weights (a control)"
+    )
+    max_length: int = option(0, "ids per input including specials (0: the model's maximum)")
+    dropout: float | None = option(
+        None, "dropout while fine-tuning (default: the pretrained model's)"
+    )
 
-    # optimisation: one step sees micro_batch * grad_accum * workers examples
-    epochs: int = 3
-    max_steps: int = 0  # 0: epochs x steps per epoch
-    micro_batch: int = 32
-    grad_accum: int = 1
-    lr: float = 1e-4
-    min_lr: float = 1e-5  # cosine decay from lr to min_lr at the last step
-    warmup_fraction: float = 0.1  # of the steps, linear warm-up
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    seed: int = 1337
-
-    # scale (Ray Train + DeepSpeed)
-    workers: int = 1
-    cpus_per_worker: float = 1.0
-    device: str = "auto"  # auto | cpu | cuda
-    zero_stage: int = 0
-    torch_threads: int = 0  # 0: the node's cores / workers
+    # one step sees micro_batch * grad_accum * workers examples
+    epochs: int = option(3, "passes over the training rows (when --max-steps is 0)")
+    max_steps: int = option(0, "optimizer steps (0: epochs x steps per epoch)")
+    micro_batch: int = option(32, "examples per worker per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    optim: OptimConfig = section(
+        OptimConfig,
+        "optimizer and schedule",
+        lr=1e-4,
+        min_lr=1e-5,
+        warmup_steps=0,
+        warmup_fraction=0.1,
+        weight_decay=0.01,
+        betas=[0.9, 0.999],
+    )
+    seed: int = option(1337, "random seed")
+    scale: ScaleConfig = section(ScaleConfig, "scale", workers=1, cpus_per_worker=1.0, zero_stage=0)
 
     # evaluation and logging
-    eval_every: int = 0  # steps between evaluations; 0: once an epoch (and always at the end)
-    log_every: int = 10
+    eval_every: int = option(0, "steps between evaluations (0: once an epoch)")
+    log_every: int = option(10, "steps between metric lines")
 
     def check(self, source: str = "config") -> FinetuneConfig:
-        check_types(self, source)
+        self = self.typed(source)
 
         def bad(field: str, why: str) -> NLMError:
             return NLMError(f"{source} (field '{field}'): {why}")
@@ -72,33 +78,20 @@ class FinetuneConfig(Config):
                 raise bad(name, f"required: {what}")
         if self.task not in TASKS:
             raise bad("task", f"{self.task!r} is not one of {', '.join(TASKS)} (--task)")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise bad("device", f"{self.device!r} is not one of auto, cpu, cuda")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise bad("zero_stage", f"{self.zero_stage}: DeepSpeed ZeRO stages are 0, 1, 2, 3")
-        for name in ("epochs", "micro_batch", "grad_accum", "workers", "log_every"):
+        scale, optim = self.scale.check(source), self.optim.check(source)
+        if optim.lr is None:
+            raise bad("lr", "required: the peak learning rate (--lr)")
+        if optim.min_lr is None:
+            optim = dataclasses.replace(optim, min_lr=optim.lr / 10)
+        self = dataclasses.replace(self, scale=scale, optim=optim)
+        for name in ("epochs", "micro_batch", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise bad(name, f"must be at least 1, got {getattr(self, name)}")
-        for name in (
-            "max_steps",
-            "max_length",
-            "eval_every",
-            "torch_threads",
-            "lm_weight",
-            "min_lr",
-            "weight_decay",
-            "grad_clip",
-        ):
+        for name in ("max_steps", "max_length", "eval_every", "lm_weight"):
             if getattr(self, name) < 0:
                 raise bad(name, f"must not be negative, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise bad("lr", f"must be positive, got {self.lr}")
-        if not 0 <= self.warmup_fraction < 1:
-            raise bad("warmup_fraction", f"must be in [0, 1), got {self.warmup_fraction}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise bad("dropout", f"must be in [0, 1), got {self.dropout}")
-        if not self.cpus_per_worker > 0:
-            raise bad("cpus_per_worker", f"must be positive, got {self.cpus_per_worker}")
         if 0 < self.max_length < 3:
             raise bad("max_length", f"{self.max_length} leaves no room for text")
         return self
@@ -111,39 +104,3 @@ class FinetuneConfig(Config):
                 for k in ("checkpoint", "train", "eval", "out")
             }
         )
-
-
-def check_types(config: Config, source: str) -> None:
-    """YAML gives '1e-3' as a string: name the field whose value has the wrong type."""
-    hints = typing.get_type_hints(type(config))
-    for field in dataclasses.fields(config):
-        value, expected = getattr(config, field.name), hints[field.name]
-        if not _matches(value, expected):
-            raise NLMError(
-                f"{source} (field '{field.name}'): expected {_name(expected)}, got {value!r}"
-            )
-        if _accepts_float(expected) and isinstance(value, int) and not isinstance(value, bool):
-            setattr(config, field.name, float(value))  # 1 in YAML means 1.0
-
-
-def _matches(value: Any, expected: Any) -> bool:
-    if typing.get_origin(expected) in (typing.Union, types.UnionType):
-        return any(_matches(value, arg) for arg in typing.get_args(expected))
-    if expected is type(None):
-        return value is None
-    if isinstance(value, bool):
-        return expected is bool
-    if expected is float:
-        return isinstance(value, int | float)
-    return isinstance(value, expected)
-
-
-def _accepts_float(expected: Any) -> bool:
-    return expected is float or float in typing.get_args(expected)
-
-
-def _name(expected: Any) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
-    if expected in names:
-        return names[expected]
-    return " or ".join(names.get(a, "null") for a in typing.get_args(expected))

@@ -87,10 +87,10 @@ def plan_finetune(config: FinetuneConfig) -> tuple[FinetunePlan, dict[str, Any]]
     eval_rows, eval_stats = encode_examples(
         evaluation, tokenizer, backbone.family, max_length, labels
     )
-    per_worker = len(train_rows) // config.workers
+    per_worker = len(train_rows) // config.scale.workers
     if per_worker < 1:
         raise NLMError(
-            f"{config.train}: {len(train_rows)} training rows for {config.workers} workers: use fewer workers"
+            f"{config.train}: {len(train_rows)} training rows for {config.scale.workers} workers: use fewer workers"
         )
     steps_per_epoch = math.ceil(math.ceil(per_worker / config.micro_batch) / config.grad_accum)
     max_steps = config.max_steps or config.epochs * steps_per_epoch
@@ -103,7 +103,7 @@ def plan_finetune(config: FinetuneConfig) -> tuple[FinetunePlan, dict[str, Any]]
             {w for e in train if isinstance(e, TagExample) for w in tags_to_words(e.tokens, e.tags)}
         )
     plan = FinetunePlan(
-        config=config.to_dict(),
+        config=config.flat_dict(),
         run_dir=str(run_dir),
         family=backbone.family,
         model_config=backbone.config.to_dict(),
@@ -117,7 +117,7 @@ def plan_finetune(config: FinetuneConfig) -> tuple[FinetunePlan, dict[str, Any]]
         data_stats={"train": train_stats, "eval": eval_stats},
         steps_per_epoch=steps_per_epoch,
         max_steps=max_steps,
-        warmup_steps=int(config.warmup_fraction * max_steps),
+        warmup_steps=config.optim.schedule(max_steps).warmup,
         eval_every=config.eval_every or steps_per_epoch,
         num_params=model.backbone.num_parameters(),
     )

@@ -20,11 +20,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from nlm.config import Config
+from nlm.config import Config, read_yaml
 from nlm.corpora import resolve_corpus
 from nlm.errors import NLMError
+from nlm.models.learning_rates import STUDY_LR, STUDY_MIN_LR
 
 
 @dataclasses.dataclass
@@ -39,8 +38,8 @@ class StudyConfig(Config):
     max_steps: int = 1500
     # The study's own schedule (its reports in docs/STUDY.md were made with it), not the
     # trainer's per-family defaults, so that the models it compares train alike.
-    lr: float = 3e-3
-    min_lr: float = 3e-5
+    lr: float = STUDY_LR
+    min_lr: float = STUDY_MIN_LR
     warmup_steps: int = 100
     prepare_args: list[str] = dataclasses.field(default_factory=list)  # extra `nlm prepare` flags
     train_args: list[str] = dataclasses.field(default_factory=list)  # extra `nlm train` flags
@@ -50,14 +49,17 @@ class StudyConfig(Config):
     which: str = "input"
     min_count: int = 5
 
-    def __post_init__(self) -> None:
+    def check(self, source: str = "study config") -> StudyConfig:
+        """Types and ranges; NLMError naming the field."""
         from nlm.models import FAMILIES
         from nlm.wordvectors import WHICH
 
-        def bad(field: str, why: str) -> NLMError:
-            return NLMError(f"study config (field '{field}'): {why}")
+        self = self.typed(source)
 
-        if not isinstance(self.models, list) or not all(m in FAMILIES for m in self.models):
+        def bad(field: str, why: str) -> NLMError:
+            return NLMError(f"{source} (field '{field}'): {why}")
+
+        if not all(m in FAMILIES for m in self.models):
             raise bad("models", f"{self.models!r} is not a list of {', '.join(FAMILIES)}")
         if "bert" in self.models:
             raise bad("models", "bert is not a causal LM; the study trains fnn, rnn, lstm, gpt")
@@ -77,18 +79,14 @@ class StudyConfig(Config):
             value = getattr(self, name)
             if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
                 raise bad(name, f"{value!r} is not a list of strings")
+        return self
 
     @classmethod
     def load_yaml(cls, path: str | Path) -> StudyConfig:
-        try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except OSError as exc:
-            raise NLMError(f"{path}: cannot read ({exc.strerror})") from None
-        except yaml.YAMLError as exc:
-            raise NLMError(f"{path}: invalid YAML ({exc})".replace("\n", " ")) from None
-        if not isinstance(data, dict):
-            raise NLMError(f"{path}: expected a mapping of study settings")
-        return cls.from_dict(data, source=str(path))
+        """Read and check a configs/study-*.yaml file."""
+        return cls.from_dict(read_yaml(path, what="study settings"), source=str(path)).check(
+            str(path)
+        )
 
 
 @dataclasses.dataclass
@@ -156,6 +154,7 @@ def run_study(
     """Run (or with dry_run, print) every step, then write the comparison report into OUT."""
     from nlm.study.compare import compare_checkpoints
 
+    config = config.check()
     if len(config.models) < 2:
         raise NLMError(f"study: field 'models' needs at least two families, got {config.models}")
     out = Path(out)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from nlm.errors import NLMError
+from nlm.models.learning_rates import DEMO_CLIP_NORM, DEMO_LEARNING_RATES
 from nlm.workflows.foundation_demo import (
     FAMILIES,
     clear_out_dir,
@@ -53,12 +54,13 @@ COMMON: dict[str, Any] = dict(
     preset="tiny", micro_batch=8, warmup_steps=20, weight_decay=0.01, log_every=25,
     zero_stage=1, eval_rows=64, keep_checkpoints=1, seed=1337,
 )  # fmt: skip
+STEPS = {"fnn": 500, "rnn": 500, "lstm": 500, "gpt": 500, "bert": 300}
 SETTINGS: dict[str, dict[str, Any]] = {
-    "fnn": dict(max_steps=500, lr=1e-2, min_lr=1e-3, grad_clip=1.0),
-    "rnn": dict(max_steps=500, lr=5e-3, min_lr=5e-4, grad_clip=0.5),
-    "lstm": dict(max_steps=500, lr=1e-2, min_lr=1e-3, grad_clip=0.5),
-    "gpt": dict(max_steps=500, lr=5e-3, min_lr=5e-4, grad_clip=1.0),
-    "bert": dict(max_steps=300, lr=3e-3, min_lr=3e-4, grad_clip=1.0),
+    # min_lr: the trainer's default, lr / 10
+    family: dict(
+        max_steps=steps, lr=DEMO_LEARNING_RATES["tiny"][family], grad_clip=DEMO_CLIP_NORM[family]
+    )
+    for family, steps in STEPS.items()
 }
 PKU_RUN = "lstm-pku"
 PKU_STEPS = 300
@@ -220,8 +222,8 @@ def train_config(config: DemoConfig, name: str, family: str, data: Path, out: Pa
         settings["max_steps"] = min(settings["max_steps"], config.max_steps)
     settings["eval_every"] = settings["max_steps"]  # validate (and checkpoint) once, at the end
     settings["warmup_steps"] = min(settings["warmup_steps"], settings["max_steps"] // 4)
-    return TrainConfig(
-        data=str(data), model=family, out=str(out), workers=config.workers, **settings
+    return TrainConfig.from_dict(
+        dict(data=str(data), model=family, out=str(out), workers=config.workers, **settings)
     )
 
 

@@ -27,16 +27,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from nlm.models.learning_rates import DEMO_CLIP_NORM, DEMO_LEARNING_RATES
+
 FAMILIES = ("fnn", "rnn", "lstm", "gpt", "bert")
-# AdamW peak learning rates by preset and family, and gradient-clip norms (recurrent nets need
-# the tighter clip). The tiny models take large steps: in a 45 s budget they must leave the
-# unigram plateau (train loss ~6.0 on wt2-mini) within a few hundred updates.
-LEARNING_RATES = {
-    "tiny": {"fnn": 1e-2, "rnn": 5e-3, "lstm": 1e-2, "gpt": 5e-3, "bert": 3e-3},
-    "small": {"fnn": 2e-3, "rnn": 1e-3, "lstm": 2e-3, "gpt": 1e-3, "bert": 1e-3},
-}
-CLIP_NORM = {"fnn": 1.0, "rnn": 0.5, "lstm": 0.5, "gpt": 1.0, "bert": 1.0}
-WARMUP_STEPS = 20
+WARMUP_STEPS = 20  # then cosine decay to a tenth of the peak over the budget
 
 
 def run_foundation_demo(
@@ -97,7 +91,7 @@ def run_foundation_demo(
         least = max(1, min_steps // 10) if family == "bert" else min_steps
         run_dir = out_dir / family
         run_dir.mkdir(parents=True, exist_ok=True)
-        lr = LEARNING_RATES.get(preset, LEARNING_RATES["small"])[family]
+        lr = DEMO_LEARNING_RATES.get(preset, DEMO_LEARNING_RATES["small"])[family]
         steps, elapsed, loss = train_model(
             model,
             stream,
@@ -214,7 +208,7 @@ def train_model(
                 loss = model(batch[0], targets=batch[1]).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM[family])
+            torch.nn.utils.clip_grad_norm_(model.parameters(), DEMO_CLIP_NORM[family])
             optimizer.step()
             step += 1
             value = loss.item()
@@ -235,12 +229,13 @@ def train_model(
 
 
 def learning_rate(peak: float, step: int, done: float) -> float:
-    """Linear warmup, then cosine decay to a tenth over the budget (`done` runs 0 -> 1). The
-    budget is time, so the decay follows the clock: the run ends at its lowest rate whatever the
-    machine's speed."""
-    warmup = min(1.0, (step + 1) / WARMUP_STEPS)
-    decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
-    return peak * warmup * decay
+    """Linear warm-up, then cosine decay to a tenth over the budget (`done` runs 0 -> 1): the
+    trainer's schedule (nlm.optim.Schedule) with the budget's progress in place of the step
+    count. The budget is time, so the decay follows the clock: the run ends at its lowest rate
+    whatever the machine's speed."""
+    from nlm.optim import Schedule
+
+    return Schedule(peak, peak / 10, WARMUP_STEPS, total=0).at(step, progress=done)
 
 
 def _batches(

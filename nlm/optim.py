@@ -1,0 +1,123 @@
+"""The optimizer and learning-rate schedule every training loop in nlm uses.
+
+`OptimConfig` is the optimizer/schedule section of `TrainConfig` (pretraining) and
+`FinetuneConfig` (fine-tuning), each with its own defaults; `make_optimizer` builds the torch
+optimizer from it and `Schedule.at(step)` gives the learning rate of a step. The rate is a pure
+function of the step, set on the optimizer before each step, so a resumed run needs no scheduler
+state. The one-process demo (nlm.workflows.foundation_demo) uses the same `Schedule`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING
+
+from nlm.config import Config, option
+from nlm.errors import NLMError
+
+if TYPE_CHECKING:
+    import torch
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclasses.dataclass
+class OptimConfig(Config):
+    """Optimizer and schedule: linear warm-up to `lr`, then cosine to `min_lr` (or constant)."""
+
+    optimizer: str = option("adamw", "adamw | sgd")
+    lr: float | None = option(
+        None, "peak learning rate (nlm train: by family and preset, nlm.models.learning_rates)"
+    )
+    min_lr: float | None = option(
+        None, "learning rate at the end of the cosine decay (unset: lr / 10)"
+    )
+    warmup_steps: int = option(100, "linear warm-up steps (at most a fifth of the run)")
+    warmup_fraction: float = option(
+        0.0, "fraction of the steps in linear warm-up (when set, instead of warmup_steps)"
+    )
+    lr_schedule: str = option("cosine", "cosine | constant (after warm-up)")
+    weight_decay: float = option(0.1, "AdamW weight decay (matrices only)")
+    betas: list[float] = option([0.9, 0.95], "AdamW betas, e.g. 0.9,0.95")
+    momentum: float = option(0.0, "SGD momentum")
+    grad_clip: float = option(1.0, "gradient norm clipping (0: off)")
+
+    def check(self, source: str = "config") -> OptimConfig:
+        """Types and ranges (lr may still be None: its owner fills in the default)."""
+        self = self.typed(source)
+
+        def bad(field: str, why: str) -> NLMError:
+            return NLMError(f"{source} (field '{field}'): {why}")
+
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", f"{self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.lr_schedule not in SCHEDULES:
+            raise bad("lr_schedule", f"{self.lr_schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if len(self.betas) != 2:
+            raise bad("betas", "two numbers, e.g. [0.9, 0.95]")
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "momentum", "min_lr"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise bad(name, f"must not be negative, got {value}")
+        if self.lr is not None and not self.lr > 0:
+            raise bad("lr", f"must be positive, got {self.lr}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise bad("warmup_fraction", f"must be in [0, 1), got {self.warmup_fraction}")
+        return self
+
+    def schedule(self, max_steps: int) -> Schedule:
+        """The schedule of a run of `max_steps` optimizer steps (lr and min_lr resolved)."""
+        if self.lr is None or self.min_lr is None:
+            raise ValueError("OptimConfig.schedule needs lr and min_lr resolved (check first)")
+        warmup = (
+            int(self.warmup_fraction * max_steps) if self.warmup_fraction else self.warmup_steps
+        )
+        # capped at a fifth of the run: the default 100 steps on a `--max-steps 40` smoke run
+        # would otherwise end it before the learning rate ever reached its peak
+        warmup = min(warmup, max_steps // 5)
+        return Schedule(self.lr, min(self.min_lr, self.lr), warmup, max_steps, self.lr_schedule)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """lr(step): linear warm-up over `warmup` steps to `lr`, then cosine from `lr` to `min_lr`
+    at step `total` (SGDR's cosine, Loshchilov & Hutter 2017, without restarts), or constant."""
+
+    lr: float
+    min_lr: float
+    warmup: int
+    total: int
+    kind: str = "cosine"
+
+    def at(self, step: int, progress: float | None = None) -> float:
+        """The rate of optimizer step `step` (0-based). `progress` (0 -> 1) replaces the step
+        count's position in the decay, for runs whose budget is time rather than steps."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        if self.kind == "constant":
+            return self.lr
+        if progress is None:
+            progress = (step - self.warmup) / max(1, self.total - self.warmup)
+        progress = min(1.0, max(0.0, progress))
+        return self.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (self.lr - self.min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW with decay on matrices only (nanoGPT's rule: never on biases, norms, embeddings'
+    vectors of rank 1), or plain SGD (the classic RNN recipe). Shared parameters count once."""
+    import torch
+
+    params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
+    if config.lr is None:
+        raise ValueError("make_optimizer needs lr resolved (check the config first)")
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
