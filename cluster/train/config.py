@@ -16,9 +16,7 @@ import yaml
 
 from nlm.config import Config
 from nlm.errors import NLMError
-
-FAMILIES = ("fnn", "rnn", "lstm", "gpt", "bert")
-RECURRENT = ("rnn", "lstm")
+from nlm.models import FAMILIES, model_class
 
 
 @dataclasses.dataclass
@@ -132,7 +130,7 @@ class TrainConfig(Config):
 
     @property
     def recurrent(self) -> bool:
-        return self.model in RECURRENT
+        return model_class(self.model).recurrent
 
     @property
     def rows_per_chunk(self) -> int:

@@ -51,7 +51,7 @@ from nlm.cluster.train.batches import (
 )
 from nlm.cluster.train.config import TrainConfig
 from nlm.cluster.train.deepspeed_config import deepspeed_config
-from nlm.cluster.train.metrics import MetricsLog, flops_per_token, peak_flops
+from nlm.cluster.train.metrics import MetricsLog, peak_flops
 from nlm.cluster.train.plan import CHECKPOINT_META, RunPlan, plan_run
 from nlm.cluster.train.session import LocalSession, RaySession
 from nlm.errors import NLMError
@@ -113,7 +113,7 @@ class Trainer:
         self.config = config = plan.train
         self.rank, self.world_size = session.rank, session.world_size
         self.device = session.device()
-        self.kind = "mlm" if config.model == "bert" else ("stream" if config.recurrent else "clm")
+        self.kind = "stream" if config.recurrent else plan.objective
         self.threads = config.torch_threads or max(1, _cpus() // max(1, session.local_world_size))
         torch.set_num_threads(self.threads)
         if self.device.type == "cuda":
@@ -123,9 +123,7 @@ class Trainer:
         _seed_everything(config.seed)
         model = self.build_model()
         self.num_params = model.num_parameters()
-        self.flops_per_token = flops_per_token(
-            config.model, self.num_params, model.config, plan.seq_len
-        )
+        self.flops_per_token = model.flops_per_token(plan.seq_len)
         _seed_everything(config.seed + 1000 * (self.rank + 1))
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,

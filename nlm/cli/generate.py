@@ -30,7 +30,6 @@ def run(args: argparse.Namespace) -> int:
 
     from nlm.checkpoint import load_checkpoint
     from nlm.errors import NLMError
-    from nlm.evaluation import max_positions
     from nlm.tokenizers.base import EOS_ID
 
     if args.max_tokens < 1:
@@ -40,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         raise NLMError(f"{ckpt.path}: a {ckpt.family} checkpoint cannot generate text (not causal)")
     prompt = [EOS_ID, *ckpt.tokenizer.encode(args.prompt)]
     context = prompt
-    limit = max_positions(ckpt.model)  # gpt: prompt and sample must fit its positions
+    limit = ckpt.model.max_positions  # prompt and sample must fit a bounded model's positions
     if limit is not None:
         if args.max_tokens >= limit:
             raise NLMError(f"--max-tokens {args.max_tokens}: the model has only {limit} positions")

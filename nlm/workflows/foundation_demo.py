@@ -27,15 +27,18 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("fnn", "rnn", "lstm", "gpt", "bert")
+from nlm.models import FAMILIES as REGISTRY
+
+FAMILIES = tuple(REGISTRY)
 # AdamW peak learning rates by preset and family, and gradient-clip norms (recurrent nets need
-# the tighter clip). The tiny models take large steps: in a 45 s budget they must leave the
+# the tighter clip); a family not listed (a newly registered one) gets DEFAULT_LR and clip 1.0. The tiny models take large steps: in a 45 s budget they must leave the
 # unigram plateau (train loss ~6.0 on wt2-mini) within a few hundred updates.
 LEARNING_RATES = {
     "tiny": {"fnn": 1e-2, "rnn": 5e-3, "lstm": 1e-2, "gpt": 5e-3, "bert": 3e-3},
     "small": {"fnn": 2e-3, "rnn": 1e-3, "lstm": 2e-3, "gpt": 1e-3, "bert": 1e-3},
 }
 CLIP_NORM = {"fnn": 1.0, "rnn": 0.5, "lstm": 0.5, "gpt": 1.0, "bert": 1.0}
+DEFAULT_LR = 1e-3
 WARMUP_STEPS = 20
 
 
@@ -93,11 +96,12 @@ def run_foundation_demo(
     for family in families:
         torch.manual_seed(seed)
         model = build_model(family, preset, vocab_size=tokenizer.vocab_size)
-        budget = bert_seconds if family == "bert" else seconds
-        least = max(1, min_steps // 10) if family == "bert" else min_steps
+        masked = model.objective == "mlm"  # bert: its own, shorter budget (--bert-seconds)
+        budget = bert_seconds if masked else seconds
+        least = max(1, min_steps // 10) if masked else min_steps
         run_dir = out_dir / family
         run_dir.mkdir(parents=True, exist_ok=True)
-        lr = LEARNING_RATES.get(preset, LEARNING_RATES["small"])[family]
+        lr = LEARNING_RATES.get(preset, LEARNING_RATES["small"]).get(family, DEFAULT_LR)
         steps, elapsed, loss = train_model(
             model,
             stream,
@@ -125,7 +129,7 @@ def run_foundation_demo(
             "seconds": round(elapsed, 1),
             "train_loss": loss,
             **{k: report[k] for k in ("tokens", "ppl", "ppl_kind", "bits_per_byte")},
-            **({"mlm_accuracy": report["mlm_accuracy"]} if family == "bert" else {}),
+            **({"mlm_accuracy": report["mlm_accuracy"]} if masked else {}),
         }
         save_checkpoint(
             run_dir / "model",
@@ -185,7 +189,7 @@ def train_model(
     seconds, min_steps, max_steps = budget
     family = model.family
     generator = torch.Generator().manual_seed(seed)
-    batches = _batches(family, stream, batch_size, seq_len, model.config.vocab_size, generator)
+    batches = _batches(model, stream, batch_size, seq_len, generator)
     optimizer = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=0.01)
     model.train()
     state, smoothed, step = None, float("nan"), 0
@@ -205,16 +209,16 @@ def train_model(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = next(batches)
-            if family == "bert":
+            if model.objective == "mlm":
                 loss = model(batch[0], mlm_labels=batch[1]).loss
-            elif family in ("rnn", "lstm"):
+            elif model.recurrent:
                 out = model(batch[0], targets=batch[1], state=state)
                 loss, state = out.loss, detach_state(out.state)  # truncated BPTT
             else:
                 loss = model(batch[0], targets=batch[1]).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM[family])
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM.get(family, 1.0))
             optimizer.step()
             step += 1
             value = loss.item()
@@ -243,16 +247,15 @@ def learning_rate(peak: float, step: int, done: float) -> float:
     return peak * warmup * decay
 
 
-def _batches(
-    family: str, stream: Any, batch_size: int, seq_len: int, vocab_size: int, generator: Any
-):
-    """Endless training batches: (inputs, targets) or, for bert, (masked ids, mlm labels)."""
+def _batches(model: Any, stream: Any, batch_size: int, seq_len: int, generator: Any):
+    """Endless training batches: (inputs, targets) or, for a masked LM, (masked ids, mlm
+    labels); a recurrent model reads B parallel streams in order, the others random windows."""
     import torch
 
     from nlm.objectives import mask_tokens
     from nlm.tokenizers.base import CLS_ID, SEP_ID
 
-    if family in ("rnn", "lstm"):
+    if model.recurrent:
         # B parallel streams read left to right, so the carried state follows the text.
         width = (len(stream) - 1) // batch_size
         data = stream[: width * batch_size + 1]
@@ -261,15 +264,16 @@ def _batches(
         while True:
             for t in range(0, width - 1, seq_len):
                 yield x[:, t : t + seq_len], y[:, t : t + seq_len]
-    body = seq_len - 2 if family == "bert" else seq_len
+    masked = model.objective == "mlm"
+    body = seq_len - 2 if masked else seq_len
     while True:
         starts = torch.randint(len(stream) - body - 1, (batch_size,), generator=generator)
-        if family == "bert":
+        if masked:
             rows = [
                 torch.cat([torch.tensor([CLS_ID]), stream[s : s + body], torch.tensor([SEP_ID])])
                 for s in starts
             ]
-            yield mask_tokens(torch.stack(rows), vocab_size, generator=generator)
+            yield mask_tokens(torch.stack(rows), model.config.vocab_size, generator=generator)
         else:
             yield (
                 torch.stack([stream[s : s + body] for s in starts]),
