@@ -150,6 +150,7 @@ def test_lists_of_families_derive_from_the_registry():
     from nlm.finetune.heads import finetunable_families
     from nlm.inference import serving_endpoints
     from nlm.serve.schemas import Family, ModelInfo
+    from nlm.study.pipeline import StudyConfig
     from nlm.workflows.foundation_demo import FAMILIES as DEMO_FAMILIES
 
     assert typing.get_args(Family) == tuple(FAMILIES)
@@ -162,6 +163,10 @@ def test_lists_of_families_derive_from_the_registry():
     with pytest.raises(NLMError, match="one of fnn, rnn, lstm, gpt, bert"):
         TrainConfig(data="d", out="o", model="gru").check()
     assert finetunable_families() == ["gpt", "bert"]
+    with pytest.raises(
+        NLMError, match="bert is not a causal LM; the study trains fnn, rnn, lstm, gpt"
+    ):
+        StudyConfig(models=["fnn", "bert"])
     assert families_where(lambda cls: cls.causal) == ["fnn", "rnn", "lstm", "gpt"]
     assert families_where(lambda cls: cls.recurrent) == ["rnn", "lstm"]
     endpoints = {f: serving_endpoints(model_class(f)) for f in FAMILIES}
