@@ -16,13 +16,15 @@ Scoring, by the model's family facts (nlm/models/base.py):
   every scored token keeps context (`stride` = seq_len/2 by default; a model with a bounded
   `context_size`, the fnn's n-1 words, overlaps by exactly that, which makes the score exact).
   Each prediction is scored in exactly one window.
-- recurrent (rnn, lstm): the stream is cut into `batch_size` contiguous streams scored in parallel (as in
-  PyTorch's word_language_model example), the hidden state carried across consecutive windows.
-  Each stream starts with an empty state, so the first tokens of streams 2..B lose context.
-- not causal (bert): the documents' tokens are packed into `[CLS] ... [SEP]` sequences. MLM accuracy masks
-  15% of the ordinary tokens (ids >= 7; as in training, specials and <unk> are never targets)
-  with a fixed seed, all replaced by [MASK]; pseudo-perplexity masks each ordinary token in turn
-  (Salazar et al. 2020) for the first `max_pll_tokens` of them and reports how many were scored.
+- recurrent (rnn, lstm): the stream is cut into `batch_size` contiguous streams scored in
+  parallel (as in PyTorch's word_language_model example), the hidden state carried across
+  consecutive windows. Each stream starts with an empty state, so the first tokens of streams
+  2..B lose context.
+- not causal (bert): the documents' tokens are packed into `[CLS] ... [SEP]` sequences. MLM
+  accuracy masks 15% of the ordinary tokens (ids >= 7; as in training, specials and <unk> are
+  never targets) with a fixed seed, all replaced by [MASK]; pseudo-perplexity masks each ordinary
+  token in turn (Salazar et al. 2020) for the first `max_pll_tokens` of them and reports how many
+  were scored.
   A pseudo-likelihood is not a probability of the text, so bert has no bits_per_byte.
 """
 

@@ -1,9 +1,10 @@
 """`nlm generate`: sample a continuation of a prompt from a causal checkpoint.
 
 The prompt is read like a document start in training: `</s>` then the prompt's tokens.
-Sampling stops at `--max-tokens` or at the first `</s>` (the end of the document). A gpt sees
-only its `block_size` positions, so a longer prompt is cut from the left. Prints the
-prompt (as the tokenizer sees it) plus the continuation; `--json` prints one JSON object instead.
+Sampling stops at `--max-tokens` or at the first `</s>` (the end of the document). A model with
+bounded positions (gpt's `max_positions`) sees only that many, so a longer prompt is cut from the
+left. Prints the prompt (as the tokenizer sees it) plus the continuation; `--json` prints one
+JSON object instead.
 """
 
 from __future__ import annotations
