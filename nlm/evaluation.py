@@ -11,17 +11,20 @@ end is predicted once:
 newline its `</s>` stands for. It does not depend on the tokenizer, so word-, char- and
 subword-level models compare on the same text (per-token ppl does not).
 
-Scoring, by family:
-- gpt, fnn: windows of `seq_len` tokens; consecutive windows overlap so every scored token keeps
-  context (gpt: `stride` = seq_len/2 by default; fnn: overlap = its n-1 word context, which makes
-  the score exact). Each prediction is scored in exactly one window.
-- rnn, lstm: the stream is cut into `batch_size` contiguous streams scored in parallel (as in
-  PyTorch's word_language_model example), the hidden state carried across consecutive windows.
-  Each stream starts with an empty state, so the first tokens of streams 2..B lose context.
-- bert: the documents' tokens are packed into `[CLS] ... [SEP]` sequences. MLM accuracy masks
-  15% of the ordinary tokens (ids >= 7; as in training, specials and <unk> are never targets)
-  with a fixed seed, all replaced by [MASK]; pseudo-perplexity masks each ordinary token in turn
-  (Salazar et al. 2020) for the first `max_pll_tokens` of them and reports how many were scored.
+Scoring, by the model's family facts (nlm/models/base.py):
+- causal, not recurrent (gpt, fnn): windows of `seq_len` tokens; consecutive windows overlap so
+  every scored token keeps context (`stride` = seq_len/2 by default; a model with a bounded
+  `context_size`, the fnn's n-1 words, overlaps by exactly that, which makes the score exact).
+  Each prediction is scored in exactly one window.
+- recurrent (rnn, lstm): the stream is cut into `batch_size` contiguous streams scored in
+  parallel (as in PyTorch's word_language_model example), the hidden state carried across
+  consecutive windows. Each stream starts with an empty state, so the first tokens of streams
+  2..B lose context.
+- not causal (bert): the documents' tokens are packed into `[CLS] ... [SEP]` sequences. MLM
+  accuracy masks 15% of the ordinary tokens (ids >= 7; as in training, specials and <unk> are
+  never targets) with a fixed seed, all replaced by [MASK]; pseudo-perplexity masks each ordinary
+  token in turn (Salazar et al. 2020) for the first `max_pll_tokens` of them and reports how many
+  were scored.
   A pseudo-likelihood is not a probability of the text, so bert has no bits_per_byte.
 """
 
@@ -80,26 +83,8 @@ def token_stream(tokenizer: Tokenizer, documents: list[str]) -> torch.Tensor:
 
 
 # --- the model's context --------------------------------------------------------------------
-# Config fields that bound how many positions a model can see (the first one present is used).
-_MAX_POSITION_FIELDS = ("block_size", "max_positions")
-
-
-def max_positions(model: LanguageModel) -> int | None:
-    """The longest input a model takes (gpt/bert position table), None when unbounded."""
-    for name in _MAX_POSITION_FIELDS:
-        value = getattr(model.config, name, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
-def fnn_context(model: LanguageModel) -> int:
-    """How many previous tokens an FNN (n-gram) model conditions on: n-1."""
-    return model.config.n - 1
-
-
 def _window_length(model: LanguageModel, seq_len: int | None) -> int:
-    limit = max_positions(model)
+    limit = model.max_positions
     if seq_len is None:
         return min(DEFAULT_SEQ_LEN, limit) if limit else DEFAULT_SEQ_LEN
     if seq_len < 2:
@@ -169,7 +154,8 @@ def score_recurrent(
     batch_size: int,
     progress: bool = False,
 ) -> tuple[float, int]:
-    """Total NLL and count of stream[1:] for rnn/lstm: B parallel streams, state carried."""
+    """Total NLL and count of stream[1:] for a recurrent model: B parallel streams, state
+    carried."""
     n = len(stream) - 1
     streams = max(1, min(batch_size, n))
     width = math.ceil(n / streams)
@@ -297,7 +283,9 @@ def evaluate_documents(
     result: dict[str, Any] = {"family": model.family, "bytes": n_bytes, "seq_len": length}
     if not model.causal:
         if length < 3:
-            raise NLMError(f"--seq-len {length}: bert needs at least 3 ([CLS] token [SEP])")
+            raise NLMError(
+                f"--seq-len {length}: {model.family} needs at least 3 ([CLS] token [SEP])"
+            )
         if max_pll_tokens < 1:
             raise NLMError(f"--max-pll-tokens {max_pll_tokens}: must be at least 1")
         stream = [i for doc in tokenizer.encode_batch(documents) for i in doc]
@@ -316,13 +304,15 @@ def evaluate_documents(
             **scores,
         }
     stream = token_stream(tokenizer, documents)
-    if model.family in ("rnn", "lstm"):
+    if model.recurrent:
         total, count = score_recurrent(model, stream, length, batch_size, progress)
     else:
-        if model.family == "fnn":
-            overlap = fnn_context(model)
+        overlap = model.context_size
+        if overlap is not None:  # bounded context: windows overlapping by it score exactly
             if overlap >= length:
-                raise NLMError(f"--seq-len {length}: must exceed the fnn's {overlap}-token context")
+                raise NLMError(
+                    f"--seq-len {length}: must exceed the {model.family}'s {overlap}-token context"
+                )
             step = length - overlap
         else:
             step = stride or max(1, length // 2)

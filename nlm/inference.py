@@ -28,15 +28,23 @@ import torch
 from nlm.checkpoint import Checkpoint
 from nlm.config import Config
 from nlm.errors import NLMError
-from nlm.models.base import LanguageModel
+from nlm.models.base import IncrementalDecoder, LanguageModel
 from nlm.sampling import check_sampling_args, sample_next
 from nlm.tokenizers.base import CLS_ID, EOS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS
 
 NUM_SPECIAL = len(SPECIAL_TOKENS)
 MIN_TEMPERATURE = 1e-4  # colder than this samples greedily
 MASK_TEXT = SPECIAL_TOKENS[MASK_ID]  # "[MASK]"
-CAUSAL_ENDPOINTS = ("generate", "score", "embed", "neighbors")
-BERT_ENDPOINTS = ("fill-mask", "score", "embed", "neighbors")
+SHARED_ENDPOINTS = ("score", "embed", "neighbors")
+
+
+def serving_endpoints(model: LanguageModel | type[LanguageModel]) -> tuple[str, ...]:
+    """The /v1 endpoints a model (or model class) answers, from its family facts: generate for
+    causal models, fill-mask for masked-LM ones, then score, embed and neighbors for all."""
+    own = ("generate",) if model.causal else ()
+    if model.objective == "mlm":
+        own += ("fill-mask",)
+    return (*own, *SHARED_ENDPOINTS)
 
 
 @dataclasses.dataclass
@@ -259,8 +267,9 @@ Generated = tuple[list[int], list[float], bool]  # new ids, their log-probs, end
 class ContinuousGeneration:
     """Rows at different points of their generation, decoded together one token per step.
 
-    Continuous batching (Yu et al., Orca, OSDI 2022): `add` runs new prompts (`_prefill`) and
-    joins their cache to the running one between two steps, `step` samples one token for every
+    Continuous batching (Yu et al., Orca, OSDI 2022): `add` runs new prompts (`prefill` of the
+    model's `IncrementalDecoder` protocol, nlm/models/base.py) and joins their cache to the
+    running one between two steps, `step` samples one token for every
     row, hands back the rows that are done and drops them from the cache. A request therefore
     never waits for the longest generation of the batch before it, and a server keeps its
     batch full while clients come and go.
@@ -270,7 +279,7 @@ class ContinuousGeneration:
     the same tokens whichever rows share its steps.
     """
 
-    def __init__(self, model: LanguageModel) -> None:
+    def __init__(self, model: IncrementalDecoder) -> None:
         self.model = model
         self.rows: list[_Row] = []
         self.logits: torch.Tensor | None = None  # (rows, V): the next token's, per row
@@ -287,10 +296,10 @@ class ContinuousGeneration:
         keys = list(range(len(jobs))) if keys is None else list(keys)
         ids, mask = pad_left([j.ids for j in jobs])
         steps = max(j.max_new_tokens for j in jobs)
-        logits, cache = self.model._prefill(ids, None if bool(mask.all()) else mask, steps)
+        logits, cache = self.model.prefill(ids, None if bool(mask.all()) else mask, steps)
         if self.rows:
             logits = torch.cat([self.logits, logits])
-            cache = self.model._join_caches([self.cache, cache])
+            cache = self.model.join_caches([self.cache, cache])
         self.logits, self.cache = logits, cache
         for key, job in zip(keys, jobs, strict=True):
             self.rows.append(_Row(key, job, torch.Generator().manual_seed(job.seed)))
@@ -328,7 +337,7 @@ class ContinuousGeneration:
         keep = [i for i, r in enumerate(self.rows) if not r.done]
         self._keep(keep)
         if self.rows:
-            self.logits, self.cache = self.model._decode(chosen[keep], self.cache)
+            self.logits, self.cache = self.model.decode_step(chosen[keep], self.cache)
         return finished
 
     def drop(self, keys: set[Any]) -> None:
@@ -344,10 +353,10 @@ class ContinuousGeneration:
             return
         index = torch.tensor(keep)
         self.logits = self.logits[index]
-        self.cache = self.model._select_cache(self.cache, index)
+        self.cache = self.model.select_cache(self.cache, index)
 
 
-def generate_batch(model: LanguageModel, jobs: Sequence[GenerationJob]) -> list[Generated]:
+def generate_batch(model: IncrementalDecoder, jobs: Sequence[GenerationJob]) -> list[Generated]:
     """Continue every job's prompt, all in one batch -> (new ids, their log-probs, ended at </s>).
 
     A row is done when it has its max_new_tokens, or sampled </s> with stop_at_eos (the </s> is
@@ -363,16 +372,6 @@ def generate_batch(model: LanguageModel, jobs: Sequence[GenerationJob]) -> list[
 
 
 # ---------------------------------------------------------------- the text layer
-
-
-def _max_positions(model: LanguageModel) -> int | None:
-    """The longest input the model accepts (gpt/bert block size), None when unbounded."""
-    for owner in (model, model.config):
-        for name in ("max_positions", "block_size", "max_position_embeddings"):
-            value = getattr(owner, name, None)
-            if isinstance(value, int) and value > 0:
-                return value
-    return None
 
 
 def _metric(metrics: dict[str, Any], *names: str) -> float | None:
@@ -401,8 +400,8 @@ class Engine:
         self.tokenizer = checkpoint.tokenizer
         self.family = checkpoint.family
         self.limits = limits or Limits()
-        self.max_positions = _max_positions(self.model)
-        self.endpoints = CAUSAL_ENDPOINTS if self.model.causal else BERT_ENDPOINTS
+        self.max_positions = self.model.max_positions
+        self.endpoints = serving_endpoints(self.model)
         # bert adds [CLS] and [SEP]; causal families read the text after a </s> boundary.
         extra = 1 if self.model.causal else 2
         cap = self.limits.max_input_tokens

@@ -40,7 +40,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nlm.checkpoint import read_checkpoint_config
 from nlm.config import Config
 from nlm.errors import NLMError
-from nlm.inference import BERT_ENDPOINTS, CAUSAL_ENDPOINTS, Limits
+from nlm.inference import Limits, serving_endpoints
+from nlm.models import model_class
 from nlm.serve.catalog import parse_checkpoints
 from nlm.serve.deployments import (
     DEFAULT_BATCH_WAIT_TIMEOUT_S,
@@ -136,7 +137,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             "family": m.family,
             "endpoints": task_endpoints(tasks[m.name])
             if tasks[m.name]
-            else list(BERT_ENDPOINTS if m.family == "bert" else CAUSAL_ENDPOINTS),
+            else list(serving_endpoints(model_class(m.family))),
         }
         for m in models
     }

@@ -13,7 +13,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Family = Literal["fnn", "rnn", "lstm", "gpt", "bert"]
+from nlm.models import FAMILIES
+
+# The registry's names, in its order (OpenAPI shows them as the field's enum).
+Family = Literal[tuple(FAMILIES)]  # type: ignore[valid-type]
 ModelName = Annotated[
     str, Field(min_length=1, max_length=128, description="a name from GET /v1/models")
 ]

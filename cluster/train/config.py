@@ -14,12 +14,10 @@ from typing import Any
 
 from nlm.config import Config, option, section
 from nlm.errors import NLMError
+from nlm.models import FAMILIES, model_class
 from nlm.models.learning_rates import default_lr
 from nlm.optim import OptimConfig, Schedule
 from nlm.scale import ScaleConfig
-
-FAMILIES = ("fnn", "rnn", "lstm", "gpt", "bert")
-RECURRENT = ("rnn", "lstm")
 
 
 @dataclasses.dataclass
@@ -119,7 +117,7 @@ class TrainConfig(Config):
 
     @property
     def recurrent(self) -> bool:
-        return self.model in RECURRENT
+        return model_class(self.model).recurrent
 
     @property
     def rows_per_chunk(self) -> int:

@@ -50,7 +50,7 @@ from nlm.cluster.train.batches import (
     state_to,
 )
 from nlm.cluster.train.distributed import all_reduce_sum, barrier, seed_everything
-from nlm.cluster.train.metrics import flops_per_token, peak_flops
+from nlm.cluster.train.metrics import peak_flops
 from nlm.cluster.train.plan import CHECKPOINT_META, RunPlan, plan_run
 from nlm.cluster.train.session import LocalSession, RaySession
 from nlm.errors import NLMError
@@ -77,15 +77,13 @@ class Trainer(TrainingLoop):
             run_dir=plan.run_dir,
         )
         self.plan, self.session = plan, session
-        self.kind = "mlm" if config.model == "bert" else ("stream" if config.recurrent else "clm")
+        self.kind = "stream" if config.recurrent else plan.objective
 
         # Same seed on every rank for the weights; a rank-specific one for dropout/masking.
         seed_everything(config.seed)
         model = self.build_model()
         self.num_params = model.num_parameters()
-        self.flops_per_token = flops_per_token(
-            config.model, self.num_params, model.config, plan.seq_len
-        )
+        self.flops_per_token = model.flops_per_token(plan.seq_len)
         seed_everything(config.seed + 1000 * (self.rank + 1))
         self.start_engine(model)
         self.mask_rng = torch.Generator().manual_seed(config.seed + 7919 * (self.rank + 1))

@@ -1,4 +1,5 @@
-"""Where a run's numbers go: RUN/metrics.jsonl, TensorBoard (RUN/tb), and model FLOPs.
+"""Where a run's numbers go: RUN/metrics.jsonl, TensorBoard (RUN/tb), and peak FLOP/s for MFU
+(the model's own FLOPs per token are a family fact: `LanguageModel.flops_per_token`).
 
 Only rank 0 writes. metrics.jsonl is append-only: every (re)start of the worker group adds an
 `{"event": "start", ...}` line, so a restart after a failure shows in the log, and the steps
@@ -24,19 +25,6 @@ PEAK_BF16_FLOPS = {
     "A10G": 70e12,
     "L4": 121e12,
 }
-
-
-def flops_per_token(family: str, num_params: int, model_config: Any, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the weights, plus attention's 12·L·H·Q·T (nanoGPT/PaLM).
-
-    N counts every parameter (a tied matrix once). The recurrent families have no attention
-    term; their 6N is the same first-order count.
-    """
-    flops = 6.0 * num_params
-    if family in ("gpt", "bert"):
-        layers, width = model_config.n_layer, model_config.n_embd
-        flops += 12.0 * layers * width * seq_len  # 12·L·(H·Q)·T with H·Q = n_embd
-    return flops
 
 
 def peak_flops(device: torch.device) -> float | None:

@@ -60,7 +60,7 @@ def plan_run(config: TrainConfig, device: str = "cpu") -> RunPlan:
     check_zero_stage(config.scale.zero_stage, device)
 
     manifest = read_manifest(config.data)
-    wanted = "mlm" if config.model == "bert" else "clm"
+    wanted = model_class(config.model).objective
     if manifest.objective != wanted:
         raise NLMError(
             f"{config.data}: shards were prepared for '{manifest.objective}', but {config.model} "
@@ -75,17 +75,15 @@ def plan_run(config: TrainConfig, device: str = "cpu") -> RunPlan:
     fields.update(config.model_overrides)
     cls = model_class(config.model)
     model_config = cls.config_class.from_dict(fields, source=f"model_overrides of {config.model}")
-    context = getattr(model_config, "block_size", None) or getattr(
-        model_config, "max_positions", None
-    )
+    model = cls(model_config)
+    context = model.max_positions
     if context is not None and manifest.seq_len > context:
         raise NLMError(
             f"{config.data}: rows of seq_len {manifest.seq_len} do not fit the {config.model} "
             f"'{config.preset}' context of {context} tokens (prepare with --seq-len {context} or "
-            f"set model_overrides: {{{'block_size' if config.model == 'gpt' else 'max_positions'}: "
-            f"{manifest.seq_len}}})"
+            f"set model_overrides: {{{cls.max_positions_field}: {manifest.seq_len}}})"
         )
-    num_params = cls(model_config).num_parameters()
+    num_params = model.num_parameters()
 
     train_rows = int(manifest.splits["train"].get("rows", 0))
     val_rows = int(manifest.splits["val"].get("rows", 0))

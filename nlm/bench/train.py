@@ -122,7 +122,7 @@ def plain_loop(args: argparse.Namespace, data: Path, threads: int) -> dict[str, 
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    recurrent = args.model in ("rnn", "lstm")
+    recurrent = model.recurrent
     batch = args.micro_batch
     per_stream = rows.shape[0] // batch
     streams = rows[: batch * per_stream].view(

@@ -1,9 +1,10 @@
 """`nlm generate`: sample a continuation of a prompt from a causal checkpoint.
 
 The prompt is read like a document start in training: `</s>` then the prompt's tokens.
-Sampling stops at `--max-tokens` or at the first `</s>` (the end of the document). A gpt sees
-only its `block_size` positions, so a longer prompt is cut from the left. Prints the
-prompt (as the tokenizer sees it) plus the continuation; `--json` prints one JSON object instead.
+Sampling stops at `--max-tokens` or at the first `</s>` (the end of the document). A model with
+bounded positions (gpt's `max_positions`) sees only that many, so a longer prompt is cut from the
+left. Prints the prompt (as the tokenizer sees it) plus the continuation; `--json` prints one
+JSON object instead.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ def run(args: argparse.Namespace) -> int:
 
     from nlm.checkpoint import load_checkpoint
     from nlm.errors import NLMError
-    from nlm.evaluation import max_positions
     from nlm.tokenizers.base import EOS_ID
 
     if args.max_tokens < 1:
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         raise NLMError(f"{ckpt.path}: a {ckpt.family} checkpoint cannot generate text (not causal)")
     prompt = [EOS_ID, *ckpt.tokenizer.encode(args.prompt)]
     context = prompt
-    limit = max_positions(ckpt.model)  # gpt: prompt and sample must fit its positions
+    limit = ckpt.model.max_positions  # prompt and sample must fit a bounded model's positions
     if limit is not None:
         if args.max_tokens >= limit:
             raise NLMError(f"--max-tokens {args.max_tokens}: the model has only {limit} positions")

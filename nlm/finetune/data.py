@@ -14,8 +14,9 @@ sequences are valid by construction (constrained decoding, nlm.finetune.cws.vite
 Model inputs follow the course notes:
     gpt:   <s> text </s>        pairs: <s> a [SEP] b </s>       classify from the last position
     bert:  [CLS] text [SEP]     pairs: [CLS] a [SEP] b [SEP]    classify from the first; types 0/1
-gpt batches are left-padded (so position -1 is every row's </s>, as generation pads), bert
-batches right-padded; `attention_mask` marks real tokens. Tagging labels sit on each token's
+The layout follows the backbone's `summary_type` fact (nlm/models/base.py): "first" is bert's,
+"last" gpt's. gpt batches are left-padded (so position -1 is every row's </s>, as generation
+pads), bert batches right-padded; `attention_mask` marks real tokens. Tagging labels sit on each token's
 first id (-100 elsewhere); sequences longer than the model are cut into windows.
 """
 
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 
 from nlm.errors import NLMError, describe_location
+from nlm.models import model_class
 from nlm.models.base import IGNORE_INDEX
 from nlm.tokenizers.base import BOS_ID, CLS_ID, EOS_ID, SEP_ID, UNK_ID, Tokenizer
 
@@ -228,8 +230,9 @@ def token_ids(tokenizer: Tokenizer, token: str) -> list[int]:
 
 
 def wrap(family: str, a: list[int], b: list[int] | None = None) -> tuple[list[int], list[int]]:
-    """(input_ids, token_type_ids) in the family's layout (see the module docstring)."""
-    if family == "bert":
+    """(input_ids, token_type_ids) in the family's layout (see the module docstring): [CLS]
+    first where its task head reads the first position, else <s> ... </s>."""
+    if model_class(family).summary_type == "first":
         ids = [CLS_ID, *a, SEP_ID]
         types = [0] * len(ids)
         if b is not None:

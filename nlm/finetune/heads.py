@@ -36,15 +36,18 @@ from nlm.checkpoint import (
 )
 from nlm.errors import NLMError
 from nlm.finetune.data import TASKS, Label, tag_scheme
-from nlm.models import IGNORE_INDEX, LanguageModel, model_class
+from nlm.models import IGNORE_INDEX, LanguageModel, families_where, model_class
 from nlm.objectives import causal_lm_loss
 from nlm.tokenizers import load_tokenizer
 from nlm.tokenizers.base import Tokenizer
 
 HEAD = "task_head"
-FAMILIES = ("gpt", "bert")
-# bert's pretraining heads take no part in a task: frozen, so no optimizer state is kept for them.
-BERT_PRETRAINING_HEADS = ("mlm_dense", "mlm_ln", "pooler", "nsp")
+
+
+def finetunable_families() -> list[str]:
+    """Families a task head can sit on: those whose `summary_type` says which hidden state
+    sums up an input (the course notes fine-tune the pretrained Transformers)."""
+    return families_where(lambda cls: cls.summary_type is not None)
 
 
 @dataclasses.dataclass
@@ -60,33 +63,34 @@ class TaskModel(nn.Module):
         self, backbone: LanguageModel, task: str, labels: list[Label], lm_weight: float = 0.0
     ) -> None:
         super().__init__()
-        if backbone.family not in FAMILIES:
+        if backbone.summary_type is None:
             raise NLMError(
-                f"fine-tuning needs a gpt or bert checkpoint, not {backbone.family} "
-                "(the course notes fine-tune the pretrained Transformers)"
+                f"fine-tuning needs a {' or '.join(finetunable_families())} checkpoint, not "
+                f"{backbone.family} (the course notes fine-tune the pretrained Transformers)"
             )
         if task not in TASKS:
             raise NLMError(f"task '{task}': not one of {', '.join(TASKS)}")
         if lm_weight < 0:
             raise NLMError(f"lm_weight {lm_weight}: must not be negative")
-        if lm_weight and backbone.family != "gpt":
+        if lm_weight and not backbone.causal:
+            causal = families_where(lambda cls: cls.causal and cls.summary_type is not None)
             raise NLMError(
-                f"lm_weight {lm_weight}: the auxiliary language-model loss applies to gpt; "
-                "use --lm-weight 0 with bert"
+                f"lm_weight {lm_weight}: the auxiliary language-model loss applies to "
+                f"{' or '.join(causal)}; use --lm-weight 0 with {backbone.family}"
             )
         self.task, self.labels, self.lm_weight = task, list(labels), float(lm_weight)
         self.family = backbone.family
         self.backbone = backbone
         if not hasattr(backbone, HEAD):
-            head = nn.Linear(backbone.config.n_embd, len(labels))
+            head = nn.Linear(backbone.hidden_size, len(labels))
             nn.init.normal_(head.weight, mean=0.0, std=0.02)
             nn.init.zeros_(head.bias)
             backbone.add_module(HEAD, head)
         self.dropout = nn.Dropout(backbone.config.dropout)
-        if self.family == "bert":
-            for name in BERT_PRETRAINING_HEADS:
-                getattr(backbone, name).requires_grad_(False)
-            backbone.decoder.bias.requires_grad_(False)  # its weight is the (trained) token table
+        # The pretraining heads take no part in a task: frozen, so no optimizer state is kept
+        # for them.
+        for parameter in backbone.pretraining_head_parameters():
+            parameter.requires_grad_(False)
 
     @property
     def head(self) -> nn.Linear:
@@ -94,7 +98,9 @@ class TaskModel(nn.Module):
 
     @property
     def pad_left(self) -> bool:
-        return self.family == "gpt"
+        """Batches are left-padded when the head reads the last position, so it is real in
+        every row."""
+        return self.backbone.summary_type == "last"
 
     @property
     def max_positions(self) -> int:
@@ -107,7 +113,7 @@ class TaskModel(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> TaskOutput:
-        if self.family == "bert":
+        if self.backbone.objective == "mlm":
             # mlm_labels all -100: the MLM head runs on no position (we only want the states).
             out = self.backbone(
                 input_ids,
@@ -115,10 +121,11 @@ class TaskModel(nn.Module):
                 attention_mask=attention_mask,
                 mlm_labels=torch.full_like(input_ids, IGNORE_INDEX),
             )
-            features = out.hidden[:, 0] if self.task == "classify" else out.hidden
         else:
             out = self.backbone(input_ids, attention_mask=attention_mask)
-            features = out.hidden[:, -1] if self.task == "classify" else out.hidden
+        features = out.hidden
+        if self.task == "classify":
+            features = features[:, 0] if self.backbone.summary_type == "first" else features[:, -1]
         logits = self.head(self.dropout(features))
         if labels is None:
             return TaskOutput(logits)
@@ -158,9 +165,10 @@ def load_backbone(
     without its old head)."""
     directory = resolve_checkpoint_dir(path)
     config = read_checkpoint_config(directory)
-    if config["family"] not in FAMILIES:
+    if config["family"] not in finetunable_families():
         raise NLMError(
-            f"{directory}: a {config['family']} checkpoint; fine-tuning needs gpt or bert"
+            f"{directory}: a {config['family']} checkpoint; fine-tuning needs "
+            f"{' or '.join(finetunable_families())}"
         )
     if "task" in config:
         loaded = load_task_checkpoint(directory)

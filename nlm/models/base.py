@@ -21,16 +21,42 @@ Conventions (all five families):
   rnn, lstm), a bias-free linear projection H -> E sits before the tied softmax, so
   logits = L (P h) + b; `output_embeddings()` is then still L (V, E). `ModelOutput.hidden` is
   h, before the projection.
-- Causal models share `generate` (below): each implements `_prefill` (run the prompt, return
-  the last position's logits and a cache: KV cache, recurrent state or the fnn window) and
-  `_decode` (one new token per row). Left-padded batches use `attention_mask` (1 = real token);
-  every row's result equals generating for that prompt alone.
+- Causal models share `generate` (below) through the public incremental-decoding protocol
+  (`IncrementalDecoder`): `prefill` runs the prompt and returns the last position's logits and a
+  cache (KV cache, recurrent state or the fnn window), `decode_step` feeds one new token per row,
+  and `join_caches` / `select_cache` add and drop rows between steps (continuous batching,
+  nlm.inference.ContinuousGeneration). Left-padded batches use `attention_mask` (1 = real
+  token); every row's result equals generating for that prompt alone.
+
+Family facts. Everything the rest of nlm needs to know about a family is a fact on its class
+(set in its own file), never a comparison with its name (tests/test_families.py checks both):
+
+    family               the registry name (nlm/models/__init__.py FAMILIES)
+    config_class         its `Config` dataclass
+    objective            "clm" | "mlm": the shards it trains on (`nlm prepare --objective`)
+    causal               left to right: `generate`, the decoding protocol, perplexity over windows;
+                         False: bidirectional, scored by pseudo-log-likelihood (Salazar et al. 2020)
+    recurrent            carries a state from one window to the next (truncated BPTT): trained on
+                         parallel streams, evaluated as one stream
+    max_positions_field  the config field that bounds the input length (None: unbounded);
+                         `max_positions` reads it (HF's `max_position_embeddings`)
+    summary_type         which hidden state sums up a sequence for a task head (HF's
+                         SequenceSummary): "first" ([CLS], bert's input layout), "last" (the
+                         closing </s>, left-padded batches), None: not fine-tunable
+and per instance (they depend on the config): `max_positions`, `context_size` (tokens of left
+context one prediction sees: n-1 for the fnn, None when it sees all before it), `hidden_size`
+(H of `ModelOutput.hidden`), `flops_per_token(seq_len)` and `pretraining_head_parameters()`.
+How the other layers use them: evaluation (nlm/evaluation.py) scores `not causal` models by
+pseudo-likelihood, `recurrent` ones as a stream and the rest over windows overlapping by
+`context_size` (or a stride); serving (nlm.inference.serving_endpoints) offers generate to causal
+models and fill-mask to mlm ones; the trainer batches `objective` rows, as streams when
+`recurrent`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -52,15 +78,50 @@ class ModelOutput:
 
 
 class LanguageModel(nn.Module):
-    """Base class of the five families. Subclasses set `family` and `config_class`."""
+    """Base class of the families. Subclasses set the family facts (module docstring)."""
 
     family: ClassVar[str]
     config_class: ClassVar[type[Config]]
-    causal: ClassVar[bool] = True
+    objective: ClassVar[Literal["clm", "mlm"]]
+    causal: ClassVar[bool]
+    recurrent: ClassVar[bool] = False
+    max_positions_field: ClassVar[str | None] = None
+    summary_type: ClassVar[Literal["first", "last"] | None] = None
 
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = config
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest input (tokens) the model takes; None when unbounded. Longer inputs raise
+        NLMError in `forward`."""
+        if self.max_positions_field is None:
+            return None
+        return getattr(self.config, self.max_positions_field)
+
+    @property
+    def context_size(self) -> int | None:
+        """How many previous tokens one prediction conditions on; None: every earlier token of
+        its input (within `max_positions`), or the whole carried stream for recurrent models."""
+        return None
+
+    @property
+    def hidden_size(self) -> int:
+        """H, the last dimension of `ModelOutput.hidden` (what embeddings and task heads read)."""
+        raise NotImplementedError
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token at `seq_len` tokens per row: 6N for the N weights (forward
+        2N, backward 4N; Kaplan et al. 2020, nanoGPT/PaLM's MFU count). N counts every parameter
+        once (a tied matrix once). Transformers add their attention term
+        (`attention_flops_per_token`); the recurrent and n-gram families have none."""
+        return 6.0 * self.num_parameters()
+
+    def pretraining_head_parameters(self) -> list[nn.Parameter]:
+        """Parameters only the pretraining objective uses, not the hidden states (bert's MLM
+        transform, pooler, NSP classifier, decoder bias): frozen when fine-tuning a task head."""
+        return []
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Unique trainable parameters (a tied matrix counts once)."""
@@ -84,33 +145,65 @@ class LanguageModel(nn.Module):
         raise NotImplementedError
 
 
-class CausalLanguageModel(LanguageModel):
-    """A left-to-right model with incremental generation (fnn, rnn, lstm, gpt)."""
+@runtime_checkable
+class IncrementalDecoder(Protocol):
+    """Token-by-token decoding with a cache, the protocol `generate` and continuous batching
+    (nlm.inference.ContinuousGeneration, Yu et al., Orca, OSDI 2022) drive.
 
-    causal: ClassVar[bool] = True
+    A cache is whatever the model needs to continue: gpt's `KVCache`, the recurrent state, the
+    fnn's window. It is opaque to callers: they pass it back to `decode_step`, `join_caches` and
+    `select_cache` only, and rows keep their order.
+    """
 
-    def _prefill(
+    def prefill(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int
     ) -> tuple[torch.Tensor, Any]:
-        """Run the (left-padded) prompt: (B, V) logits for the next token, plus the cache."""
+        """Run (B, T) left-padded prompts (`attention_mask` 1 = real token, None = all real),
+        with room for `max_new_tokens` more: ((B, V) logits of the next token, cache). Raises
+        NLMError when prompt plus new tokens exceed `max_positions`."""
+        ...
+
+    def decode_step(self, next_ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        """Feed one token per row ((B,) long): ((B, V) logits of the token after it, cache)."""
+        ...
+
+    def join_caches(self, caches: list[Any]) -> Any:
+        """One cache holding the rows of `caches` in order (each from `prefill`/`decode_step`,
+        possibly at different lengths)."""
+        ...
+
+    def select_cache(self, cache: Any, rows: torch.Tensor) -> Any:
+        """The cache of the given rows ((R,) long index), in that order."""
+        ...
+
+
+class CausalLanguageModel(LanguageModel):
+    """A left-to-right model with incremental generation (fnn, rnn, lstm, gpt); implements
+    `IncrementalDecoder`."""
+
+    objective: ClassVar[Literal["clm", "mlm"]] = "clm"
+    causal: ClassVar[bool] = True
+
+    def prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int
+    ) -> tuple[torch.Tensor, Any]:
+        """See `IncrementalDecoder.prefill`."""
         raise NotImplementedError
 
-    def _decode(self, next_ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
-        """Feed one token per row (B,): (B, V) logits for the token after it, plus the cache."""
+    def decode_step(self, next_ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        """See `IncrementalDecoder.decode_step`."""
         raise NotImplementedError
 
-    # Continuous batching (nlm.inference.ContinuousGeneration) adds and drops rows of a running
-    # generation between decode steps. The default handles caches that are a tensor or a tuple
-    # of tensors with the batch along `cache_batch_dim` (recurrent state, the fnn window); gpt's
-    # KV cache overrides both.
+    # The defaults handle caches that are a tensor or a tuple of tensors with the batch along
+    # `cache_batch_dim` (recurrent state, the fnn window); gpt's KV cache overrides both.
     cache_batch_dim: ClassVar[int] = 0
 
-    def _join_caches(self, caches: list[Any]) -> Any:
-        """One cache holding the rows of `caches` in order (each from `_prefill`/`_decode`)."""
+    def join_caches(self, caches: list[Any]) -> Any:
+        """See `IncrementalDecoder.join_caches`."""
         return _map_tensors(lambda *ts: torch.cat(ts, dim=self.cache_batch_dim), *caches)
 
-    def _select_cache(self, cache: Any, rows: torch.Tensor) -> Any:
-        """The cache of the given rows (a (R,) long index), in that order."""
+    def select_cache(self, cache: Any, rows: torch.Tensor) -> Any:
+        """See `IncrementalDecoder.select_cache`."""
         return _map_tensors(lambda t: t.index_select(self.cache_batch_dim, rows), cache)
 
     @torch.no_grad()
@@ -144,17 +237,23 @@ class CausalLanguageModel(LanguageModel):
         was_training = self.training
         self.eval()
         try:
-            logits, cache = self._prefill(input_ids, attention_mask, max_new_tokens)
+            logits, cache = self.prefill(input_ids, attention_mask, max_new_tokens)
             new_ids, logprobs = [], []
             for step in range(max_new_tokens):
                 ids, lp = sample_next(logits, temperature, top_k, top_p, generator)
                 new_ids.append(ids)
                 logprobs.append(lp)
                 if step + 1 < max_new_tokens:
-                    logits, cache = self._decode(ids, cache)
+                    logits, cache = self.decode_step(ids, cache)
         finally:
             self.train(was_training)
         return torch.stack(new_ids, dim=1), torch.stack(logprobs, dim=1)
+
+
+def attention_flops_per_token(n_layer: int, width: int, seq_len: int) -> float:
+    """Self-attention's FLOPs per token beyond the weights' 6N: 12·L·(H·Q)·T for L layers of H
+    heads of size Q (H·Q = width) over T positions (the PaLM paper's appendix B, nanoGPT's MFU)."""
+    return 12.0 * n_layer * width * seq_len
 
 
 def _map_tensors(fn: Any, *states: Any) -> Any:

@@ -24,7 +24,7 @@ from torch import nn
 
 from nlm.config import Config
 from nlm.errors import NLMError
-from nlm.models.base import IGNORE_INDEX, LanguageModel, ModelOutput
+from nlm.models.base import IGNORE_INDEX, LanguageModel, ModelOutput, attention_flops_per_token
 
 
 @dataclasses.dataclass
@@ -69,7 +69,11 @@ class EncoderLayer(nn.Module):
 class BERT(LanguageModel):
     family = "bert"
     config_class = BERTConfig
+    objective = "mlm"
     causal = False
+    recurrent = False
+    max_positions_field = "max_positions"
+    summary_type = "first"  # [CLS]
 
     def __init__(self, config: BERTConfig) -> None:
         super().__init__(config)
@@ -104,8 +108,19 @@ class BERT(LanguageModel):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     @property
-    def max_positions(self) -> int:
-        return self.config.max_positions
+    def hidden_size(self) -> int:
+        return self.config.n_embd
+
+    def flops_per_token(self, seq_len: int) -> float:
+        c = self.config
+        return super().flops_per_token(seq_len) + attention_flops_per_token(
+            c.n_layer, c.n_embd, seq_len
+        )
+
+    def pretraining_head_parameters(self) -> list[nn.Parameter]:
+        heads = (self.mlm_dense, self.mlm_ln, self.pooler, self.nsp)
+        # The decoder's weight is the (trained) token table; only its bias is the MLM head's.
+        return [p for head in heads for p in head.parameters()] + [self.decoder.bias]
 
     def input_embeddings(self) -> nn.Embedding:
         return self.tok

@@ -46,6 +46,11 @@ class FNNConfig(Config):
 class FNNLanguageModel(CausalLanguageModel):
     family = "fnn"
     config_class = FNNConfig
+    objective = "clm"
+    causal = True
+    recurrent = False
+    max_positions_field = None  # slides its n-1 window over any length
+    summary_type = None
 
     def __init__(self, config: FNNConfig) -> None:
         super().__init__(config)
@@ -72,6 +77,15 @@ class FNNLanguageModel(CausalLanguageModel):
             nn.init.zeros_(self.decoder.bias)
         if self.direct is not None:
             nn.init.zeros_(self.direct.weight)  # start as the plain model; training opens it up
+
+    @property
+    def context_size(self) -> int:
+        """n-1: each prediction sees only the n-1 tokens ending at it."""
+        return self.context
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
 
     def input_embeddings(self) -> nn.Embedding:
         return self.embedding
@@ -107,12 +121,12 @@ class FNNLanguageModel(CausalLanguageModel):
         return ModelOutput(logits=logits, loss=loss, hidden=hidden)
 
     # Generation: the cache is the current (B, n-1) window, slid one token per step.
-    def _prefill(self, input_ids, attention_mask, max_new_tokens):
+    def prefill(self, input_ids, attention_mask, max_new_tokens):
         if attention_mask is not None:
             input_ids = input_ids.masked_fill(~attention_mask.bool(), PAD_ID)
         window = self.windows(input_ids)[:, -1]
         return self._from_windows(window)[0], window
 
-    def _decode(self, next_ids, window):
+    def decode_step(self, next_ids, window):
         window = torch.cat([window[:, 1:], next_ids[:, None]], dim=1)
         return self._from_windows(window)[0], window

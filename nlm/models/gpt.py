@@ -25,7 +25,7 @@ from torch import nn
 
 from nlm.config import Config
 from nlm.errors import NLMError
-from nlm.models.base import CausalLanguageModel, ModelOutput
+from nlm.models.base import CausalLanguageModel, ModelOutput, attention_flops_per_token
 from nlm.objectives import causal_lm_loss
 
 
@@ -190,6 +190,11 @@ class Block(nn.Module):
 class GPT(CausalLanguageModel):
     family = "gpt"
     config_class = GPTConfig
+    objective = "clm"
+    causal = True
+    recurrent = False
+    max_positions_field = "block_size"
+    summary_type = "last"  # the closing </s> has seen the whole input
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__(config)
@@ -234,8 +239,14 @@ class GPT(CausalLanguageModel):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     @property
-    def max_positions(self) -> int:
-        return self.config.block_size
+    def hidden_size(self) -> int:
+        return self.config.n_embd
+
+    def flops_per_token(self, seq_len: int) -> float:
+        c = self.config
+        return super().flops_per_token(seq_len) + attention_flops_per_token(
+            c.n_layer, c.n_embd, seq_len
+        )
 
     def input_embeddings(self) -> nn.Embedding:
         return self.wte
@@ -278,7 +289,7 @@ class GPT(CausalLanguageModel):
         return ModelOutput(logits=logits, loss=loss, hidden=hidden)
 
     # Generation with a KV cache.
-    def _prefill(self, input_ids, attention_mask, max_new_tokens):
+    def prefill(self, input_ids, attention_mask, max_new_tokens):
         batch, time = input_ids.shape
         device = input_ids.device
         longest = time if attention_mask is None else int(attention_mask.sum(dim=1).max())
@@ -304,13 +315,13 @@ class GPT(CausalLanguageModel):
         cache.length = time
         return self.lm_head(hidden[:, -1]), cache
 
-    def _join_caches(self, caches):
+    def join_caches(self, caches):
         return KVCache.join(caches)
 
-    def _select_cache(self, cache, rows):
+    def select_cache(self, cache, rows):
         return cache.select(rows)
 
-    def _decode(self, next_ids, cache):
+    def decode_step(self, next_ids, cache):
         attn_mask = None
         if cache.key_mask is not None:  # the new query sees every real key so far, itself included
             attn_mask = cache.key_mask[:, None, None, : cache.length + 1]

@@ -30,6 +30,7 @@ DEMO_LEARNING_RATES = {
     "small": {"fnn": 2e-3, "rnn": 1e-3, "lstm": 2e-3, "gpt": 1e-3, "bert": 1e-3},
 }
 DEMO_CLIP_NORM = {"fnn": 1.0, "rnn": 0.5, "lstm": 0.5, "gpt": 1.0, "bert": 1.0}
+DEMO_DEFAULT_LR = 1e-3  # a family not listed above (a newly registered one); its clip norm: 1.0
 
 # The study's reports in docs/STUDY.md were made with this schedule.
 STUDY_LR = 3e-3

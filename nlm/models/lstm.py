@@ -42,6 +42,11 @@ class LSTMConfig(Config):
 class LSTMLanguageModel(RecurrentLanguageModel):
     family = "lstm"
     config_class = LSTMConfig
+    objective = "clm"
+    causal = True
+    recurrent = True
+    max_positions_field = None
+    summary_type = None
 
     def make_core(self) -> nn.Module:
         c = self.config

@@ -42,6 +42,8 @@ class RNNConfig(Config):
 class RecurrentLanguageModel(CausalLanguageModel):
     """embedding -> recurrent core -> softmax; subclasses build the core (`make_core`)."""
 
+    recurrent = True
+
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         if config.n_layer < 1:
@@ -63,6 +65,10 @@ class RecurrentLanguageModel(CausalLanguageModel):
 
     def make_core(self) -> nn.Module:
         raise NotImplementedError
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
 
     def input_embeddings(self) -> nn.Embedding:
         return self.embedding
@@ -98,11 +104,11 @@ class RecurrentLanguageModel(CausalLanguageModel):
     # Generation: the cache is the recurrent state, (n_layer, B, H) (a pair of them for lstm).
     cache_batch_dim = 1
 
-    def _prefill(self, input_ids, attention_mask, max_new_tokens):
+    def prefill(self, input_ids, attention_mask, max_new_tokens):
         out = self.forward(input_ids, attention_mask=attention_mask)
         return out.logits[:, -1], out.state  # left padding: the last position is real in every row
 
-    def _decode(self, next_ids, state):
+    def decode_step(self, next_ids, state):
         out = self.forward(next_ids[:, None], state=state)
         return out.logits[:, -1], out.state
 
@@ -136,6 +142,11 @@ def run_left_padded(
 class RNNLanguageModel(RecurrentLanguageModel):
     family = "rnn"
     config_class = RNNConfig
+    objective = "clm"
+    causal = True
+    recurrent = True
+    max_positions_field = None
+    summary_type = None
 
     def make_core(self) -> nn.Module:
         c = self.config

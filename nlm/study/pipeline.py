@@ -51,7 +51,7 @@ class StudyConfig(Config):
 
     def check(self, source: str = "study config") -> StudyConfig:
         """Types and ranges; NLMError naming the field."""
-        from nlm.models import FAMILIES
+        from nlm.models import FAMILIES, families_where
         from nlm.wordvectors import WHICH
 
         self = self.typed(source)
@@ -61,8 +61,13 @@ class StudyConfig(Config):
 
         if not all(m in FAMILIES for m in self.models):
             raise bad("models", f"{self.models!r} is not a list of {', '.join(FAMILIES)}")
-        if "bert" in self.models:
-            raise bad("models", "bert is not a causal LM; the study trains fnn, rnn, lstm, gpt")
+        causal = families_where(lambda cls: cls.causal)
+        not_causal = [m for m in self.models if m not in causal]
+        if not_causal:
+            raise bad(
+                "models",
+                f"{not_causal[0]} is not a causal LM; the study trains {', '.join(causal)}",
+            )
         for name in ("vocab_size", "seq_len", "workers", "max_steps", "n_words", "k", "min_count"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -62,6 +62,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     )
     for family, steps in STEPS.items()
 }
+DEFAULT_SETTINGS = dict(max_steps=500, lr=1e-3, min_lr=1e-4, grad_clip=1.0)  # a family not above
 PKU_RUN = "lstm-pku"
 PKU_STEPS = 300
 
@@ -215,7 +216,7 @@ def planned_runs(config: DemoConfig) -> list[tuple[str, str, str]]:
 def train_config(config: DemoConfig, name: str, family: str, data: Path, out: Path) -> Any:
     from nlm.cluster.train.config import TrainConfig
 
-    settings = {**COMMON, **SETTINGS[family]}
+    settings = {**COMMON, **SETTINGS.get(family, DEFAULT_SETTINGS)}
     if name == PKU_RUN:
         settings["max_steps"] = PKU_STEPS
     if config.max_steps is not None:
@@ -235,8 +236,10 @@ def train_and_evaluate(
     from nlm.cluster.train.metrics import read_metrics
     from nlm.corpora import resolve_corpus
     from nlm.evaluation import evaluate_documents, read_documents
+    from nlm.models import model_class
 
-    data = shards["wt2-mlm" if family == "bert" else "pku" if corpus == "pku-lm" else "wt2"]
+    masked = model_class(family).objective == "mlm"
+    data = shards["wt2-mlm" if masked else "pku" if corpus == "pku-lm" else "wt2"]
     run_dir = out / "runs" / name
     t0 = time.monotonic()
     summary = train(train_config(config, name, family, data, run_dir), progress=config.progress)
@@ -323,17 +326,19 @@ def start_serve(models: list[tuple[str, Path]], port: int) -> str:
 def demo_requests(runs: dict[str, Path]) -> list[tuple[str, str, dict[str, Any]]]:
     """(model, endpoint, body): one request per endpoint that applies to each model."""
     from nlm.checkpoint import read_checkpoint_config
+    from nlm.inference import serving_endpoints
+    from nlm.models import model_class
 
     plan = []
     # A seed per model: with one seed, small models whose distributions are alike (mostly
     # <unk>, "the", ",") draw the same tokens from the same random numbers.
     for seed, (name, path) in enumerate(runs.items(), start=1):
-        family = read_checkpoint_config(path)["family"]
+        endpoints = serving_endpoints(model_class(read_checkpoint_config(path)["family"]))
         chinese = name == PKU_RUN
         sentence = PKU_PROMPT if chinese else SENTENCE
-        if family == "bert":
+        if "fill-mask" in endpoints:
             plan.append((name, "fill-mask", {"model": name, "text": MASKED, "top_k": 5}))
-        else:
+        if "generate" in endpoints:
             prompt = PKU_PROMPT if chinese else PROMPT
             body = {"model": name, "prompt": prompt, "max_tokens": 12, "temperature": 0.8}
             plan.append((name, "generate", {**body, "top_k": 40, "seed": seed}))

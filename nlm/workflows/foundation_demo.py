@@ -27,9 +27,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from nlm.models.learning_rates import DEMO_CLIP_NORM, DEMO_LEARNING_RATES
+from nlm.models import FAMILIES as REGISTRY
+from nlm.models.learning_rates import DEMO_CLIP_NORM, DEMO_DEFAULT_LR, DEMO_LEARNING_RATES
 
-FAMILIES = ("fnn", "rnn", "lstm", "gpt", "bert")
+FAMILIES = tuple(REGISTRY)
 WARMUP_STEPS = 20  # then cosine decay to a tenth of the peak over the budget
 
 
@@ -87,11 +88,14 @@ def run_foundation_demo(
     for family in families:
         torch.manual_seed(seed)
         model = build_model(family, preset, vocab_size=tokenizer.vocab_size)
-        budget = bert_seconds if family == "bert" else seconds
-        least = max(1, min_steps // 10) if family == "bert" else min_steps
+        masked = model.objective == "mlm"  # bert: its own, shorter budget (--bert-seconds)
+        budget = bert_seconds if masked else seconds
+        least = max(1, min_steps // 10) if masked else min_steps
         run_dir = out_dir / family
         run_dir.mkdir(parents=True, exist_ok=True)
-        lr = DEMO_LEARNING_RATES.get(preset, DEMO_LEARNING_RATES["small"])[family]
+        lr = DEMO_LEARNING_RATES.get(preset, DEMO_LEARNING_RATES["small"]).get(
+            family, DEMO_DEFAULT_LR
+        )
         steps, elapsed, loss = train_model(
             model,
             stream,
@@ -119,7 +123,7 @@ def run_foundation_demo(
             "seconds": round(elapsed, 1),
             "train_loss": loss,
             **{k: report[k] for k in ("tokens", "ppl", "ppl_kind", "bits_per_byte")},
-            **({"mlm_accuracy": report["mlm_accuracy"]} if family == "bert" else {}),
+            **({"mlm_accuracy": report["mlm_accuracy"]} if masked else {}),
         }
         save_checkpoint(
             run_dir / "model",
@@ -179,7 +183,7 @@ def train_model(
     seconds, min_steps, max_steps = budget
     family = model.family
     generator = torch.Generator().manual_seed(seed)
-    batches = _batches(family, stream, batch_size, seq_len, model.config.vocab_size, generator)
+    batches = _batches(model, stream, batch_size, seq_len, generator)
     optimizer = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=0.01)
     model.train()
     state, smoothed, step = None, float("nan"), 0
@@ -199,16 +203,16 @@ def train_model(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = next(batches)
-            if family == "bert":
+            if model.objective == "mlm":
                 loss = model(batch[0], mlm_labels=batch[1]).loss
-            elif family in ("rnn", "lstm"):
+            elif model.recurrent:
                 out = model(batch[0], targets=batch[1], state=state)
                 loss, state = out.loss, detach_state(out.state)  # truncated BPTT
             else:
                 loss = model(batch[0], targets=batch[1]).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), DEMO_CLIP_NORM[family])
+            torch.nn.utils.clip_grad_norm_(model.parameters(), DEMO_CLIP_NORM.get(family, 1.0))
             optimizer.step()
             step += 1
             value = loss.item()
@@ -238,16 +242,15 @@ def learning_rate(peak: float, step: int, done: float) -> float:
     return Schedule(peak, peak / 10, WARMUP_STEPS, total=0).at(step, progress=done)
 
 
-def _batches(
-    family: str, stream: Any, batch_size: int, seq_len: int, vocab_size: int, generator: Any
-):
-    """Endless training batches: (inputs, targets) or, for bert, (masked ids, mlm labels)."""
+def _batches(model: Any, stream: Any, batch_size: int, seq_len: int, generator: Any):
+    """Endless training batches: (inputs, targets) or, for a masked LM, (masked ids, mlm
+    labels); a recurrent model reads B parallel streams in order, the others random windows."""
     import torch
 
     from nlm.objectives import mask_tokens
     from nlm.tokenizers.base import CLS_ID, SEP_ID
 
-    if family in ("rnn", "lstm"):
+    if model.recurrent:
         # B parallel streams read left to right, so the carried state follows the text.
         width = (len(stream) - 1) // batch_size
         data = stream[: width * batch_size + 1]
@@ -256,15 +259,16 @@ def _batches(
         while True:
             for t in range(0, width - 1, seq_len):
                 yield x[:, t : t + seq_len], y[:, t : t + seq_len]
-    body = seq_len - 2 if family == "bert" else seq_len
+    masked = model.objective == "mlm"
+    body = seq_len - 2 if masked else seq_len
     while True:
         starts = torch.randint(len(stream) - body - 1, (batch_size,), generator=generator)
-        if family == "bert":
+        if masked:
             rows = [
                 torch.cat([torch.tensor([CLS_ID]), stream[s : s + body], torch.tensor([SEP_ID])])
                 for s in starts
             ]
-            yield mask_tokens(torch.stack(rows), vocab_size, generator=generator)
+            yield mask_tokens(torch.stack(rows), model.config.vocab_size, generator=generator)
         else:
             yield (
                 torch.stack([stream[s : s + body] for s in starts]),
