@@ -99,6 +99,7 @@ def choice_jobs(
     seed: int | None,
     logprobs: int | None,
     stop: Sequence[str],
+    stop_at_eos: bool = True,
 ) -> list[ChoiceJob]:
     """The `n` choices of one prompt. Choice i samples with seed + i (so a seeded request is
     reproducible and its choices differ); without a seed each draws its own.
@@ -135,7 +136,7 @@ def choice_jobs(
                 top_k=top_k,
                 top_p=None if top_p is None or top_p >= 1.0 else top_p,
                 seed=own % 2**63,
-                stop_at_eos=True,
+                stop_at_eos=stop_at_eos,
                 prompt_ids=list(prompt_ids),
                 top_logprobs=logprobs or 0,
                 stop=tuple(s for s in stop if s),

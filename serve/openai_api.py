@@ -122,6 +122,7 @@ class CompletionRequest(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
+    ignore_eos: bool = Field(False, description="vLLM extension: go on past </s>")
     # Defined by OpenAI, honoured only at their neutral values (a 400 names the field otherwise).
     best_of: int | None = None
     suffix: str | None = None
@@ -170,7 +171,9 @@ def _first_error(exc: ValidationError) -> OpenAIError:
         param = message.split(":", 1)[0]
     if err.get("type") == "extra_forbidden":
         message = "unknown field (not part of this API)"
-    where = ".".join(loc) or (param or "body")
+    # Union members add their type names to `loc`; the field and list indices are what count.
+    where = (loc[0] + "".join(f"[{p}]" for p in loc[1:] if p.isdigit())) if loc else None
+    where = where or param or "body"
     return OpenAIError(400, f"field '{where}': {message}", "invalid_request", param)
 
 

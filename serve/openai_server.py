@@ -179,6 +179,7 @@ class OpenAIServing:
                     body.get("seed"),
                     logprobs,
                     stop,
+                    stop_at_eos=not body.get("ignore_eos", False),
                 )
             )
         return prompts, jobs
