@@ -351,6 +351,7 @@ class ModelServer(OpenAIServing):
             self.joining = [(job, f) for job, f in self.joining if not f.done()]
             staying = len(generation) - len(gone)
             n = self.engine.admissible(staying, [job for job, _ in self.joining])
+            n = self._admission_cap(staying, n)  # batching off: one row at a time
             admitted, self.joining = self.joining[:n], self.joining[n:]
             keys = list(range(self.next_key, self.next_key + n))
             self.next_key += n

@@ -99,6 +99,13 @@ class OpenAIServing:
         self.engine.continuous_generation()  # raises for a family that does not generate
         return StreamingGeneration(self.engine.model)
 
+    def _admission_cap(self, running: int, admissible: int) -> int:
+        """With batching off (max_batch_size 1) a row joins only an empty generation, so
+        streamed completions run one at a time like everything else then."""
+        if self.max_batch_size > 1:
+            return admissible
+        return min(admissible, 1) if running == 0 else 0
+
     def _stepped(self, generation: StreamingGeneration, done: list[tuple[Any, Any]]) -> None:
         """After a decode step: progress to every streaming row, alternatives to finished ones."""
         rows = len(generation) + len(done)

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible API with the clients people use: the `openai` Python client and
+"""The OpenAI-compatible API (and the playground page) with the clients people use: the `openai` Python client and
 EleutherAI's lm-evaluation-harness (`local-completions`) against a real `nlm serve` (Ray Serve
 on 127.0.0.1, tiny checkpoints of gpt, lstm and bert, a bearer token set).
 
@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -31,6 +32,7 @@ TOKEN = "openai-test-token"
 START_TIMEOUT_S = 300
 MODELS = ("gpt", "lstm", "bert")
 LM_EVAL_DIR = Path(__file__).resolve().parent / "lm_eval"
+MIN_CHUNKS = 20  # the playground test: chunks streamed into the page at least
 
 
 @pytest.fixture(scope="module")
@@ -437,3 +439,64 @@ def test_lm_eval_perplexity_matches_nlm_eval(server, tmp_path):
     assert metrics["byte_perplexity,none"] == pytest.approx(
         math.exp(-total_logprob / nbytes), rel=0.005
     )
+
+
+# ---------------------------------------------------------------- the playground page
+# A real headless browser: Debian's chromium driven by selenium through chromium-driver (the
+# Makefile installs both when missing).
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.mark.skipif(
+    shutil.which("chromedriver") is None or shutil.which("chromium") is None,
+    reason="needs chromium and chromium-driver: apt-get install -y chromium chromium-driver",
+)
+def test_playground_streams_a_completion(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    browser.get(f"{server.url}/?token={TOKEN}")
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
+    options = [
+        o.get_attribute("value") for o in Select(browser.find_element(By.ID, "model")).options
+    ]
+    assert set(options) == {"gpt", "lstm", "bert"}
+    Select(browser.find_element(By.ID, "model")).select_by_value("lstm")
+    browser.find_element(By.ID, "prompt").clear()
+    browser.find_element(By.ID, "prompt").send_keys("The lobster")
+    for field, value in (("max_tokens", "200"), ("seed", "4")):
+        browser.find_element(By.ID, field).clear()
+        browser.find_element(By.ID, field).send_keys(value)
+    browser.find_element(By.ID, "complete").click()
+    output = browser.find_element(By.ID, "output")
+    seen = []  # chunk counts observed while the stream runs
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        chunks = int(output.get_attribute("data-chunks") or 0)
+        seen.append(chunks)
+        status = browser.find_element(By.ID, "status").text
+        if status.startswith("finished") or status == "done":
+            break
+        time.sleep(0.05)
+    assert browser.find_element(By.ID, "error").text == ""
+    final = int(output.get_attribute("data-chunks") or 0)
+    assert final >= MIN_CHUNKS, final
+    assert len(output.text.split()) >= MIN_CHUNKS // 2
+    # Tokens appeared over time: the page showed partial counts before the last one.
+    assert any(0 < c < final for c in seen), seen[-10:]
