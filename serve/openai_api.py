@@ -147,7 +147,7 @@ class CompletionRequest(_Body):
 class EmbeddingRequest(_Body):
     model: str = Field(min_length=1, max_length=128)
     input: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)]
-    encoding_format: Literal["float"] = "float"
+    encoding_format: Literal["float", "base64"] = "float"  # base64: little-endian float32
     user: str | None = Field(None, max_length=256)
 
 

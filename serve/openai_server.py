@@ -19,6 +19,8 @@ the rest of ModelServer does, and the gateway (serve/openai_api.py) turns them i
 from __future__ import annotations
 
 import asyncio
+import base64
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -365,7 +367,7 @@ class OpenAIServing:
         return {
             "object": "list",
             "data": [
-                {"object": "embedding", "index": i, "embedding": v}
+                {"object": "embedding", "index": i, "embedding": _encode(v, body)}
                 for i, v in enumerate(answer["results"])
             ],
             "model": body.get("model_name") or self.name,
@@ -402,6 +404,14 @@ class OpenAIServing:
             )
         # Special tokens stay in the text: it must encode back to the same ids.
         return {"prompt": self.engine.tokenizer.decode(ids, skip_special=False)}
+
+
+def _encode(vector: list[float], body: dict[str, Any]) -> list[float] | str:
+    """OpenAI's `encoding_format`: a list of floats, or base64 of little-endian float32s (what
+    the openai client asks for by default)."""
+    if body.get("encoding_format") == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+    return vector
 
 
 def _top(tok: Any, alts: list[tuple[int, float]]) -> dict[str, float] | None:

@@ -99,6 +99,9 @@ class EndpointStats(BaseModel):
     largest_step: int | None = Field(
         None, description="generate: most sequences decoded together in one step"
     )
+    cancelled: int | None = Field(
+        None, description="generate: streamed rows dropped because their client went away"
+    )
 
 
 class ReplicaInfo(BaseModel):

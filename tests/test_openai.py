@@ -27,6 +27,8 @@ import pytest
 from test_inference import build_tiny_checkpoints
 from test_serve import REPO, Server, free_port, stop
 
+from nlm.tokenizers.base import EOS_ID
+
 pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`")
 TOKEN = "openai-test-token"
 START_TIMEOUT_S = 300
@@ -286,8 +288,11 @@ def test_embeddings(client):
     answer = client.embeddings.create(model="bert", input=["one text", "another"])
     assert [d.index for d in answer.data] == [0, 1]
     assert len(answer.data[0].embedding) == 32 and answer.usage.prompt_tokens > 0
-    single = client.embeddings.create(model="gpt", input="one text")
-    assert len(single.data) == 1
+    single = client.embeddings.create(model="gpt", input="one text", encoding_format="float")
+    assert len(single.data) == 1 and len(single.data[0].embedding) == 32
+    # The client asks for base64 by default: the same vector either way.
+    floats = client.embeddings.create(model="bert", input="one text", encoding_format="float")
+    assert floats.data[0].embedding == pytest.approx(answer.data[0].embedding, abs=1e-6)
 
 
 def test_tokenizer_endpoints(http):
@@ -296,7 +301,7 @@ def test_tokenizer_endpoints(http):
     ids = http.post(
         "/models/gpt/tokenize", json={"prompt": "the lobster </s>", "add_special_tokens": False}
     ).json()["tokens"]
-    assert ids[-1] == 2
+    assert ids[-1] == EOS_ID
     back = http.post("/models/gpt/detokenize", json={"tokens": ids}).json()["prompt"]
     assert http.post("/models/gpt/tokenize", json={"prompt": back}).json()["tokens"] == ids
     # Several models: the unprefixed route wants a model.
