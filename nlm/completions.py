@@ -49,12 +49,14 @@ class ChoiceJob(GenerationJob):
     """
 
     prompt_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: bool = False  # the answer lists log-probs (then also the </s> that ends it)
     top_logprobs: int = 0  # alternatives per generated position (0: none)
     stop: tuple[str, ...] = ()
     sink: Any = None  # serving: where each step's progress goes (an asyncio.Queue)
     queued_at: float = 0.0  # serving: when the row was queued to join (time.monotonic)
     admitted_at: float | None = None  # when it joined the decode batch
     final_alternatives: list[Alternatives] = dataclasses.field(default_factory=list)
+    final_eos: tuple[float, Alternatives] | None = None
 
 
 def encode_prompt(engine: Engine, prompt: str | list[int], field: str = "prompt") -> list[int]:
@@ -65,6 +67,12 @@ def encode_prompt(engine: Engine, prompt: str | list[int], field: str = "prompt"
     Raises RequestError (400 input_too_long / empty_input / invalid_token) naming `field`.
     """
     if isinstance(prompt, str):
+        if len(prompt) > 64 * engine.max_text_tokens + 1024:  # refused before tokenizing it
+            raise RequestError(
+                "input_too_long",
+                f"field '{field}': input too long ({len(prompt)} characters; this model takes "
+                f"at most {engine.max_text_tokens} tokens)",
+            )
         ids = engine.tokenizer.encode(prompt) if prompt.strip() else []
         if not ids:
             raise RequestError("empty_input", f"field '{field}': empty prompt")
@@ -138,6 +146,7 @@ def choice_jobs(
                 seed=own % 2**63,
                 stop_at_eos=stop_at_eos,
                 prompt_ids=list(prompt_ids),
+                logprobs=logprobs is not None,
                 top_logprobs=logprobs or 0,
                 stop=tuple(s for s in stop if s),
             )
@@ -184,6 +193,9 @@ class StreamingGeneration(ContinuousGeneration):
     def __init__(self, model: Any) -> None:
         super().__init__(model)
         self.alternatives: dict[Any, list[Alternatives]] = {}
+        # Rows that ended at </s>: its log-prob and alternatives (OpenAI-style logprobs list
+        # the end token, as vLLM's do; lm-evaluation-harness counts on one token after echo).
+        self.ended_at_eos: dict[Any, tuple[float, Alternatives]] = {}
 
     def add(self, jobs: Sequence[GenerationJob], keys: Sequence[Any] | None = None) -> None:
         super().add(jobs, keys)
@@ -198,29 +210,36 @@ class StreamingGeneration(ContinuousGeneration):
             self.alternatives.pop(key, None)
 
     def step(self) -> list[tuple[Any, Generated]]:
-        wanted = [(i, r) for i, r in enumerate(self.rows) if getattr(r.job, "top_logprobs", 0)]
+        wanted = [(i, r) for i, r in enumerate(self.rows) if getattr(r.job, "logprobs", False)]
         before = {r.key: len(r.new_ids) for r in self.rows}
-        pending: dict[Any, Alternatives] = {}
+        pending: dict[Any, tuple[float, Alternatives]] = {}
         if wanted:
             index = torch.tensor([i for i, _ in wanted])
+            logits = self.logits[index].float()
+            eos = (logits[:, EOS_ID] - torch.logsumexp(logits, dim=-1)).tolist()
             k = max(r.job.top_logprobs for _, r in wanted)
-            for (_, row), alts in zip(wanted, alternatives(self.logits[index], k), strict=True):
-                pending[row.key] = alts[: row.job.top_logprobs]
+            alts = alternatives(logits, k) if k else [[] for _ in wanted]
+            for (_, row), lp, top in zip(wanted, eos, alts, strict=True):
+                pending[row.key] = (lp, top[: row.job.top_logprobs])
         finished = super().step()
         grown = {r.key: len(r.new_ids) for r in self.rows}
         grown.update({key: len(result[0]) for key, result in finished})
-        for key, alts in pending.items():
-            if grown.get(key, 0) > before.get(key, 0):  # an </s> that ended the row adds nothing
+        ended = {key for key, result in finished if result[2]}
+        for key, (eos_lp, alts) in pending.items():
+            if grown.get(key, 0) > before.get(key, 0):
                 self.alternatives.setdefault(key, []).append(alts)
+            elif key in ended:  # </s> ended the row: not returned, but its log-prob is kept
+                self.ended_at_eos[key] = (eos_lp, alts)
         return finished
 
     def progress(self) -> dict[Any, tuple[list[int], list[float]]]:
         """Key -> (new ids, their log-probs) of every row still running."""
         return {r.key: (r.new_ids, r.logprobs) for r in self.rows}
 
-    def forget(self, key: Any) -> list[Alternatives]:
-        """A finished or dropped row's alternatives (and no longer keep them)."""
-        return self.alternatives.pop(key, [])
+    def forget(self, key: Any) -> tuple[list[Alternatives], tuple[float, Alternatives] | None]:
+        """A finished row's alternatives and, when </s> ended it, that token's (log-prob,
+        alternatives); neither is kept any longer."""
+        return self.alternatives.pop(key, []), self.ended_at_eos.pop(key, None)
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> int | None:

@@ -115,9 +115,9 @@ class OpenAIServing:
         self.m_tokens.inc(rows)
         self.m_running.set(len(generation))
         for key, job in done:
-            alts = generation.forget(key)
+            alts, eos = generation.forget(key)
             if isinstance(job, ChoiceJob):
-                job.final_alternatives = alts
+                job.final_alternatives, job.final_eos = alts, eos
         progress = generation.progress()
         for key, (job, _) in self.running.items():
             if isinstance(job, ChoiceJob) and job.sink is not None and key in progress:
@@ -287,7 +287,10 @@ class OpenAIServing:
                         raise exc
                     answer = future.result()
                     ids, lps = answer["token_ids"], answer["logprobs"]
-                    alts = getattr(job, "final_alternatives", [])
+                    alts = job.final_alternatives
+                    if job.final_eos is not None:  # the </s> that ended it: logprobs list it
+                        ids, lps = [*ids, EOS_ID], [*lps, job.final_eos[0]]
+                        alts = [*alts, job.final_eos[1]]
                     final = True
                     finish = "stop" if answer["finish_reason"] == "end_of_document" else "length"
                 if ids and first_at[c] is None:

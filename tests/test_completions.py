@@ -32,7 +32,7 @@ def run(engine: Engine, jobs: list) -> tuple[dict, StreamingGeneration, list[dic
     results, snapshots = {}, []
     while generation:
         for key, result in generation.step():
-            results[key] = (result, generation.forget(key))
+            results[key] = (result, generation.forget(key)[0])
         snapshots.append({k: list(v[0]) for k, v in generation.progress().items()})
     return results, generation, snapshots
 
