@@ -11,7 +11,7 @@ else ifneq ($(wildcard ../shared/data),)
 export NLM_DATA_MIRROR := $(abspath ../shared/data)
 endif
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test lint format bench clean browser
 
 $(BIN)/nlm: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
@@ -26,10 +26,21 @@ $(BIN)/nlm: pyproject.toml
 demo: $(BIN)/nlm
 	$(BIN)/nlm demo
 
-test: $(BIN)/nlm
+test: $(BIN)/nlm browser
 	$(BIN)/ruff check nlm cluster serve jobs tests scripts
 	$(BIN)/python scripts/lint_imports.py
 	$(BIN)/python -m pytest tests
+
+# The playground test drives a real headless chromium (tests/test_openai.py). CI runs as root on
+# Debian: install it there; elsewhere say what to install (the test is skipped without it).
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && apt-get install -y -q chromium chromium-driver; \
+	  else \
+	    echo "note: install chromium and chromium-driver (sudo apt-get install -y chromium chromium-driver) to run the playground test"; \
+	  fi; \
+	fi
 
 lint: $(BIN)/nlm
 	$(BIN)/ruff check nlm cluster serve jobs tests scripts

@@ -16,7 +16,6 @@ can produce a 500. When NLM_API_TOKEN is set, every /v1/ endpoint wants
 
 # No `from __future__ import annotations` here: Serve's class-based FastAPI ingress needs the
 # route annotations as real types to see request bodies.
-import asyncio
 import dataclasses
 import hmac
 import logging
@@ -49,6 +48,7 @@ from nlm.serve.deployments import (
     ModelServer,
     endpoint_method,
 )
+from nlm.serve.openai_api import OpenAIRoutes, openai_error, openai_paths, router
 from nlm.serve.schemas import (
     ERROR_RESPONSES,
     EmbedRequest,
@@ -60,7 +60,6 @@ from nlm.serve.schemas import (
     GenerateRequest,
     GenerateResponse,
     Health,
-    ModelsResponse,
     NeighborsRequest,
     NeighborsResponse,
     ScoreBatchResponse,
@@ -81,7 +80,7 @@ from nlm.serve.tasks import (
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "NLM_API_TOKEN"
-OPEN_PATHS = ("/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+OPEN_PATHS = ("/", "/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
 
 # ---------------------------------------------------------------- the application's arguments
 
@@ -222,11 +221,10 @@ async def _authorize(request: Request, call_next: Any) -> Any:
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             given.strip().encode(), token.encode()
         ):
-            return error_response(
-                401,
-                "unauthorized",
-                f"missing or wrong bearer token ({TOKEN_ENV} is set on the server)",
-            )
+            message = f"missing or wrong bearer token ({TOKEN_ENV} is set on the server)"
+            if openai_paths(request.url.path):
+                return openai_error(401, message, "invalid_api_key")
+            return error_response(401, "unauthorized", message)
     return await call_next(request)
 
 
@@ -235,13 +233,16 @@ async def _authorize(request: Request, call_next: Any) -> Any:
 # defined above this point.
 
 
+api.include_router(router)  # the OpenAI-compatible routes and the playground (openai_api.py)
+
+
 def _count(inputs: str | list[str]) -> int:
     return 1 if isinstance(inputs, str) else len(inputs)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=512)
 @serve.ingress(api)
-class Gateway:
+class Gateway(OpenAIRoutes):
     def __init__(
         self,
         models: dict[str, DeploymentHandle],
@@ -323,23 +324,6 @@ class Gateway:
     @api.get("/healthz", response_model=Health)
     async def healthz(self) -> dict[str, Any]:
         return {"status": "ok", "models": len(self.models)}
-
-    @api.get(
-        "/v1/models", response_model=ModelsResponse, responses=ERROR_RESPONSES, dependencies=SECURED
-    )
-    async def list_models(self) -> dict[str, Any]:
-        try:
-            infos = await asyncio.gather(*(h.info.remote() for h in self.models.values()))
-        except (
-            RayActorError,
-            ReplicaUnavailableError,
-            DeploymentUnavailableError,
-            BackPressureError,
-        ) as exc:
-            raise ApiError(
-                503, "unavailable", f"a model is restarting, retry: {type(exc).__name__}"
-            ) from None
-        return {"models": list(infos)}
 
     @api.post(
         "/v1/generate",

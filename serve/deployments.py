@@ -49,6 +49,7 @@ from ray import serve
 
 from nlm.checkpoint import load_checkpoint
 from nlm.inference import ContinuousGeneration, Engine, Limits, RequestError
+from nlm.serve.openai_server import OpenAIServing
 
 DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_BATCH_WAIT_TIMEOUT_S = 0.01
@@ -87,7 +88,7 @@ def as_list(value: str | list[str]) -> list[str]:
     health_check_period_s=5,
     health_check_timeout_s=30,
 )
-class ModelServer:
+class ModelServer(OpenAIServing):
     def __init__(
         self,
         name: str,
@@ -128,6 +129,7 @@ class ModelServer:
         self.generation_task: asyncio.Task | None = None
         if "generate" in self.stats:
             self.stats["generate"].update(steps=0, largest_step=0)
+        self._init_openai()  # /v1/completions, metrics (serve/openai_server.py)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """user_config: {max_batch_size, batch_wait_timeout_s}; max_batch_size 1 = no batching."""
@@ -340,7 +342,7 @@ class ModelServer:
             raise
 
     async def _step_generation(self) -> None:
-        generation = self.engine.continuous_generation()
+        generation = self._new_generation()
         stats = self.stats["generate"]
         while self.joining or generation:
             gone = {key for key, (_, f) in self.running.items() if f.done()}
@@ -349,6 +351,7 @@ class ModelServer:
             self.joining = [(job, f) for job, f in self.joining if not f.done()]
             staying = len(generation) - len(gone)
             n = self.engine.admissible(staying, [job for job, _ in self.joining])
+            n = self._admission_cap(staying, n)  # batching off: one row at a time
             admitted, self.joining = self.joining[:n], self.joining[n:]
             keys = list(range(self.next_key, self.next_key + n))
             self.next_key += n
@@ -365,12 +368,15 @@ class ModelServer:
             except Exception as exc:  # noqa: BLE001 - every running request must hear of it
                 _fail(self.running.values(), exc)
                 self.running.clear()
-                generation = self.engine.continuous_generation()
+                generation = self._new_generation()
                 continue
+            done = []
             for key, result in finished:
                 job, future = self.running.pop(key)
+                done.append((key, job))
                 if not future.done():
                     future.set_result(self.engine.generation_answer(job, result))
+            self._stepped(generation, done)  # streaming rows' progress, metrics
 
     @_batched
     async def _score_batch(self, requests: list[list[Any]]) -> list[list[Any]]:

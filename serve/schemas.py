@@ -102,6 +102,9 @@ class EndpointStats(BaseModel):
     largest_step: int | None = Field(
         None, description="generate: most sequences decoded together in one step"
     )
+    cancelled: int | None = Field(
+        None, description="generate: streamed rows dropped because their client went away"
+    )
 
 
 class ReplicaInfo(BaseModel):
@@ -138,8 +141,20 @@ class ModelInfo(BaseModel):
     )
 
 
+class ModelEntry(ModelInfo):
+    """One entry of GET /v1/models: OpenAI's fields, then nlm's metadata."""
+
+    id: str = Field(description="the model's name (what requests send as 'model')")
+    object: Literal["model"]
+    created: int = Field(description="unix time the gateway started")
+    owned_by: str
+
+
 class ModelsResponse(BaseModel):
-    models: list[ModelInfo]
+    """OpenAI's model list (`client.models.list()` reads it)."""
+
+    object: Literal["list"]
+    data: list[ModelEntry]
 
 
 class Generation(BaseModel):

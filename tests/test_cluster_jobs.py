@@ -191,7 +191,7 @@ def test_serve_config_file_deploys_with_serve_deploy(two_nodes, tmp_path: Path, 
             time.sleep(2)
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30)
         assert models.status_code == 200, status + models.text
-        (info,) = models.json()["models"]
+        (info,) = models.json()["data"]
         assert info["name"] == "lm" and info["replica"]["max_batch_size"] == 32
         answer = httpx.post(
             f"http://127.0.0.1:{port}/v1/generate",
@@ -219,7 +219,7 @@ def test_deploy_job_leaves_the_application_serving(two_nodes, tmp_path: Path, da
     # The job has ended; the application keeps answering on the head's loopback.
     models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30)
     assert models.status_code == 200, models.text
-    assert [m["name"] for m in models.json()["models"]] == ["lm"]
+    assert [m["name"] for m in models.json()["data"]] == ["lm"]
     score = httpx.post(
         f"http://127.0.0.1:{port}/v1/score", json={"model": "lm", "text": "the game"}, timeout=60
     )

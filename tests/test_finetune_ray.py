@@ -205,7 +205,7 @@ def test_serving_answers_classify_and_tag(runs):
             assert filled.status_code == 200, filled.text
             both = client.post("/v1/tag", json={"model": "seg", "text": "a", "tokens": ["a"]})
             assert both.status_code == 422
-            models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+            models = {m["name"]: m for m in client.get("/v1/models").json()["data"]}
             assert models["seg"]["endpoints"] == ["tag"] and models["src"]["endpoints"] == [
                 "classify"
             ]

@@ -10,7 +10,10 @@ Three servers, each its own process on 127.0.0.1, all started first and stopped 
                a user would write instead, with the same nlm.inference code per request,
 this process (a second one) drives /v1/generate (64 new tokens, no early stop, so every request
 does the same work) and /v1/score with N concurrent clients, each sending its requests one after
-another, and records requests/s, tokens/s and p50/p99 latency. Results go to OUT/results.json,
+another, and records requests/s, tokens/s and p50/p99 latency. `--endpoints stream` drives
+/v1/completions with `stream: true` (the plain server streams the same way: one SSE chunk per
+decoded token) and records time to first token (TTFT, p50/p99) and time per output token (TPOT:
+the time from the first token to the last over the tokens after the first, p50/p99). Results go to OUT/results.json,
 OUT/results.md and OUT/serve-bench.png (latency against throughput). Only numbers measured in
 this run are reported; ratios are against this run's baselines.
 """
@@ -52,7 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--preset", default="small", help="gpt preset when building (default small)"
     )
     parser.add_argument("--clients", default="1,8,32,128", help="concurrency levels")
-    parser.add_argument("--endpoints", default="generate,score", help="generate and/or score")
+    parser.add_argument(
+        "--endpoints", default="generate,score", help="generate, score and/or stream"
+    )
     parser.add_argument("--servers", default=",".join(SERVERS), help="which servers to measure")
     parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per generation")
     parser.add_argument(
@@ -72,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
     clients = _ints(args.clients, "--clients")
     endpoints = [e for e in args.endpoints.split(",") if e]
     servers = [s for s in args.servers.split(",") if s]
-    if bad := sorted(set(endpoints) - {"generate", "score"}):
-        raise NLMError(f"--endpoints: unknown {bad} (known: generate, score)")
+    if bad := sorted(set(endpoints) - {"generate", "score", "stream"}):
+        raise NLMError(f"--endpoints: unknown {bad} (known: generate, score, stream)")
     if bad := sorted(set(servers) - set(SERVERS)):
         raise NLMError(f"--servers: unknown {bad} (known: {', '.join(SERVERS)})")
     out = Path(args.out)
@@ -218,6 +223,8 @@ async def drive(
     """`clients` concurrent clients, each sending `per_client` requests in a row."""
     import httpx
 
+    if endpoint == "stream":
+        return await drive_stream(url, clients, per_client, max_tokens)
     if endpoint == "generate":
         body = {"model": "model", "prompt": PROMPT, "max_tokens": max_tokens, "stop_at_eos": False}
     else:
@@ -260,6 +267,71 @@ async def drive(
     }
 
 
+async def drive_stream(url: str, clients: int, per_client: int, max_tokens: int) -> dict[str, Any]:
+    """Streamed completions: TTFT and TPOT per request (see the module docstring)."""
+    import httpx
+
+    body = {
+        "model": "model",
+        "prompt": PROMPT,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    ttfts: list[float] = []
+    tpots: list[float] = []
+    tokens = errors = 0
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+
+        async def client(c: int) -> None:
+            nonlocal tokens, errors
+            for i in range(per_client):
+                start = time.perf_counter()
+                first = last = None
+                count = 0
+                payload = {**body, "seed": 1000 * c + i}
+                async with http.stream("POST", "/v1/completions", json=payload) as response:
+                    if response.status_code != 200:
+                        errors += 1
+                        await response.aread()
+                        continue
+                    async for line in response.aiter_lines():
+                        if not line.startswith("data: {"):
+                            continue
+                        if '"choices":[]' in line:  # the usage chunk
+                            continue
+                        last = time.perf_counter()
+                        first = first or last
+                        count += 1
+                if first is None:
+                    errors += 1
+                    continue
+                tokens += count
+                ttfts.append(first - start)
+                if count > 1:
+                    tpots.append((last - first) / (count - 1))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client(c) for c in range(clients)))
+        wall = time.perf_counter() - start
+    ttfts.sort()
+    tpots.sort()
+    done = len(ttfts)
+    return {
+        "requests": done,
+        "errors": errors,
+        "wall_s": wall,
+        "requests_per_s": done / wall,
+        "tokens_per_s": tokens / wall,
+        "p50_ms": 1000 * _quantile(ttfts, 0.50),  # stream rows: latency = TTFT
+        "p99_ms": 1000 * _quantile(ttfts, 0.99),
+        "tpot_p50_ms": 1000 * _quantile(tpots, 0.50) if tpots else float("nan"),
+        "tpot_p99_ms": 1000 * _quantile(tpots, 0.99) if tpots else float("nan"),
+    }
+
+
 def _seed(endpoint: str, client: int, i: int) -> dict[str, int]:
     return {"seed": 1000 * client + i} if endpoint == "generate" else {}
 
@@ -292,6 +364,19 @@ def markdown(results: list[dict[str, Any]]) -> str:
             f"{r['tokens_per_s']:.0f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
             f"{r['p99_ms'] / r['p50_ms']:.2f} | {r['errors']} | {r['load']:.1f} |"
         )
+    streamed = [r for r in results if r["endpoint"] == "stream"]
+    if streamed:
+        lines += ["", "Streaming (/v1/completions, stream: true): TTFT and TPOT", ""]
+        lines += [
+            "| server | clients | output tokens/s | TTFT p50 ms | TTFT p99 ms | p99/p50 | TPOT p50 ms | TPOT p99 ms |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in streamed:
+            lines.append(
+                f"| {r['server']} | {r['clients']} | {r['tokens_per_s']:.0f} | {r['p50_ms']:.1f} | "
+                f"{r['p99_ms']:.1f} | {r['p99_ms'] / r['p50_ms']:.2f} | {r['tpot_p50_ms']:.1f} | "
+                f"{r['tpot_p99_ms']:.1f} |"
+            )
     lines += ["", "Ratios of batched throughput (same endpoint and clients, this run):", ""]
     lines += [
         "| endpoint | clients | batched / unbatched | batched / plain |",
@@ -356,10 +441,10 @@ def plain_app(checkpoint: str, threads: int) -> Any:
     per worker thread (FastAPI runs `def` endpoints in its thread pool)."""
     import torch
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, StreamingResponse
 
     from nlm.checkpoint import load_checkpoint
-    from nlm.inference import Engine, RequestError
+    from nlm.inference import ContinuousGeneration, Engine, RequestError
 
     torch.set_num_threads(threads)
     engine = Engine(load_checkpoint(checkpoint))
@@ -384,6 +469,39 @@ def plain_app(checkpoint: str, threads: int) -> Any:
         except RequestError as exc:
             return JSONResponse({"error": {"code": exc.code, "message": str(exc)}}, exc.status)
         return {"model": body.model, **engine.generate([job])[0]}
+
+    @app.post("/v1/completions")
+    def completions(body: dict[str, Any]) -> Any:
+        """Streamed completions the plain way: one generation per request, one SSE chunk per
+        decoded token (the `def` runs in FastAPI's thread pool, as the other endpoints)."""
+        try:
+            job = engine.generation_job(
+                body["prompt"],
+                body.get("max_tokens", 16),
+                body.get("temperature", 1.0),
+                None,
+                None,
+                body.get("seed"),
+                not body.get("ignore_eos", False),
+            )
+        except (RequestError, KeyError, TypeError) as exc:
+            return JSONResponse({"error": {"code": "invalid_request", "message": str(exc)}}, 400)
+
+        def events() -> Any:
+            generation = ContinuousGeneration(engine.model)
+            generation.add([job])
+            sent = 0
+            while generation:
+                finished = generation.step()
+                ids = finished[0][1][0] if finished else generation.rows[0].new_ids
+                if len(ids) > sent:
+                    text = engine.tokenizer.decode(ids[sent:], skip_special=True)
+                    sent = len(ids)
+                    choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": None}
+                    yield f"data: {json.dumps({'object': 'text_completion', 'choices': [choice]})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.post("/v1/score")
     def score(body: ScoreRequest) -> Any:

@@ -1,0 +1,108 @@
+"""nlm.completions on tiny checkpoints, without Ray: prompts as text or ids, choices with a
+seed each, alternatives recorded during streaming generation, echo scoring and stop strings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_inference import TEXTS, build_tiny_checkpoints
+
+from nlm.checkpoint import load_checkpoint
+from nlm.completions import (
+    ChoiceText,
+    StreamingGeneration,
+    choice_jobs,
+    continuation_text,
+    encode_prompt,
+    prompt_logprobs,
+)
+from nlm.inference import Engine, RequestError, causal_token_logprobs
+from nlm.tokenizers.base import EOS_ID
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory, data_mirror) -> Engine:
+    paths = build_tiny_checkpoints(tmp_path_factory.mktemp("ckpt"), data_mirror)
+    return Engine(load_checkpoint(paths["gpt"]))
+
+
+def run(engine: Engine, jobs: list) -> tuple[dict, StreamingGeneration, list[dict]]:
+    generation = StreamingGeneration(engine.model)
+    generation.add(jobs, list(range(len(jobs))))
+    results, snapshots = {}, []
+    while generation:
+        for key, result in generation.step():
+            results[key] = (result, generation.forget(key)[0])
+        snapshots.append({k: list(v[0]) for k, v in generation.progress().items()})
+    return results, generation, snapshots
+
+
+def test_prompts_as_text_or_ids(engine):
+    ids = encode_prompt(engine, TEXTS[1])
+    assert ids == engine.tokenizer.encode(TEXTS[1])
+    assert encode_prompt(engine, ids) == ids
+    assert encode_prompt(engine, [EOS_ID, *ids]) == ids  # the boundary is not doubled
+    assert encode_prompt(engine, "</s> " + TEXTS[1]) == ids
+    with pytest.raises(RequestError, match="token id 999999 is outside"):
+        encode_prompt(engine, [1, 999999])
+    with pytest.raises(RequestError, match="empty prompt"):
+        encode_prompt(engine, "   ")
+
+
+def test_choices_seeded_alternatives_and_progress(engine):
+    ids = encode_prompt(engine, TEXTS[0])
+    jobs = choice_jobs(engine, ids, 3, 12, 1.0, None, None, 7, 5, [])
+    assert [j.seed for j in jobs] == [7, 8, 9]
+    results, _, snapshots = run(engine, jobs)
+    again, _, _ = run(engine, choice_jobs(engine, ids, 3, 12, 1.0, None, None, 7, 5, []))
+    for key, ((new_ids, lps, _), alts) in results.items():
+        assert again[key][0][0] == new_ids  # seeded: reproducible
+        assert len(alts) == len(new_ids) and all(len(a) == 5 for a in alts)
+        for token, lp, top in zip(new_ids, lps, alts, strict=True):
+            assert top[0][1] >= lp - 1e-5  # the best alternative is at least as likely
+            found = dict(top).get(token)
+            assert found is None or abs(found - lp) < 1e-4
+    # Progress between steps is a growing prefix of the final answer.
+    for snap in snapshots:
+        for key, got in snap.items():
+            assert results[key][0][0][: len(got)] == got
+
+
+def test_greedy_alternatives_are_the_chosen_token(engine):
+    ids = encode_prompt(engine, TEXTS[2])
+    jobs = choice_jobs(engine, ids, 1, 8, 0.0, None, None, 1, 1, [])
+    results, _, _ = run(engine, jobs)
+    (new_ids, lps, _), alts = results[0]
+    assert [a[0][0] for a in alts] == new_ids
+    assert all(abs(a[0][1] - lp) < 1e-4 for a, lp in zip(alts, lps, strict=True))
+
+
+def test_echo_logprobs_are_the_models_own(engine):
+    prompts = [encode_prompt(engine, t) for t in TEXTS[:3]]
+    scored = prompt_logprobs(engine, prompts, 2)
+    reference = causal_token_logprobs(engine.model, [[EOS_ID, *p] for p in prompts])
+    for (chosen, top), ref, p in zip(scored, reference, prompts, strict=True):
+        assert len(chosen) == len(top) == len(p)
+        assert torch.allclose(torch.tensor(chosen), ref, atol=1e-4)
+        assert all(len(t) == 2 and t[0][1] >= t[1][1] for t in top)
+
+
+def test_stop_strings_cut_and_stream_equals_final(engine):
+    ids = encode_prompt(engine, TEXTS[0])
+    (job,) = choice_jobs(engine, ids, 1, 30, 1.0, None, None, 3, None, [])
+    results, _, _ = run(engine, [job])
+    new_ids = results[0][0][0]
+    full = continuation_text(engine, ids[-8:], new_ids)
+    words = full.split()
+    assert len(words) >= 4
+    stop = " " + words[3]
+    text = ChoiceText(engine, [stop])
+    streamed = "".join(text.update(new_ids[:n], False, ids[-8:]) for n in range(1, len(new_ids)))
+    streamed += text.update(new_ids, True, ids[-8:])
+    assert text.stopped
+    assert streamed == text.text == full[: full.index(stop)]
+    assert stop not in streamed
+    assert continuation_text(engine, ids[-8:], new_ids[: text.tokens]) == text.text
+    plain = ChoiceText(engine, [])
+    pieces = [plain.update(new_ids[:n], False, ids[-8:]) for n in range(1, len(new_ids) + 1)]
+    assert "".join(pieces) + plain.update(new_ids, True, ids[-8:]) == full
