@@ -32,7 +32,7 @@ test: $(BIN)/nlm browser
 	$(BIN)/python -m pytest tests
 
 # The playground test drives a real headless chromium (tests/test_openai.py). CI runs as root on
-# Debian: install it there; elsewhere say what to install (the test is skipped without it).
+# Debian: install it there; elsewhere say what to install (the test fails without it).
 browser:
 	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

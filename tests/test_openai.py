@@ -472,6 +472,10 @@ def browser():
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
+    # `make test` installs them (as root); a run without them fails here rather than skipping.
+    assert shutil.which("chromedriver") and shutil.which("chromium"), (
+        "needs chromium and chromium-driver: apt-get install -y chromium chromium-driver"
+    )
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
@@ -483,10 +487,6 @@ def browser():
         driver.quit()
 
 
-@pytest.mark.skipif(
-    shutil.which("chromedriver") is None or shutil.which("chromium") is None,
-    reason="needs chromium and chromium-driver: apt-get install -y chromium chromium-driver",
-)
 def test_playground_streams_a_completion(server, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
