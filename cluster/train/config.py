@@ -38,6 +38,7 @@ class TrainConfig(Config):
     device: str = "auto"  # auto | cpu | cuda (cuda: one GPU per worker, nccl, bf16)
     zero_stage: int = 1  # DeepSpeed ZeRO stage 0..3
     torch_threads: int = 0  # 0: the node's cores / workers on the node
+    compile: bool = False  # torch.compile the model through DeepSpeed's engine.compile()
 
     # batches: one optimizer step sees micro_batch * grad_accum * workers sequences.
     # rnn/lstm: micro_batch is the number of parallel streams per worker (hidden state carried)

@@ -77,8 +77,15 @@ def effective_warmup(config: TrainConfig) -> int:
     return min(config.warmup_steps, config.max_steps // 5)
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with decay on matrices only (nanoGPT's rule), or plain SGD (the classic RNN recipe)."""
+def make_optimizer(
+    model: torch.nn.Module, config: TrainConfig, fused: bool = False
+) -> torch.optim.Optimizer:
+    """AdamW with decay on matrices only (nanoGPT's rule), or plain SGD (the classic RNN recipe).
+
+    `fused`: PyTorch's fused AdamW kernel (one launch for every tensor; GPU runs), a client
+    optimizer DeepSpeed accepts under zero_allow_untested_optimizer, so its own FusedAdam op
+    is never JIT-built.
+    """
     params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
@@ -88,7 +95,7 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
+    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), fused=fused or None)
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -129,9 +136,11 @@ class Trainer:
         _seed_everything(config.seed + 1000 * (self.rank + 1))
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
-            optimizer=make_optimizer(model, config),
+            optimizer=make_optimizer(model, config, fused=self.device.type == "cuda"),
             config=deepspeed_config(config, self.device.type, self.world_size),
         )
+        if config.compile:
+            self.engine.compile()  # torch.compile of the module's forward/backward
         if self.world_size == 1 and config.zero_stage == 0:
             # One rank has nothing to average: skip DeepSpeed's per-step flatten / all-reduce /
             # unflatten of every gradient (ZeRO 1-3 need that path to fill their partitions).
@@ -696,6 +705,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("usage: python -m nlm.cluster.train.loop CONFIG.yaml (under torchrun)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     os.environ.setdefault("DS_ACCELERATOR", device)
+    # init_distributed builds DeepSpeed's CPU comm op: into nlm's cache, as Trainer does.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_extensions_dir()))
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
