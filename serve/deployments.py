@@ -49,7 +49,7 @@ from ray import serve
 
 from nlm.device import load_for_inference
 from nlm.inference import ContinuousGeneration, Engine, Limits, RequestError
-from nlm.serve.placement import replica_device
+from nlm.serve.placement import replica_placement
 
 DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_BATCH_WAIT_TIMEOUT_S = 0.01
@@ -106,7 +106,7 @@ class ModelServer:
         torch.set_num_threads(torch_threads)
         self.name = name
         # On the replica's GPU when it has one (nlm.serve.placement); checked before loading.
-        checkpoint = load_for_inference(path, replica_device(device), dtype)
+        checkpoint = load_for_inference(path, *replica_placement(device, dtype))
         self.engine = Engine(checkpoint, Limits.from_dict(limits or {}, source="limits"))
         # One worker thread runs every forward pass: the event loop stays free to accept (and
         # batch) requests meanwhile, and two endpoints never fight over the cores.

@@ -34,6 +34,15 @@ def replica_device(device: str) -> str:
     return device
 
 
+def replica_placement(device: str, dtype: str) -> tuple[str, str]:
+    """(device, dtype) a replica loads with: `replica_device`, and under `auto` a replica that
+    got no GPU keeps float32 (nlm.device: bf16 matmuls are slow on most CPUs)."""
+    where = replica_device(device)
+    if device == "auto" and where == "cpu":
+        return where, "float32"
+    return where, dtype
+
+
 def gpus_per_replica(device: str, num_gpus: float | None) -> float:
     """GPUs each model replica asks Ray for: `num_gpus`, or one whole GPU under `cuda`."""
     if num_gpus is None:

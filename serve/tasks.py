@@ -33,7 +33,7 @@ from nlm.finetune.heads import load_task_checkpoint
 from nlm.finetune.predict import Predictor
 from nlm.inference import Limits
 from nlm.serve.deployments import DEFAULT_BATCH_WAIT_TIMEOUT_S, DEFAULT_MAX_BATCH_SIZE, error
-from nlm.serve.placement import replica_device
+from nlm.serve.placement import replica_placement
 
 TASK_ENDPOINTS = {"classify": ("classify",), "tag": ("tag",)}
 TAG_WINDOWS = 4  # a tag input may be this many times max_input_tokens long (it is windowed)
@@ -157,7 +157,7 @@ class TaskServer:
         torch.set_num_threads(torch_threads)
         self.name = name
         # On the replica's GPU when it has one (nlm.serve.placement); checked before loading.
-        where, torch_dtype = check_request(replica_device(device), dtype)
+        where, torch_dtype = check_request(*replica_placement(device, dtype))
         self.checkpoint = load_task_checkpoint(path, device=where)
         place(self.checkpoint.model, where, torch_dtype)
         self.limits = Limits.from_dict(limits or {}, source="limits")

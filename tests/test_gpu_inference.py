@@ -215,3 +215,20 @@ def test_gpu_requests_the_cluster_cannot_place_are_refused():
     for requests, gpus in (([0.25] * 5, 1), ([0.6, 0.6], 1), ([1.0], 0), ([2.0], 1)):
         with pytest.raises(NLMError, match="but the cluster has"):
             check_placeable(requests, gpus)
+
+
+def test_a_replica_without_a_gpu_runs_auto_on_the_cpu_in_float32(ray_local):
+    """What a Serve replica decides, run where Ray decides it: inside a worker Ray gave no GPU."""
+    from nlm.serve.placement import replica_placement
+
+    @ray_local.remote(num_cpus=0.25, num_gpus=0)
+    def decide(device: str, dtype: str):
+        try:
+            return replica_placement(device, dtype)
+        except RuntimeError as exc:
+            return str(exc)
+
+    assert ray_local.get(decide.remote("auto", "bfloat16")) == ("cpu", "float32")
+    assert ray_local.get(decide.remote("cpu", "bfloat16")) == ("cpu", "bfloat16")
+    refused = ray_local.get(decide.remote("cuda", "bfloat16"))
+    assert "given no GPU" in refused and "num_gpus" in refused

@@ -64,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--replica-gpus",
         type=float,
         default=None,
-        help="GPUs per model replica, fractions allowed (default: 1 with --device cuda, else 0)",
+        help="GPUs per model replica, fractions allowed (default: 1 with --device cuda, else 0; "
+        "under --device auto a replica runs on a GPU exactly when it has a share)",
     )
     add_device_arguments(parser)
     limits = parser.add_argument_group("request limits")
