@@ -123,7 +123,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dry-run", action="store_true", help="the same steps on the CPU with tiny sizes (CI)"
     )
-    parser.add_argument("--work", default="runs/gpu-check", help="scratch directory (replaced)")
+    parser.add_argument(
+        "--work",
+        default="runs/gpu-check",
+        help="scratch directory (an earlier check's is replaced)",
+    )
     parser.add_argument("--output", help="also write the JSON summary here")
     parser.add_argument(
         "--budget-s", type=float, default=450.0, help="wall-time budget; later steps are skipped"
@@ -156,12 +160,19 @@ def run(args: argparse.Namespace) -> int:
     unknown = steps - {"agreement", "generate", "train"}
     if unknown:
         raise NLMError(f"--only: unknown step(s) {', '.join(sorted(unknown))}")
+    for flag in ("steps", "micro_batch_gpt", "micro_batch_bert128", "micro_batch_bert512"):
+        if getattr(args, flag) < 1:
+            raise NLMError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
     work = Path(args.work).resolve()
+    marker = work / ".nlm-gpu-check"
+    if work.exists() and any(work.iterdir()) and not marker.exists():
+        raise NLMError(f"--work {work}: not empty and not an earlier check's: choose another")
     if work.exists():
         import shutil
 
-        shutil.rmtree(work)
+        shutil.rmtree(work)  # an earlier check's scratch directory (it has the marker)
     work.mkdir(parents=True)
+    marker.touch()
 
     summary: dict[str, Any] = {
         "check": "nlm bench gpu",
