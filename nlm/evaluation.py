@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from nlm.device import model_device
 from nlm.errors import NLMError
 from nlm.models.base import IGNORE_INDEX, LanguageModel
 from nlm.tokenizers.base import CLS_ID, EOS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, Tokenizer
@@ -101,8 +102,9 @@ def _progress(total: int, desc: str, enabled: bool) -> tqdm:
 
 
 def _nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # fp32 logits (whatever the weights' dtype); targets follow the logits onto their device.
     return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+        logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1).to(logits.device),
         ignore_index=IGNORE_INDEX, reduction="sum",
     )  # fmt: skip
 
@@ -139,7 +141,7 @@ def score_windows(
             x[row, : end - start] = stream[start:end]
             # Only predictions first..end are scored here; earlier ones were scored before.
             y[row, first - 1 - start : end - start] = stream[first : end + 1]
-        total += _nll_sum(model(x).logits, y).item()
+        total += _nll_sum(model(x.to(model_device(model))).logits, y).item()
         count += int((y != IGNORE_INDEX).sum())
         bar.update()
     bar.close()
@@ -169,7 +171,7 @@ def score_recurrent(
     total, count, state = 0.0, 0, None
     bar = _progress(math.ceil(width / seq_len), f"eval {model.family}", progress)
     for t in range(0, width, seq_len):
-        out = model(x[:, t : t + seq_len], state=state)
+        out = model(x[:, t : t + seq_len].to(model_device(model)), state=state)
         state = out.state
         total += _nll_sum(out.logits, y[:, t : t + seq_len]).item()
         count += int((y[:, t : t + seq_len] != IGNORE_INDEX).sum())
@@ -198,9 +200,13 @@ def _masked_logits(
     model: LanguageModel, ids: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor
 ) -> torch.Tensor:
     """(M, V) logits at the M labelled positions, in row-major order."""
-    logits = model(ids, attention_mask=attention, mlm_labels=labels).logits
+    device = model_device(model)
+    logits = model(
+        ids.to(device), attention_mask=attention.to(device), mlm_labels=labels.to(device)
+    ).logits
     # bert computes the vocabulary projection only where there is a label; accept (B, T, V) too.
-    return logits[labels != IGNORE_INDEX] if logits.dim() == 3 else logits
+    logits = logits[labels.to(device) != IGNORE_INDEX] if logits.dim() == 3 else logits
+    return logits.float().cpu()  # (M, V): the masked positions only, scored in fp32
 
 
 @torch.inference_mode()
@@ -332,15 +338,22 @@ def evaluate_documents(
 
 
 def evaluate_file(
-    checkpoint: str | Path, text_path: str | Path, progress: bool = False, **options: Any
+    checkpoint: str | Path,
+    text_path: str | Path,
+    progress: bool = False,
+    device: str = "cpu",
+    dtype: str = "float32",
+    **options: Any,
 ) -> dict[str, Any]:
-    """Load a checkpoint (or run dir) and score a text file with it; see `evaluate_documents`."""
-    from nlm.checkpoint import load_checkpoint
+    """Load a checkpoint (or run dir) onto `device` in `dtype` (nlm.device: checked before
+    loading) and score a text file with it; see `evaluate_documents`."""
+    from nlm.device import check_request, describe, load_for_inference
 
+    check_request(device, dtype)
     documents = read_documents(text_path)
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_for_inference(checkpoint, device, dtype)
     result = evaluate_documents(ckpt.model, ckpt.tokenizer, documents, progress=progress, **options)
-    return {"model": str(checkpoint), **result, "input": str(text_path)}
+    return {"model": str(checkpoint), **result, "input": str(text_path), **describe(ckpt.model)}
 
 
 def metrics_to_record(result: dict[str, Any]) -> dict[str, Any]:

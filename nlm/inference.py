@@ -27,6 +27,7 @@ import torch
 
 from nlm.checkpoint import Checkpoint
 from nlm.config import Config
+from nlm.device import describe, model_device
 from nlm.errors import NLMError
 from nlm.models.base import IncrementalDecoder, LanguageModel
 from nlm.sampling import check_sampling_args, sample_next
@@ -177,7 +178,8 @@ def causal_token_logprobs(
     Right padding: a causal model's outputs at real positions never see the padding after them.
     """
     ids, _ = pad_right(seqs)
-    logits = model(ids).logits.float()
+    ids = ids.to(model_device(model))
+    logits = model(ids).logits.float()  # fp32 before the softmax, whatever the weights' dtype
     out = []
     for row, seq in enumerate(seqs):
         n = len(seq) - 1
@@ -189,7 +191,8 @@ def causal_token_logprobs(
 @torch.inference_mode()
 def bert_logits(model: LanguageModel, seqs: Sequence[Sequence[int]]) -> list[torch.Tensor]:
     """(len(seq), V) MLM logits per sequence; right-padded with an attention mask."""
-    ids, mask = pad_right(seqs)
+    device = model_device(model)
+    ids, mask = (t.to(device) for t in pad_right(seqs))
     logits = model(ids, token_type_ids=torch.zeros_like(ids), attention_mask=mask).logits.float()
     return [logits[row, : len(seq)] for row, seq in enumerate(seqs)]
 
@@ -199,13 +202,14 @@ def pooled_hidden(
     model: LanguageModel, seqs: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]]
 ) -> torch.Tensor:
     """(B, H) mean of the final hidden states over each span [start, end) of its sequence."""
-    ids, mask = pad_right(seqs)
+    device = model_device(model)
+    ids, mask = (t.to(device) for t in pad_right(seqs))
     if model.causal:
         hidden = model(ids).hidden
     else:
         hidden = model(ids, token_type_ids=torch.zeros_like(ids), attention_mask=mask).hidden
     hidden = hidden.float()
-    return torch.stack([hidden[row, a:b].mean(dim=0) for row, (a, b) in enumerate(spans)])
+    return torch.stack([hidden[row, a:b].mean(dim=0) for row, (a, b) in enumerate(spans)]).cpu()
 
 
 def pseudo_log_likelihoods(
@@ -294,7 +298,8 @@ class ContinuousGeneration:
         if not jobs:
             return
         keys = list(range(len(jobs))) if keys is None else list(keys)
-        ids, mask = pad_left([j.ids for j in jobs])
+        device = model_device(self.model)
+        ids, mask = (t.to(device) for t in pad_left([j.ids for j in jobs]))
         steps = max(j.max_new_tokens for j in jobs)
         logits, cache = self.model.prefill(ids, None if bool(mask.all()) else mask, steps)
         if self.rows:
@@ -309,7 +314,8 @@ class ContinuousGeneration:
         """One token for every row -> the (key, result) of each row that finished with it."""
         if not self.rows:
             return []
-        chosen = torch.empty(len(self.rows), dtype=torch.long)
+        device = self.logits.device
+        chosen = torch.empty(len(self.rows), dtype=torch.long, device=device)
         # Grouped by sampling settings: one sample_next call per group, each row's uniform from
         # its own generator.
         groups: dict[tuple, list[int]] = {}
@@ -321,7 +327,7 @@ class ContinuousGeneration:
                 uniforms = torch.cat(
                     [torch.rand(1, generator=self.rows[i].generator) for i in members]
                 )
-            index = torch.tensor(members)
+            index = torch.tensor(members, device=device)
             tokens, lps = sample_next(
                 self.logits[index], temperature, top_k, top_p, uniforms=uniforms
             )
@@ -351,7 +357,7 @@ class ContinuousGeneration:
         if not keep:
             self.logits = self.cache = None
             return
-        index = torch.tensor(keep)
+        index = torch.tensor(keep, device=self.logits.device)
         self.logits = self.logits[index]
         self.cache = self.model.select_cache(self.cache, index)
 
@@ -416,6 +422,7 @@ class Engine:
             "vocab_size": self.tokenizer.vocab_size,
             "tokenizer": self.tokenizer.kind,
             "max_positions": self.max_positions,
+            **describe(self.model),  # device and dtype of the weights
             # Test figures only when a test was scored (`nlm eval --record`); the validation
             # perplexity of training is reported as what it is.
             "test_ppl": _metric(metrics, "test_ppl", "test_perplexity"),

@@ -104,9 +104,15 @@ class Schedule:
         return self.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (self.lr - self.min_lr)
 
 
-def make_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: torch.nn.Module, config: OptimConfig, fused: bool = False
+) -> torch.optim.Optimizer:
     """AdamW with decay on matrices only (nanoGPT's rule: never on biases, norms, embeddings'
-    vectors of rank 1), or plain SGD (the classic RNN recipe). Shared parameters count once."""
+    vectors of rank 1), or plain SGD (the classic RNN recipe). Shared parameters count once.
+
+    `fused`: PyTorch's fused AdamW kernel (one launch for every tensor; GPU runs), a client
+    optimizer DeepSpeed accepts under zero_allow_untested_optimizer, so its own FusedAdam op is
+    never JIT-built."""
     import torch
 
     params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
@@ -120,4 +126,4 @@ def make_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.O
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
+    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), fused=fused or None)

@@ -29,6 +29,7 @@ class ScaleConfig(Config):
     device: str = option("auto", "auto | cpu | cuda (one GPU per worker, nccl, bf16)")
     zero_stage: int = option(1, "DeepSpeed ZeRO stage 0..3")
     torch_threads: int = option(0, "torch threads per worker (0: node cores / workers on the node)")
+    compile: bool = option(False, "torch.compile the model through DeepSpeed's engine.compile()")
 
     def check(self, source: str = "config") -> ScaleConfig:
         self = self.typed(source)

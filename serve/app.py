@@ -49,6 +49,7 @@ from nlm.serve.deployments import (
     endpoint_method,
 )
 from nlm.serve.openai_api import OpenAIRoutes, openai_error, openai_paths, router
+from nlm.serve.placement import check_device_args, gpus_per_replica
 from nlm.serve.schemas import (
     ERROR_RESPONSES,
     EmbedRequest,
@@ -96,6 +97,11 @@ class AppArgs(Config):
     num_cpus: float | None = None  # per model replica; None keeps the deployment's default
     torch_threads: int | None = None  # per model replica; None: the whole CPUs it reserved
     num_replicas: int | None = None  # per model; None: 1, or the config's autoscaling
+    # GPUs (nlm.serve.placement): where models run, in what precision, and each model
+    # replica's GPU share (fractional allowed; None: 1 under cuda, else 0).
+    device: str = "cpu"  # cpu | cuda | auto (a replica's GPU when Ray gave it one)
+    dtype: str = "float32"  # float32 | bfloat16 | float16; logits are upcast for scoring
+    num_gpus: float | None = None
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -108,6 +114,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             f"application args (field 'max_batch_size'): must be an integer >= 1, got {spec.max_batch_size!r}"
         )
     limits = Limits.from_dict(dict(spec.limits), source="application args (field 'limits')")
+    check_device_args(spec.device, spec.dtype)
+    num_gpus = gpus_per_replica(spec.device, spec.num_gpus)
     models = parse_checkpoints(spec.checkpoints)
 
     handles: dict[str, Any] = {}
@@ -125,11 +133,19 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         }
         if spec.num_cpus is not None:
             options["ray_actor_options"] = {"num_cpus": spec.num_cpus}
+        if num_gpus:
+            options["ray_actor_options"] = {**options.get("ray_actor_options", {})}
+            options["ray_actor_options"]["num_gpus"] = num_gpus
         if spec.num_replicas is not None:
             options["num_replicas"] = spec.num_replicas
         server = TaskServer if tasks[model.name] else ModelServer
         handles[model.name] = server.options(**options).bind(
-            model.name, str(model.path), limits.to_dict(), spec.torch_threads
+            model.name,
+            str(model.path),
+            limits.to_dict(),
+            spec.torch_threads,
+            device=spec.device,
+            dtype=spec.dtype,
         )
     catalog = {
         m.name: {

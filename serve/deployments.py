@@ -47,9 +47,10 @@ import ray
 import torch
 from ray import serve
 
-from nlm.checkpoint import load_checkpoint
+from nlm.device import load_for_inference
 from nlm.inference import ContinuousGeneration, Engine, Limits, RequestError
 from nlm.serve.openai_server import OpenAIServing
+from nlm.serve.placement import replica_placement
 
 DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_BATCH_WAIT_TIMEOUT_S = 0.01
@@ -95,6 +96,8 @@ class ModelServer(OpenAIServing):
         path: str,
         limits: dict[str, Any] | None = None,
         torch_threads: int | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
     ) -> None:
         # Default: as many torch threads as whole CPUs this replica reserved (at least one).
         # Ray sets OMP_NUM_THREADS=1 for fractional actors, so say it explicitly either way.
@@ -103,7 +106,9 @@ class ModelServer(OpenAIServing):
             torch_threads = max(1, int(reserved))
         torch.set_num_threads(torch_threads)
         self.name = name
-        self.engine = Engine(load_checkpoint(path), Limits.from_dict(limits or {}, source="limits"))
+        # On the replica's GPU when it has one (nlm.serve.placement); checked before loading.
+        checkpoint = load_for_inference(path, *replica_placement(device, dtype))
+        self.engine = Engine(checkpoint, Limits.from_dict(limits or {}, source="limits"))
         # One worker thread runs every forward pass: the event loop stays free to accept (and
         # batch) requests meanwhile, and two endpoints never fight over the cores.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"nlm-{name}")

@@ -123,6 +123,8 @@ class ModelInfo(BaseModel):
     vocab_size: int
     tokenizer: str = Field(description="tokenizer kind: word, char, spm-bpe, spm-unigram")
     max_positions: int | None = Field(description="longest input the model accepts, if bounded")
+    device: str | None = Field(default=None, description="where the weights are: cpu, cuda:0")
+    dtype: str | None = Field(default=None, description="the weights' dtype, e.g. bfloat16")
     test_ppl: float | None = Field(
         description="test perplexity from the checkpoint's metrics.json (`nlm eval --record`)"
     )

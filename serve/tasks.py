@@ -28,10 +28,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
+from nlm.device import check_request, place
 from nlm.finetune.heads import load_task_checkpoint
 from nlm.finetune.predict import Predictor
 from nlm.inference import Limits
 from nlm.serve.deployments import DEFAULT_BATCH_WAIT_TIMEOUT_S, DEFAULT_MAX_BATCH_SIZE, error
+from nlm.serve.placement import replica_placement
 
 TASK_ENDPOINTS = {"classify": ("classify",), "tag": ("tag",)}
 TAG_WINDOWS = 4  # a tag input may be this many times max_input_tokens long (it is windowed)
@@ -146,13 +148,18 @@ class TaskServer:
         path: str,
         limits: dict[str, Any] | None = None,
         torch_threads: int | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
     ) -> None:
         if torch_threads is None:
             reserved = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
             torch_threads = max(1, int(reserved))
         torch.set_num_threads(torch_threads)
         self.name = name
-        self.checkpoint = load_task_checkpoint(path)
+        # On the replica's GPU when it has one (nlm.serve.placement); checked before loading.
+        where, torch_dtype = check_request(*replica_placement(device, dtype))
+        self.checkpoint = load_task_checkpoint(path, device=where)
+        place(self.checkpoint.model, where, torch_dtype)
         self.limits = Limits.from_dict(limits or {}, source="limits")
         self.predictor = Predictor(self.checkpoint, batch_size=self.limits.max_rows)
         self.endpoints = task_endpoints(self.checkpoint.task)

@@ -94,7 +94,7 @@ class TrainingLoop:
         # DeepSpeed JIT-builds its CPU communication op into torch's shared extension cache; a
         # program building it with other flags makes the next run rebuild it (minutes on a
         # busy 2-core machine). nlm keeps its own copy.
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_extensions_dir()))
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
         self.config = config
         self.max_steps, self.eval_every = max_steps, eval_every
         self.rank, self.world_size, self.device = rank, world_size, device
@@ -114,9 +114,11 @@ class TrainingLoop:
         config = self.config
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
-            optimizer=make_optimizer(model, config.optim),
+            optimizer=make_optimizer(model, config.optim, fused=self.device.type == "cuda"),
             config=deepspeed_config(config, self.device.type, self.world_size),
         )
+        if config.scale.compile:
+            self.engine.compile()  # torch.compile of the module's forward and backward
         if self.world_size == 1 and config.scale.zero_stage == 0:
             # One rank has nothing to average: skip DeepSpeed's per-step flatten / all-reduce /
             # unflatten of every gradient (ZeRO 1-3 need that path to fill their partitions).
@@ -256,7 +258,9 @@ class TrainingLoop:
         return diff
 
 
-def _extensions_dir() -> Path:
+def extensions_dir() -> Path:
+    """Where DeepSpeed JIT-builds its CPU communication op (TORCH_EXTENSIONS_DIR): nlm's own
+    cache, so that another program building it with other flags does not force a rebuild."""
     from nlm.corpora import cache_dir
 
     return cache_dir() / "torch_extensions"

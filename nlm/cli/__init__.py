@@ -26,7 +26,7 @@ COMMANDS: dict[str, str] = {
     "compare": "compare the word vectors of several checkpoints",
     "study": "the word-vector study: prepare, train fnn/rnn/lstm, compare, report",
     "finetune": "fine-tune a pretrained gpt or bert checkpoint",
-    "bench": "benchmarks (data, train, serve)",
+    "bench": "benchmarks (data, train, serve, gpu)",
     "demo": "run the project's main job end to end on the local machine",
 }
 

@@ -3,6 +3,7 @@
     nlm bench data     nlm.bench.data   corpus pipeline vs single-process SentencePiece
     nlm bench train    nlm.bench.train  nlm train (1 and 2 workers) vs a plain PyTorch loop
     nlm bench serve    nlm.bench.serve          Ray Serve with/without batching vs plain FastAPI
+    nlm bench gpu      nlm.bench.gpu    one GPU, no Ray: training MFU, generation, CPU agreement
 
 A benchmark module exposes `add_arguments(parser)` and `run(args) -> int | None` (like the
 subcommand modules), or else `main(argv: list[str])`, which gets the remaining arguments.
@@ -22,6 +23,7 @@ TARGETS: dict[str, tuple[str, str]] = {
     "data": ("nlm.bench.data", "corpus pipeline throughput and memory"),
     "train": ("nlm.bench.train", "training throughput: plain PyTorch vs 1 and 2 workers"),
     "serve": ("nlm.bench.serve", "serving throughput and latency, batched vs unbatched"),
+    "gpu": ("nlm.bench.gpu", "the one-shot GPU check: training MFU, generation, agreement"),
 }
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from nlm.device import add_device_arguments
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory")
@@ -35,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(what /v1/models reports)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_device_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         stride=args.stride,
         max_pll_tokens=args.max_pll_tokens,
         seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
     )
     if args.record:
         from pathlib import Path

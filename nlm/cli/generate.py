@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from nlm.device import add_device_arguments
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory")
@@ -24,18 +26,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", action="store_true", help="print a JSON object with ids and logprobs"
     )
+    add_device_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from nlm.checkpoint import load_checkpoint
+    from nlm.device import check_request, load_for_inference, model_device
     from nlm.errors import NLMError
     from nlm.tokenizers.base import EOS_ID
 
     if args.max_tokens < 1:
         raise NLMError(f"--max-tokens {args.max_tokens}: must be at least 1")
-    ckpt = load_checkpoint(args.checkpoint)
+    check_request(args.device, args.dtype)  # before anything loads
+    ckpt = load_for_inference(args.checkpoint, args.device, args.dtype)
     if not ckpt.model.causal:
         raise NLMError(f"{ckpt.path}: a {ckpt.family} checkpoint cannot generate text (not causal)")
     prompt = [EOS_ID, *ckpt.tokenizer.encode(args.prompt)]
@@ -48,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     with torch.inference_mode():
         new_ids, logprobs = ckpt.model.generate(
-            torch.tensor([context]),
+            torch.tensor([context], device=model_device(ckpt.model)),
             max_new_tokens=args.max_tokens,
             temperature=args.temperature,
             top_k=args.top_k,

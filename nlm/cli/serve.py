@@ -17,6 +17,8 @@ import signal
 import sys
 import threading
 
+from nlm.device import add_device_arguments
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from nlm.serve.launch import LOCAL_DEFAULTS as D
@@ -61,6 +63,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sizing.add_argument(
         "--replicas", type=int, default=D["num_replicas"], help="replicas per model (default 1)"
     )
+    sizing.add_argument(
+        "--replica-gpus",
+        type=float,
+        default=None,
+        help="GPUs per model replica, fractions allowed (default: 1 with --device cuda, else 0; "
+        "under --device auto a replica runs on a GPU exactly when it has a share)",
+    )
+    add_device_arguments(parser)
     limits = parser.add_argument_group("request limits")
     for field, help_text in (
         ("max_input_tokens", "tokens per input"),
@@ -87,6 +97,9 @@ def app_args(args: argparse.Namespace) -> dict:
         "num_cpus": args.replica_cpus,
         "torch_threads": args.torch_threads,
         "num_replicas": args.replicas,
+        "device": args.device,
+        "dtype": args.dtype,
+        "num_gpus": args.replica_gpus,
         "limits": {
             "max_input_tokens": args.max_input_tokens,
             "max_new_tokens": args.max_new_tokens,
@@ -108,6 +121,14 @@ def check_args(args: argparse.Namespace) -> None:
         (args.max_input_tokens >= 1, "--max-input-tokens: must be >= 1"),
         (args.max_new_tokens >= 1, "--max-new-tokens: must be >= 1"),
         (args.max_items >= 1, "--max-items: must be >= 1"),
+        (
+            args.replica_gpus is None or args.replica_gpus >= 0,
+            f"--replica-gpus {args.replica_gpus}: must be >= 0",
+        ),
+        (
+            not (args.device == "cuda" and args.replica_gpus == 0),
+            "--replica-gpus 0: --device cuda needs a GPU share per replica (e.g. 0.25)",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -118,6 +139,12 @@ def run(args: argparse.Namespace) -> int:
     from nlm.errors import NLMError
 
     check_args(args)
+    if not os.environ.get("RAY_ADDRESS") and args.device != "auto":
+        # The replicas run here: the GPU and its bf16 support can be checked before any
+        # model (or Ray) loads. A cluster's GPUs are counted once connected, below.
+        from nlm.device import check_request
+
+        check_request(args.device, args.dtype)
     if not os.environ.get("RAY_ADDRESS"):
         # Decide token auth before `import ray` caches the mode: the local instance that
         # ensure_ray() starts runs without tokens (it binds to 127.0.0.1 and dies with the
@@ -141,6 +168,12 @@ def run(args: argparse.Namespace) -> int:
     except Exception as exc:  # Ray's own start-up failures (an overloaded machine, ports)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise NLMError(f"could not start Ray: {first}") from None
+    try:
+        _check_gpus(app_args(args), len(args.checkpoints))
+    except NLMError:
+        if how == "local":
+            launch.shutdown(how)
+        raise
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -166,3 +199,14 @@ def run(args: argparse.Namespace) -> int:
     print("nlm: shutting down", file=sys.stderr, flush=True)
     launch.shutdown(how)
     return 0
+
+
+def _check_gpus(spec: dict, models: int) -> None:
+    """Refuse GPU requests the cluster cannot place (Serve would wait for them forever)."""
+    import ray
+
+    from nlm.serve.placement import check_placeable, gpu_requests
+
+    requests = gpu_requests(spec, models)
+    if any(requests):
+        check_placeable(requests, float(ray.cluster_resources().get("GPU", 0)))
