@@ -440,10 +440,11 @@ def train_case(
 ) -> dict[str, Any]:
     """One training run through `torchrun -m nlm.cluster.train.loop` -> its timing figures."""
     from nlm.cluster.train.config import TrainConfig
+    from nlm.models import model_class
     from nlm.models.presets import preset_config
 
     vocab = int(preset_config(case.family, case.preset)["vocab_size"])
-    objective = "mlm" if case.family == "bert" else "clm"
+    objective = model_class(case.family).objective
     rows = case.micro_batch * (sizes.steps + 2)
     shards = work / "shards" / f"{case.family}-{case.seq_len}"
     if not shards.exists():
