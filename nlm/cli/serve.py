@@ -62,6 +62,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--max-input-tokens", type=int, default=512)
     limits.add_argument("--max-new-tokens", type=int, default=256)
     limits.add_argument("--max-items", type=int, default=64, help="inputs per request")
+    limits.add_argument(
+        "--max-request-cost",
+        type=int,
+        default=2**17,
+        help="token positions of model compute per request (bert scoring: tokens x length per "
+        "text); over it: 400 over_budget (default 131072)",
+    )
+    limits.add_argument(
+        "--max-slice-cost",
+        type=int,
+        default=2**14,
+        help="token positions per engine call; longer work is split (default 16384)",
+    )
+    limits.add_argument(
+        "--max-cache-bytes",
+        type=int,
+        default=2**31,
+        help="generation cache (keys/values, states) of a replica's running rows; more rows "
+        "wait to join (default 2 GiB)",
+    )
+    limits.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=4 * 1024 * 1024,
+        help="request body limit; larger bodies get 413 unread (default 4 MiB)",
+    )
+    limits.add_argument(
+        "--request-timeout-s",
+        type=float,
+        default=300.0,
+        help="a request not answered by then gets 504 and its work is dropped (default 300)",
+    )
+    limits.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=256,
+        help="requests waiting per model beyond its replicas' capacity; more get 503 with "
+        "Retry-After (default 256)",
+    )
     parser.add_argument(
         "--access-log", action="store_true", help="log every request (off: it costs throughput)"
     )
@@ -80,7 +119,13 @@ def app_args(args: argparse.Namespace) -> dict:
             "max_input_tokens": args.max_input_tokens,
             "max_new_tokens": args.max_new_tokens,
             "max_items": args.max_items,
+            "max_request_cost": args.max_request_cost,
+            "max_slice_cost": args.max_slice_cost,
+            "max_cache_bytes": args.max_cache_bytes,
         },
+        "max_body_bytes": args.max_body_bytes,
+        "request_timeout_s": args.request_timeout_s,
+        "max_queued_requests": args.max_queued_requests,
     }
 
 
@@ -97,6 +142,12 @@ def check_args(args: argparse.Namespace) -> None:
         (args.max_input_tokens >= 1, "--max-input-tokens: must be >= 1"),
         (args.max_new_tokens >= 1, "--max-new-tokens: must be >= 1"),
         (args.max_items >= 1, "--max-items: must be >= 1"),
+        (args.max_request_cost >= 1, "--max-request-cost: must be >= 1"),
+        (args.max_slice_cost >= 1, "--max-slice-cost: must be >= 1"),
+        (args.max_cache_bytes >= 1, "--max-cache-bytes: must be >= 1"),
+        (args.max_body_bytes >= 1, "--max-body-bytes: must be >= 1"),
+        (args.request_timeout_s > 0, "--request-timeout-s: must be > 0"),
+        (args.max_queued_requests >= 1, "--max-queued-requests: must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:
