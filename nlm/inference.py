@@ -477,7 +477,11 @@ class Engine:
         extra = 1 if self.model.causal else 2
         cap = self.limits.max_input_tokens
         self.max_text_tokens = min(cap, self.max_positions - extra) if self.max_positions else cap
-        self._cache_line: tuple[int, int] | None = None  # cache_bytes: (per row, per position)
+        # cache_bytes' (per row, per position), measured now: a server asks for it on its event
+        # loop, where running the model would compete with its worker thread.
+        self._cache_line: tuple[int, int] | None = (
+            self._measure_cache() if "generate" in self.endpoints else None
+        )
         self._unit_vectors: torch.Tensor | None = None  # neighbors: built on first use
 
     def info(self) -> dict[str, Any]:
