@@ -9,8 +9,11 @@ from the checkpoint or run directory's name (`name=path` overrides); they are th
 names too, so serve/config.yaml can size each model's replicas.
 
 The gateway validates bodies (schemas.py), routes by model name, and turns every failure into
-JSON {"error": {"code", "message"}} with a 4xx status (503 while a replica restarts), so no input
-can produce a 500. When NLM_API_TOKEN is set, every /v1/ endpoint wants
+JSON {"error": {"code", "message"}} with a 4xx status (503 with Retry-After while a replica
+restarts or its queue is full), so no input can produce a 500. Bounds against abuse: bodies over
+`max_body_bytes` get 413 before they are read (serve/limits.py), a request not answered within
+`request_timeout_s` gets 504 and its work is dropped, at most `max_queued_requests` wait per
+model. When NLM_API_TOKEN is set, every /v1/ endpoint wants
 `Authorization: Bearer <token>`; /healthz and the OpenAPI schema stay open.
 """
 
