@@ -325,19 +325,25 @@ def test_a_fine_tuned_model_refuses_an_over_long_text_before_tokenizing(client):
 
 
 def test_models_lists_the_others_while_a_replica_restarts(server, client):
+    # A replica that does not answer (frozen here) is listed as unavailable, the others as usual.
+    frozen = models(client)["lstm"]["replica"]["pid"]
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        listed = models(client)
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    assert listed["lstm"]["available"] is False and listed["lstm"]["reason"], listed["lstm"]
+    assert listed["lstm"]["family"] == "lstm" and "generate" in listed["lstm"]["endpoints"]
+    assert all(listed[n]["replica"]["pid"] > 0 for n in ("gpt", "bert", "cls"))
+    # A killed replica: the list answers 200 all the while it is replaced, never 503.
     old_pid = models(client)["lstm"]["replica"]["pid"]
     os.kill(old_pid, signal.SIGKILL)
-    seen_unavailable = False
     deadline = time.monotonic() + 180
     while True:
         assert time.monotonic() < deadline, "no new lstm replica"
-        listed = models(client)  # 200 every time: never a 503 for everyone
+        listed = models(client)
         assert {"gpt", "bert", "cls"} <= {n for n, m in listed.items() if m.get("available", True)}
         lstm = listed["lstm"]
-        if lstm["available"] is False:
-            seen_unavailable = True
-            assert lstm["family"] == "lstm" and "generate" in lstm["endpoints"] and lstm["reason"]
-        elif lstm["replica"]["pid"] != old_pid:
+        if lstm.get("available", True) and lstm["replica"]["pid"] != old_pid:
             break
         time.sleep(0.2)
-    assert seen_unavailable
