@@ -20,8 +20,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Generator, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 
@@ -57,6 +57,27 @@ class Limits(Config):
     max_items: int = 64  # inputs (prompts, texts) per request
     max_rows: int = 64  # rows in one forward pass when merged requests are run
     max_logit_elements: int = 2**25  # rows * positions * vocab per forward pass (memory cap)
+    # Compute budgets in token positions run through the model (`Engine.cost`): bert's
+    # pseudo-log-likelihood runs one masked copy of a text per token, so its cost is tokens x
+    # length. A request over max_request_cost is refused; merged work is run in slices of at most
+    # max_slice_cost positions, so no engine call holds the replica's worker thread for long.
+    max_request_cost: int = 2**17
+    max_slice_cost: int = 2**14
+    # Generation: bytes of model state (gpt's keys and values, rnn/lstm hidden state) that the
+    # running rows may hold together; rows that would exceed it wait to join.
+    max_cache_bytes: int = 2**31
+
+
+T = TypeVar("T")
+# Work run in slices: a generator that runs one slice per `next()`, yields its cost (token
+# positions) and returns the answers (see `next_slice`).
+Sliced = Generator[int, None, list[Any]]
+
+
+def max_text_chars(max_tokens: int) -> int:
+    """A bound on the characters of a text of at most `max_tokens` tokens (no tokenizer makes
+    a token of more than 64 characters here): longer texts are refused before tokenizing."""
+    return 64 * max_tokens + 1024
 
 
 class RequestError(NLMError):
@@ -132,23 +153,52 @@ def pad_left(
 
 
 def chunks(
-    lengths: Sequence[int], max_rows: int, max_elements: int, per_position: int
+    lengths: Sequence[int],
+    max_rows: int,
+    max_elements: int,
+    per_position: int,
+    max_positions: int | None = None,
 ) -> Iterator[list[int]]:
     """Groups of indices (sorted by length, so padding is small) that fit one forward pass.
 
-    A group holds at most max_rows rows, and rows * longest * per_position (e.g. vocab size,
-    for the logits) stays under max_elements unless a single row alone exceeds it.
+    A group holds at most max_rows rows, rows * longest * per_position (e.g. vocab size, for the
+    logits) stays under max_elements and rows * longest (the positions the pass computes) under
+    max_positions, unless a single row alone exceeds them.
     """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     group: list[int] = []
     for i in order:
         rows, width = len(group) + 1, max(lengths[i], 1)  # sorted: the newest is the longest
-        if group and (rows > max_rows or rows * width * per_position > max_elements):
+        if group and (
+            rows > max_rows
+            or rows * width * per_position > max_elements
+            or (max_positions is not None and rows * width > max_positions)
+        ):
             yield group
             group = []
         group.append(i)
     if group:
         yield group
+
+
+def _sliced_chunks(
+    items: Sequence[Any],
+    lengths: Sequence[int],
+    limits: Limits,
+    per_position: int,
+    run: Callable[[list[Any]], list[Any]],
+) -> Sliced:
+    """Apply `run` to length-sorted groups of items, one group per slice (yielding its cost in
+    positions, at most limits.max_slice_cost unless one item alone is larger); returns the
+    answers in input order."""
+    out: list[Any] = [None] * len(items)
+    for group in chunks(
+        lengths, limits.max_rows, limits.max_logit_elements, per_position, limits.max_slice_cost
+    ):
+        for i, answer in zip(group, run([items[i] for i in group]), strict=True):
+            out[i] = answer
+        yield len(group) * max(max(lengths[i] for i in group), 1)
+    return out
 
 
 def _run_chunked(
@@ -158,12 +208,25 @@ def _run_chunked(
     per_position: int,
     run: Callable[[list[Any]], list[Any]],
 ) -> list[Any]:
-    """Apply `run` to length-sorted groups of items and put the answers back in input order."""
-    out: list[Any] = [None] * len(items)
-    for group in chunks(lengths, limits.max_rows, limits.max_logit_elements, per_position):
-        for i, answer in zip(group, run([items[i] for i in group]), strict=True):
-            out[i] = answer
-    return out
+    """`_sliced_chunks` run to the end."""
+    return run_all(_sliced_chunks(items, lengths, limits, per_position, run))
+
+
+def next_slice(work: Generator[int, None, T]) -> tuple[bool, int | T]:
+    """Run one slice of `work`: (False, its cost in positions), or (True, the answers) once the
+    work is done. A server calls this on its worker thread, one slice per call."""
+    try:
+        return False, next(work)
+    except StopIteration as stop:
+        return True, stop.value
+
+
+def run_all(work: Generator[int, None, T]) -> T:
+    """Run every slice of `work`; its answers."""
+    while True:
+        done, value = next_slice(work)
+        if done:
+            return value  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------- batched model calls (ids)
@@ -217,8 +280,15 @@ def pseudo_log_likelihoods(
 ) -> list[torch.Tensor]:
     """bert: for [CLS] x1..xn [SEP], log p(x_i | x with x_i masked) for every i (n values).
 
-    Salazar et al. 2020: one masked copy of the sentence per token, all run as one batch.
+    Salazar et al. 2020: one masked copy of the sentence per token, run as few padded batches.
     """
+    return run_all(sliced_pseudo_log_likelihoods(model, seqs, limits))
+
+
+def sliced_pseudo_log_likelihoods(
+    model: LanguageModel, seqs: Sequence[Sequence[int]], limits: Limits
+) -> Generator[int, None, list[torch.Tensor]]:
+    """`pseudo_log_likelihoods` in slices of at most limits.max_slice_cost positions each."""
     copies: list[list[int]] = []
     owner: list[tuple[int, int]] = []  # (sequence, masked position)
     for s, seq in enumerate(seqs):
@@ -237,7 +307,7 @@ def pseudo_log_likelihoods(
             out.append(float(logp[seqs[s][pos]]))
         return out
 
-    values = _run_chunked(
+    values = yield from _sliced_chunks(
         list(zip(copies, owner, strict=True)), [len(c) for c in copies], limits, vocab, run
     )
     per_seq: list[list[float]] = [[] for _ in seqs]
@@ -412,6 +482,12 @@ class Engine:
         extra = 1 if self.model.causal else 2
         cap = self.limits.max_input_tokens
         self.max_text_tokens = min(cap, self.max_positions - extra) if self.max_positions else cap
+        # cache_bytes' (per row, per position), measured now: a server asks for it on its event
+        # loop, where running the model would compete with its worker thread.
+        self._cache_line: tuple[int, int] | None = (
+            self._measure_cache() if "generate" in self.endpoints else None
+        )
+        self._unit_vectors: torch.Tensor | None = None  # neighbors: built on first use
 
     def info(self) -> dict[str, Any]:
         metrics = self.checkpoint.metrics
@@ -448,7 +524,7 @@ class Engine:
         if not text.strip():
             raise RequestError("empty_input", f"field '{what}': empty input")
         # A cheap bound first, so a megabyte of text is refused before it is tokenized.
-        if len(text) > 64 * self.max_text_tokens + 1024:
+        if len(text) > max_text_chars(self.max_text_tokens):
             raise RequestError("input_too_long", self._too_long(what, f"{len(text)} characters"))
         ids = self.tokenizer.encode(text)
         if not ids:
@@ -531,8 +607,12 @@ class Engine:
         return self.model.config.vocab_size
 
     def score(self, jobs: Sequence[ScoreJob]) -> list[dict[str, Any]]:
+        return run_all(self.score_slices(jobs))
+
+    def score_slices(self, jobs: Sequence[ScoreJob]) -> Sliced:
+        """`score` in slices (`next_slice`)."""
         if self.model.causal:
-            per_token = _run_chunked(
+            per_token = yield from _sliced_chunks(
                 [j.ids for j in jobs],
                 [len(j.ids) for j in jobs],
                 self.limits,
@@ -541,7 +621,9 @@ class Engine:
             )
             measure = "log-likelihood"
         else:
-            per_token = pseudo_log_likelihoods(self.model, [j.ids for j in jobs], self.limits)
+            per_token = yield from sliced_pseudo_log_likelihoods(
+                self.model, [j.ids for j in jobs], self.limits
+            )
             measure = "pseudo-log-likelihood"
         out = []
         for job, logp in zip(jobs, per_token, strict=True):
@@ -559,15 +641,27 @@ class Engine:
         return out
 
     def embed(self, jobs: Sequence[EmbedJob]) -> list[list[float]]:
+        return run_all(self.embed_slices(jobs))
+
+    def embed_slices(self, jobs: Sequence[EmbedJob]) -> Sliced:
+        """`embed` in slices (`next_slice`)."""
+
         def run(group: list[EmbedJob]) -> list[torch.Tensor]:
             return list(
                 pooled_hidden(self.model, [j.ids for j in group], [(j.start, j.end) for j in group])
             )
 
-        vectors = _run_chunked(jobs, [len(j.ids) for j in jobs], self.limits, self._vocab(), run)
+        vectors = yield from _sliced_chunks(
+            jobs, [len(j.ids) for j in jobs], self.limits, self._vocab(), run
+        )
         return [v.tolist() for v in vectors]
 
     def fill_mask(self, jobs: Sequence[FillMaskJob]) -> list[dict[str, Any]]:
+        return run_all(self.fill_mask_slices(jobs))
+
+    def fill_mask_slices(self, jobs: Sequence[FillMaskJob]) -> Sliced:
+        """`fill_mask` in slices (`next_slice`)."""
+
         def run(group: list[FillMaskJob]) -> list[dict[str, Any]]:
             answers = []
             for job, logits in zip(
@@ -597,7 +691,11 @@ class Engine:
                 )
             return answers
 
-        return _run_chunked(jobs, [len(j.ids) for j in jobs], self.limits, self._vocab(), run)
+        return (
+            yield from _sliced_chunks(
+                jobs, [len(j.ids) for j in jobs], self.limits, self._vocab(), run
+            )
+        )
 
     def generate(self, jobs: Sequence[GenerationJob]) -> list[dict[str, Any]]:
         results = _run_chunked(
@@ -614,17 +712,90 @@ class Engine:
         self._require("generate")
         return ContinuousGeneration(self.model)
 
-    def admissible(self, running: int, jobs: Sequence[GenerationJob]) -> int:
-        """How many of `jobs` (in order) may join a continuous generation of `running` rows:
-        at most max_rows rows, and their prefill's logits within max_logit_elements."""
+    def admissible(
+        self,
+        running: int,
+        jobs: Sequence[GenerationJob],
+        running_jobs: Sequence[GenerationJob] = (),
+    ) -> int:
+        """How many of `jobs` (in order) may join a continuous generation of `running` rows
+        (`running_jobs`, when known, are theirs): at most max_rows rows; their prefill's logits
+        within max_logit_elements and its positions within max_slice_cost; and the cache of all
+        the rows within max_cache_bytes. One job always joins an empty generation."""
         room = self.limits.max_rows - running
-        n, width = 0, 0
+        n, width, positions = 0, 0, 0
+        prompt = max((len(j.ids) for j in running_jobs), default=0)
+        new = max((j.max_new_tokens for j in running_jobs), default=0)
         for job in jobs[: max(room, 0)]:
             width = max(width, len(job.ids) + job.max_new_tokens)
-            if n and (n + 1) * width * self._vocab() > self.limits.max_logit_elements:
+            positions += len(job.ids)
+            prompt, new = max(prompt, len(job.ids)), max(new, job.max_new_tokens)
+            if n and (
+                (n + 1) * width * self._vocab() > self.limits.max_logit_elements
+                or positions > self.limits.max_slice_cost
+            ):
+                break
+            if (n or running) and (
+                self.cache_bytes(running + n + 1, prompt + new) > self.limits.max_cache_bytes
+            ):
                 break
             n += 1
         return n
+
+    def cache_bytes(self, rows: int, positions: int) -> int:
+        """Upper bound on the bytes of generation state for `rows` rows of up to `positions`
+        tokens (prompt + new): gpt keeps n_layer x 2 x n_embd values per position and row, an
+        rnn/lstm a fixed state per row. Measured on the model itself (a one-row prefill of two
+        lengths, fitted as a line), so it holds for any family and dtype."""
+        if self._cache_line is None:
+            self._cache_line = self._measure_cache()
+        per_row, per_position = self._cache_line
+        return rows * (per_row + per_position * positions)
+
+    def _measure_cache(self) -> tuple[int, int]:
+        sizes = []
+        for new in (1, 2):
+            generation = ContinuousGeneration(self.model)
+            generation.add([GenerationJob([EOS_ID], new, temperature=0.0)])
+            sizes.append(_tensor_bytes(generation.cache))
+        per_position = max(sizes[1] - sizes[0], 0)
+        return max(sizes[0] - 2 * per_position, 0), per_position
+
+    def cost(self, job: ScoreJob | EmbedJob | FillMaskJob | GenerationJob) -> int:
+        """Token positions the model computes for `job` (the unit of the compute budgets):
+        one pass over its ids; bert scoring runs one masked copy per text token; generation
+        processes its prompt and then one position per new token."""
+        if isinstance(job, GenerationJob):
+            return len(job.ids) + job.max_new_tokens
+        if isinstance(job, ScoreJob) and not self.model.causal:
+            return (len(job.ids) - 2) * len(job.ids)
+        return len(job.ids)
+
+    def check_budget(self, jobs: Sequence[Any]) -> None:
+        """RequestError (400, over_budget) when `jobs` together cost more than
+        limits.max_request_cost positions, or a generation row alone needs more cache than
+        limits.max_cache_bytes (it could never be admitted)."""
+        total = sum(self.cost(j) for j in jobs)
+        if total > self.limits.max_request_cost:
+            raise RequestError(
+                "over_budget",
+                f"this request costs {total} token positions of model compute; the limit per "
+                f"request is {self.limits.max_request_cost} (send fewer or shorter inputs"
+                + (
+                    "; bert scoring costs tokens x length per text)"
+                    if not self.model.causal
+                    else ")"
+                ),
+            )
+        for i, job in enumerate(jobs):
+            if isinstance(job, GenerationJob):
+                need = self.cache_bytes(1, len(job.ids) + job.max_new_tokens)
+                if need > self.limits.max_cache_bytes:
+                    raise RequestError(
+                        "over_budget",
+                        f"item {i}: prompt plus max_tokens needs {need} bytes of generation "
+                        f"cache; the limit is {self.limits.max_cache_bytes}",
+                    )
 
     def generation_answer(self, job: GenerationJob, result: Generated) -> dict[str, Any]:
         ids, logprobs, ended = result
@@ -639,11 +810,13 @@ class Engine:
         }
 
     def neighbors(self, word: str, k: int) -> list[dict[str, Any]]:
-        from nlm.wordvectors import neighbors
+        from nlm.wordvectors import nearest, unit_vectors
 
         self._require("neighbors")
+        if self._unit_vectors is None:  # once per engine, not per request
+            self._unit_vectors = unit_vectors(self.model, self.tokenizer)
         try:
-            pairs = neighbors(self.model, self.tokenizer, word, k=k)
+            pairs = nearest(self._unit_vectors, self.tokenizer, word, k=k)
         except NLMError as exc:
             code = (
                 "unknown_word"
@@ -652,3 +825,16 @@ class Engine:
             )
             raise RequestError(code, str(exc), 404 if code == "unknown_word" else 400) from None
         return [{"token": t, "cosine": c} for t, c in pairs]
+
+
+def _tensor_bytes(value: Any) -> int:
+    """Bytes of every tensor reachable from `value` (tensors, sequences, dicts, objects)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_tensor_bytes(v) for v in value)
+    if hasattr(value, "__dict__"):
+        return sum(_tensor_bytes(v) for v in vars(value).values())
+    return 0

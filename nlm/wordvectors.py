@@ -100,8 +100,25 @@ def neighbors(
     Never includes `word` itself or special tokens; similarities are in [-1, 1].
     An unknown word raises NLMError("unknown word 'xyz' (close matches: ...)").
     """
+    return nearest(unit_vectors(model, tokenizer, which, torch.float64), tokenizer, word, k)
+
+
+def unit_vectors(
+    model: LanguageModel,
+    tokenizer: Tokenizer,
+    which: Which = "input",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """(vocab_size, D) unit-length word vectors in `dtype`: the table `nearest` searches. A
+    server builds it once and keeps it (it is as large as the embedding)."""
+    return normalized(word_vectors(model, which)[: tokenizer.vocab_size].to(dtype))
+
+
+def nearest(
+    unit: torch.Tensor, tokenizer: Tokenizer, word: str, k: int = 10
+) -> list[tuple[str, float]]:
+    """`neighbors` on a table from `unit_vectors`."""
     query = word_id(tokenizer, word)
-    unit = normalized(word_vectors(model, which)[: tokenizer.vocab_size].double())
     ids, sims = rank_neighbors(unit, [query], k)
     return [(tokenizer.id_to_token(int(i)), float(s)) for i, s in zip(ids[0], sims[0], strict=True)]
 

@@ -9,17 +9,22 @@ from the checkpoint or run directory's name (`name=path` overrides); they are th
 names too, so serve/config.yaml can size each model's replicas.
 
 The gateway validates bodies (schemas.py), routes by model name, and turns every failure into
-JSON {"error": {"code", "message"}} with a 4xx status (503 while a replica restarts), so no input
-can produce a 500. When NLM_API_TOKEN is set, every /v1/ endpoint wants
+JSON {"error": {"code", "message"}} with a 4xx status (503 with Retry-After while a replica
+restarts or its queue is full), so no input can produce a 500. Bounds against abuse: bodies over
+`max_body_bytes` get 413 before they are read (serve/limits.py), a request not answered within
+`request_timeout_s` gets 504 and its work is dropped, at most `max_queued_requests` wait per
+model. When NLM_API_TOKEN is set, every /v1/ endpoint wants
 `Authorization: Bearer <token>`; /healthz and the OpenAPI schema stay open.
 """
 
 # No `from __future__ import annotations` here: Serve's class-based FastAPI ingress needs the
 # route annotations as real types to see request bodies.
+import asyncio
 import dataclasses
 import hmac
 import logging
 import os
+import time
 from typing import Any
 
 from fastapi import FastAPI, Request, Security
@@ -41,6 +46,7 @@ from nlm.config import Config
 from nlm.errors import NLMError
 from nlm.inference import Limits, serving_endpoints
 from nlm.models import model_class
+from nlm.serve import limits as body_limits
 from nlm.serve.catalog import parse_checkpoints
 from nlm.serve.deployments import (
     DEFAULT_BATCH_WAIT_TIMEOUT_S,
@@ -52,6 +58,9 @@ from nlm.serve.openai_api import OpenAIRoutes, openai_error, openai_paths, route
 from nlm.serve.placement import check_device_args, gpus_per_replica
 from nlm.serve.schemas import (
     ERROR_RESPONSES,
+    ClassifyBatchResponse,
+    ClassifyRequest,
+    ClassifyResponse,
     EmbedRequest,
     EmbedResponse,
     FillMaskBatchResponse,
@@ -66,17 +75,11 @@ from nlm.serve.schemas import (
     ScoreBatchResponse,
     ScoreRequest,
     ScoreResponse,
-)
-from nlm.serve.tasks import (
-    ClassifyBatchResponse,
-    ClassifyRequest,
-    ClassifyResponse,
     TagBatchResponse,
     TagRequest,
     TagResponse,
-    TaskServer,
-    task_endpoints,
 )
+from nlm.serve.tasks import TaskServer, task_endpoints
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +105,12 @@ class AppArgs(Config):
     device: str = "cpu"  # cpu | cuda | auto (a replica's GPU when Ray gave it one)
     dtype: str = "float32"  # float32 | bfloat16 | float16; logits are upcast for scoring
     num_gpus: float | None = None
+    # Abuse bounds: bodies over max_body_bytes get 413 before they are read; a request not
+    # answered within request_timeout_s gets 504 (its work is cancelled); beyond
+    # max_queued_requests waiting for a model's replicas (per gateway replica), 503 + Retry-After.
+    max_body_bytes: int = body_limits.DEFAULT_MAX_BODY_BYTES
+    request_timeout_s: float = 300.0
+    max_queued_requests: int = 256
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -113,6 +122,13 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         raise NLMError(
             f"application args (field 'max_batch_size'): must be an integer >= 1, got {spec.max_batch_size!r}"
         )
+    for field, value, least in [
+        ("max_body_bytes", spec.max_body_bytes, 1),
+        ("request_timeout_s", spec.request_timeout_s, 0.001),
+        ("max_queued_requests", spec.max_queued_requests, 1),
+    ]:
+        if not isinstance(value, int | float) or isinstance(value, bool) or value < least:
+            raise NLMError(f"application args (field '{field}'): must be >= {least}, got {value!r}")
     limits = Limits.from_dict(dict(spec.limits), source="application args (field 'limits')")
     check_device_args(spec.device, spec.dtype)
     num_gpus = gpus_per_replica(spec.device, spec.num_gpus)
@@ -130,6 +146,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             },
             # Queue room for a full batch: never below max_batch_size (ray-project/ray#43288).
             "max_ongoing_requests": max(2 * spec.max_batch_size, 8),
+            "max_queued_requests": int(spec.max_queued_requests),
         }
         if spec.num_cpus is not None:
             options["ray_actor_options"] = {"num_cpus": spec.num_cpus}
@@ -159,22 +176,35 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     gateway_options: dict[str, Any] = {}
     if spec.num_cpus is not None:
         gateway_options["ray_actor_options"] = {"num_cpus": spec.num_cpus}
+    bounds = {
+        "max_body_bytes": int(spec.max_body_bytes),
+        "request_timeout_s": float(spec.request_timeout_s),
+    }
     return Gateway.options(**gateway_options).bind(
-        handles, catalog, limits.max_items, os.environ.get(TOKEN_ENV) or None
+        handles, catalog, limits.max_items, os.environ.get(TOKEN_ENV) or None, bounds
     )
 
 
 # ---------------------------------------------------------------- errors as JSON
 
 
+RETRY_AFTER_S = 1  # what a 503 tells clients to wait before they retry
+
+
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.headers = status, code, message, headers
 
 
-def error_response(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+    )
 
 
 def describe_validation(exc: RequestValidationError) -> str:
@@ -212,7 +242,7 @@ async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return error_response(exc.status, exc.code, exc.message)
+    return error_response(exc.status, exc.code, exc.message, exc.headers)
 
 
 @api.exception_handler(Exception)
@@ -221,6 +251,9 @@ async def _bug(request: Request, exc: Exception) -> JSONResponse:
     # client still gets the JSON error shape.
     log.exception("unhandled error on %s", request.url.path)
     return error_response(500, "internal", f"internal error ({type(exc).__name__})")
+
+
+api.add_middleware(body_limits.BodyLimit)
 
 
 @api.middleware("http")
@@ -244,6 +277,11 @@ async def _authorize(request: Request, call_next: Any) -> Any:
     return await call_next(request)
 
 
+async def _result(response: Any) -> Any:
+    """Await a DeploymentResponse (asyncio.wait_for wants a coroutine)."""
+    return await response
+
+
 # ---------------------------------------------------------------- the ingress deployment
 # Serve pickles the class by value when it is decorated: whatever its methods use must be
 # defined above this point.
@@ -256,6 +294,25 @@ def _count(inputs: str | list[str]) -> int:
     return 1 if isinstance(inputs, str) else len(inputs)
 
 
+# A replica that cannot take the call now: restarting, not yet placed, or its queue is full.
+UNAVAILABLE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
+INFO_TIMEOUT_S = 10.0  # GET /v1/models waits this long for each model's replica
+
+
+def _unavailable(model: str, exc: Exception) -> ApiError:
+    retry = {"Retry-After": str(RETRY_AFTER_S)}
+    if isinstance(exc, BackPressureError):
+        return ApiError(
+            503, "overloaded", f"model '{model}' has too many queued requests, retry", retry
+        )
+    return ApiError(
+        503,
+        "unavailable",
+        f"model '{model}' is restarting or not yet placed, retry: {type(exc).__name__}",
+        retry,
+    )
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=512)
 @serve.ingress(api)
 class Gateway(OpenAIRoutes):
@@ -265,10 +322,14 @@ class Gateway(OpenAIRoutes):
         catalog: dict[str, dict[str, Any]],
         max_items: int,
         api_token: str | None,
+        bounds: dict[str, Any] | None = None,
     ) -> None:
         self.models = models
         self.catalog = catalog
         self.max_items = max_items
+        bounds = bounds or {}
+        self.request_timeout_s = float(bounds.get("request_timeout_s", 300.0))
+        body_limits.configure(int(bounds.get("max_body_bytes", body_limits.DEFAULT_MAX_BODY_BYTES)))
         if api_token:
             # Serve freezes a copy of `api` (and this module's globals) when the class is
             # decorated, so the middleware cannot share a variable with us: the replica's own
@@ -304,19 +365,25 @@ class Gateway(OpenAIRoutes):
                 f"{items} inputs in one request; the limit is {self.max_items}",
             )
         method = endpoint_method(endpoint)
+        # The replica keeps the deadline too: it drops the work when it passes.
+        body = {**body, "deadline": time.time() + self.request_timeout_s}
+        response = getattr(handle, method).remote(body)
         try:
-            answer = await getattr(handle, method).remote(body)
-        except (
-            RayActorError,
-            ReplicaUnavailableError,
-            DeploymentUnavailableError,
-            BackPressureError,
-        ) as exc:
+            # On timeout or when the client leaves (Serve cancels this handler), the model's
+            # replica is told to drop the work: cancel() reaches its handler.
+            answer = await asyncio.wait_for(_result(response), self.request_timeout_s)
+        except TimeoutError:
+            response.cancel()
             raise ApiError(
-                503,
-                "unavailable",
-                f"model '{model}' is restarting or overloaded, retry: {type(exc).__name__}",
+                504,
+                "timeout",
+                f"model '{model}' did not answer within {self.request_timeout_s:g} s",
             ) from None
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
+        except (*UNAVAILABLE, BackPressureError) as exc:
+            raise _unavailable(model, exc) from None
         except RayTaskError as exc:  # a bug, not bad input: say so rather than hide it
             log.exception("model %s failed on /v1/%s", model, endpoint)
             raise ApiError(

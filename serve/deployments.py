@@ -11,6 +11,10 @@ Every endpoint works the same way:
 2. it then awaits the `@serve.batch` method, which gathers the inputs of all requests that
    arrived within `batch_wait_timeout_s` (up to `max_batch_size` requests), runs them as a few
    padded forward passes (nlm.inference) on one worker thread, and hands each request its rows.
+   A request whose compute (token positions x passes, `Engine.cost`) is over
+   `Limits.max_request_cost` is refused first; merged work runs in slices of at most
+   `Limits.max_slice_cost` positions (serve/replica.py), so a short request of another endpoint
+   waits for one slice, not for the whole call.
 3. Scoring, embedding, fill-mask: Serve's batcher forms the next batch while the current one
    runs (ray 2.60 waits for a free `max_concurrent_batches` slot only after forming it), so
    while one pass runs the arrivals pile up as several small batches. Before each engine call
@@ -28,38 +32,34 @@ Every endpoint works the same way:
    and batches small: 32 clients got 2.2 x the unbatched throughput, against 6.9 x now
    (docs/BENCHMARKS.md). `stats["generate"]` counts joins as `batches` (`largest_batch`: the
    most prompts joining at once) and decode `steps` (`largest_step`: the most rows in one step).
-A request may carry a list of inputs: batching is across requests and within them.
-
-Answers are plain dicts. Errors are returned as {"error": {...}, "status": n} values rather
-than raised, so they cross the Ray boundary as data and the gateway turns them into HTTP.
+A request may carry a list of inputs: batching is across requests and within them. The
+machinery shared with the fine-tuned-model server (worker thread, reconfigure, health check,
+merging, slicing, stats) is `Replica` (serve/replica.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import time
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import ray
-import torch
 from ray import serve
 
 from nlm.device import load_for_inference
 from nlm.inference import ContinuousGeneration, Engine, Limits, RequestError
 from nlm.serve.openai_server import OpenAIServing
 from nlm.serve.placement import replica_placement
-
-DEFAULT_MAX_BATCH_SIZE = 32
-DEFAULT_BATCH_WAIT_TIMEOUT_S = 0.01
-# A batch that runs longer than this means the worker thread is wedged: fail the health check
-# so Serve replaces the replica.
-STUCK_AFTER_S = 600.0
-# How long an engine call that is not full waits for more requests (module docstring, step 3).
-LINGER_FRACTION = 0.1
-MAX_LINGER_S = 0.1
+from nlm.serve.replica import (
+    DEFAULT_BATCH_WAIT_TIMEOUT_S,
+    DEFAULT_MAX_BATCH_SIZE,
+    DEPLOYMENT_OPTIONS,
+    Replica,
+    as_list,
+    error,
+    fail,
+    unsliced,
+)
 
 _batched = serve.batch(
     max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S
@@ -73,23 +73,33 @@ _batched_generation = serve.batch(
 )
 
 
-def error(code: str, message: str, status: int = 400) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message}, "status": status}
+class _Caller:
+    """The row futures of one generate request. Its handler cancels them when Serve cancels it
+    (the client left); rows that join later are cancelled as they join."""
+
+    def __init__(self) -> None:
+        self.futures: list[asyncio.Future] = []
+        self.cancelled = False
+
+    def track(self, future: asyncio.Future) -> asyncio.Future:
+        self.futures.append(future)
+        if self.cancelled:
+            future.cancel()
+        return future
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        for future in self.futures:
+            future.cancel()
 
 
-def as_list(value: str | list[str]) -> list[str]:
-    return [value] if isinstance(value, str) else list(value)
+@serve.deployment(**DEPLOYMENT_OPTIONS)
+class ModelServer(OpenAIServing, Replica):
+    """A language-model checkpoint's replica: /v1/generate, score, embed, fill-mask, neighbors
+    (module docstring). `limits`: nlm.inference.Limits fields."""
 
+    BATCHED = ("_generate_batch", "_score_batch", "_embed_batch", "_fill_mask_batch")
 
-@serve.deployment(
-    # Local sizes; serve/config.yaml carries the cluster's. max_ongoing_requests must stay
-    # >= max_batch_size or batches can never fill (ray-project/ray#43288).
-    ray_actor_options={"num_cpus": 0.25},
-    max_ongoing_requests=2 * DEFAULT_MAX_BATCH_SIZE,
-    health_check_period_s=5,
-    health_check_timeout_s=30,
-)
-class ModelServer(OpenAIServing):
     def __init__(
         self,
         name: str,
@@ -99,33 +109,11 @@ class ModelServer(OpenAIServing):
         device: str = "cpu",
         dtype: str = "float32",
     ) -> None:
-        # Default: as many torch threads as whole CPUs this replica reserved (at least one).
-        # Ray sets OMP_NUM_THREADS=1 for fractional actors, so say it explicitly either way.
-        if torch_threads is None:
-            reserved = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-            torch_threads = max(1, int(reserved))
-        torch.set_num_threads(torch_threads)
-        self.name = name
         # On the replica's GPU when it has one (nlm.serve.placement); checked before loading.
         checkpoint = load_for_inference(path, *replica_placement(device, dtype))
-        self.engine = Engine(checkpoint, Limits.from_dict(limits or {}, source="limits"))
-        # One worker thread runs every forward pass: the event loop stays free to accept (and
-        # batch) requests meanwhile, and two endpoints never fight over the cores.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"nlm-{name}")
-        self.max_batch_size = DEFAULT_MAX_BATCH_SIZE
-        self.batch_wait_timeout_s = DEFAULT_BATCH_WAIT_TIMEOUT_S
-        self.stats = {
-            e: {"requests": 0, "items": 0, "batches": 0, "largest_batch": 0}
-            for e in self.engine.endpoints
-        }
-        # Requests waiting for an engine call, per endpoint: (jobs, future of their answers).
-        self.waiting: dict[str, list[tuple[list[Any], asyncio.Future]]] = {
-            e: [] for e in self.engine.endpoints
-        }
-        self.engine_lock = asyncio.Lock()  # one engine call at a time (one worker thread)
-        self.arrived = {e: asyncio.Event() for e in self.engine.endpoints}
-        self.last_call_s = dict.fromkeys(self.engine.endpoints, 0.0)
-        self.busy_since: float | None = None
+        engine = Engine(checkpoint, Limits.from_dict(limits or {}, source="limits"))
+        super().__init__(name, engine.endpoints, torch_threads)
+        self.engine = engine
         # Continuous generation (module docstring, step 4): jobs waiting to join, the running
         # rows' (job, future) by key, and the task that steps them.
         self.joining: list[tuple[Any, asyncio.Future]] = []
@@ -136,75 +124,64 @@ class ModelServer(OpenAIServing):
             self.stats["generate"].update(steps=0, largest_step=0)
         self._init_openai()  # /v1/completions, metrics (serve/openai_server.py)
 
-    def reconfigure(self, config: dict[str, Any]) -> None:
-        """user_config: {max_batch_size, batch_wait_timeout_s}; max_batch_size 1 = no batching."""
-        unknown = set(config) - {"max_batch_size", "batch_wait_timeout_s"}
-        if unknown:
-            raise ValueError(f"user_config: unknown field(s) {sorted(unknown)}")
-        self.max_batch_size = int(config.get("max_batch_size", self.max_batch_size))
-        self.batch_wait_timeout_s = float(
-            config.get("batch_wait_timeout_s", self.batch_wait_timeout_s)
-        )
-        for method in (
-            self._generate_batch,
-            self._score_batch,
-            self._embed_batch,
-            self._fill_mask_batch,
-        ):
-            method.set_max_batch_size(self.max_batch_size)
-            method.set_batch_wait_timeout_s(self.batch_wait_timeout_s)
-
-    def check_health(self) -> None:
-        if self.busy_since is not None and time.monotonic() - self.busy_since > STUCK_AFTER_S:
-            raise RuntimeError(f"a batch has been running for over {STUCK_AFTER_S:.0f} s")
-
     async def info(self) -> dict[str, Any]:
-        context = serve.get_replica_context()
-        return {
-            "name": self.name,
-            **self.engine.info(),
-            "replica": {
-                "pid": os.getpid(),
-                "replica_id": context.replica_id.unique_id,
-                "max_batch_size": self.max_batch_size,
-                "batch_wait_timeout_s": self.batch_wait_timeout_s,
-                "stats": self.stats,
-            },
-        }
+        return {"name": self.name, **self.engine.info(), "replica": self.replica_info()}
 
     # ---- the endpoints (one call per HTTP request)
 
     async def generate(self, body: dict[str, Any]) -> dict[str, Any]:
         params = {k: body[k] for k in ("temperature", "top_k", "top_p", "seed", "stop_at_eos")}
-        return await self._serve(
-            body["prompt"],
-            lambda p: self.engine.generation_job(p, body["max_tokens"], **params),
-            self._generate_batch,
-        )
+        caller = _Caller()
+        try:
+            answer = await self._serve(
+                body["prompt"],
+                lambda p: self.engine.generation_job(p, body["max_tokens"], **params),
+                lambda jobs: self._generate_batch((caller, jobs)),
+                body.get("deadline"),
+            )
+        except asyncio.CancelledError:  # the client left: its rows stop at the next step
+            caller.cancel()
+            raise
+        if "error" in answer:
+            caller.cancel()  # past its deadline: its rows stop at the next step
+        return answer
 
     async def score(self, body: dict[str, Any]) -> dict[str, Any]:
-        return await self._serve(body["text"], self.engine.score_job, self._score_batch)
+        return await self._serve(
+            body["text"], self.engine.score_job, self._score_batch, body.get("deadline")
+        )
 
     async def embed(self, body: dict[str, Any]) -> dict[str, Any]:
-        return await self._serve(body["texts"], self.engine.embed_job, self._embed_batch)
+        return await self._serve(
+            body["texts"], self.engine.embed_job, self._embed_batch, body.get("deadline")
+        )
 
     async def fill_mask(self, body: dict[str, Any]) -> dict[str, Any]:
         return await self._serve(
             body["text"],
             lambda t: self.engine.fill_mask_job(t, body["top_k"]),
             self._fill_mask_batch,
+            body.get("deadline"),
         )
 
     async def neighbors(self, body: dict[str, Any]) -> dict[str, Any]:
         try:
-            found = await self._compute(self.engine.neighbors, body["word"], body["k"])
+            async with self.engine_lock:
+                found = await self._compute(self.engine.neighbors, body["word"], body["k"])
         except RequestError as exc:
             return error(exc.code, str(exc), exc.status)
         return {"neighbors": found}
 
     async def _serve(
-        self, inputs: str | list[str], prepare: Callable[[str], Any], batched: Callable
+        self,
+        inputs: str | list[str],
+        prepare: Callable[[str], Any],
+        batched: Callable,
+        deadline: float | None = None,
     ) -> dict[str, Any]:
+        """Check and prepare every input, then await the batched answers until `deadline`
+        (epoch seconds, set by the gateway from its request_timeout_s; None: no limit). The
+        replica keeps the deadline itself rather than rely on the gateway's cancellation."""
         texts = as_list(inputs)
         limit = self.engine.limits.max_items
         if len(texts) > limit:
@@ -213,135 +190,52 @@ class ModelServer(OpenAIServing):
             )
         try:
             jobs = [prepare(t) for t in texts]
+            self.engine.check_budget(jobs)
         except RequestError as exc:
             return error(exc.code, str(exc), exc.status)
-        return {"results": await batched(jobs)}
+        if deadline is None:
+            return {"results": await batched(jobs)}
+        try:
+            return {"results": await asyncio.wait_for(batched(jobs), deadline - time.time())}
+        except TimeoutError:
+            return error("timeout", "the request ran past the server's request_timeout_s", 504)
 
     # ---- the batched halves: a list of requests (each a list of jobs) -> a list of answers
 
-    async def _run_batch(
-        self, endpoint: str, requests: list[list[Any]], run: Callable[[list[Any]], list[Any]]
-    ) -> list[list[Any]]:
-        stats = self._count_arrivals(endpoint, requests)
-        if self.max_batch_size > 1:
-            return await self._merged(endpoint, requests, run)
-        # Batching off: one input per forward pass, like a server without batching.
-        out = []
-        for jobs in requests:
-            stats["batches"] += 1
-            stats["largest_batch"] = max(stats["largest_batch"], 1)
-            answers = []
-            for job in jobs:
-                answers.extend(await self._compute(run, [job]))
-            out.append(answers)
-        return out
-
-    def _count_arrivals(self, endpoint: str, requests: list[list[Any]]) -> dict[str, int]:
-        stats = self.stats[endpoint]
-        stats["requests"] += len(requests)
-        stats["items"] += sum(len(jobs) for jobs in requests)
-        return stats
-
-    async def _merged(
-        self, endpoint: str, requests: list[list[Any]], run: Callable[[list[Any]], list[Any]]
-    ) -> list[list[Any]]:
-        """Run `requests` together with every request of `endpoint` still waiting (step 3 of
-        the module docstring); the first batch to get the engine answers the others' too."""
-        loop = asyncio.get_running_loop()
-        mine = [(jobs, loop.create_future()) for jobs in requests]
-        self.waiting[endpoint].extend(mine)
-        self.arrived[endpoint].set()
-        stats = self.stats[endpoint]
-
-        def answered() -> bool:
-            return all(future.done() for _, future in mine)
-
-        while not answered():
-            async with self.engine_lock:
-                if answered():  # the lock's previous holder took ours along
-                    break
-                await self._linger(endpoint)
-                queue = self.waiting[endpoint]
-                taken, self.waiting[endpoint] = (
-                    queue[: self.max_batch_size],
-                    queue[self.max_batch_size :],
-                )
-                if not taken:  # ours are pending, so they are queued; never spin on it
-                    raise RuntimeError(f"{endpoint}: a request was lost from the batch queue")
-                stats["batches"] += 1
-                stats["largest_batch"] = max(stats["largest_batch"], len(taken))
-                flat = [job for jobs, _ in taken for job in jobs]
-                started = time.monotonic()
-                try:
-                    answers = await self._compute(run, flat)  # the engine pads and chunks
-                except asyncio.CancelledError:
-                    # This request was cancelled (its client left): the others it took go back
-                    # to the front of the queue for the next engine call.
-                    self.waiting[endpoint][:0] = [t for t in taken if not t[1].done()]
-                    raise
-                except Exception as exc:  # noqa: BLE001 - every waiter must hear of it
-                    _fail(taken, exc)
-                    continue
-                self.last_call_s[endpoint] = time.monotonic() - started
-                start = 0
-                for jobs, future in taken:
-                    if not future.done():
-                        future.set_result(answers[start : start + len(jobs)])
-                    start += len(jobs)
-        return [future.result() for _, future in mine]
-
-    async def _linger(self, endpoint: str) -> None:
-        """Wait for more requests before an engine call that is not full (module docstring)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + min(MAX_LINGER_S, LINGER_FRACTION * self.last_call_s[endpoint])
-        while len(self.waiting[endpoint]) < self.max_batch_size:
-            left = deadline - loop.time()
-            if left <= 0:
-                return
-            self.arrived[endpoint].clear()
-            try:
-                await asyncio.wait_for(self.arrived[endpoint].wait(), left)
-            except TimeoutError:
-                return
-
-    async def _compute(self, fn: Callable, *args: Any) -> Any:
-        def timed() -> Any:
-            self.busy_since = time.monotonic()
-            try:
-                return fn(*args)
-            finally:
-                self.busy_since = None
-
-        return await asyncio.get_running_loop().run_in_executor(self.executor, timed)
-
     @_batched_generation
-    async def _generate_batch(self, requests: list[list[Any]]) -> list[list[Any]]:
+    async def _generate_batch(self, requests: list[tuple[_Caller, list[Any]]]) -> list[list[Any]]:
         if self.max_batch_size == 1:  # batching off: one prompt at a time, start to end
-            return await self._run_batch("generate", requests, self.engine.generate)
+            return await self._run_batch(
+                "generate", [jobs for _, jobs in requests], unsliced(self.engine.generate)
+            )
         return await self._join_generation(requests)
 
-    async def _join_generation(self, requests: list[list[Any]]) -> list[list[Any]]:
+    async def _join_generation(self, requests: list[tuple[_Caller, list[Any]]]) -> list[list[Any]]:
         """Add the requests' jobs to the continuous generation; their answers when done."""
-        self._count_arrivals("generate", requests)
+        self._count_arrivals("generate", [jobs for _, jobs in requests])
         loop = asyncio.get_running_loop()
-        mine = [[(job, loop.create_future()) for job in jobs] for jobs in requests]
+        mine = [
+            [(job, caller.track(loop.create_future())) for job in jobs] for caller, jobs in requests
+        ]
         self.joining.extend(pair for pairs in mine for pair in pairs)
         if self.generation_task is None or self.generation_task.done():
             self.generation_task = asyncio.create_task(self._generation_loop())
-        try:
-            return [[await future for _, future in pairs] for pairs in mine]
-        except asyncio.CancelledError:  # the callers left: their rows stop at the next step
-            for pairs in mine:
-                for _, future in pairs:
-                    future.cancel()
-            raise
+        # Each request's own answers: a request whose caller left gets its CancelledError
+        # without failing the others of this batch.
+        answers = await asyncio.gather(
+            *(asyncio.gather(*(f for _, f in pairs)) for pairs in mine), return_exceptions=True
+        )
+        for answer in answers:
+            if isinstance(answer, BaseException) and not isinstance(answer, asyncio.CancelledError):
+                raise answer  # a failed step: every request of the batch hears of it
+        return [None if isinstance(a, BaseException) else a for a in answers]
 
     async def _generation_loop(self) -> None:
         """Step the continuous generation while it has rows or jobs waiting to join."""
         try:
             await self._step_generation()
         except BaseException as exc:  # a bug here must not leave requests waiting forever
-            _fail([*self.running.values(), *self.joining], exc)
+            fail([*self.running.values(), *self.joining], exc)
             self.running.clear()
             self.joining.clear()
             raise
@@ -355,7 +249,11 @@ class ModelServer(OpenAIServing):
                 del self.running[key]
             self.joining = [(job, f) for job, f in self.joining if not f.done()]
             staying = len(generation) - len(gone)
-            n = self.engine.admissible(staying, [job for job, _ in self.joining])
+            n = self.engine.admissible(
+                staying,
+                [job for job, _ in self.joining],
+                [job for job, _ in self.running.values()],
+            )
             n = self._admission_cap(staying, n)  # batching off: one row at a time
             admitted, self.joining = self.joining[:n], self.joining[n:]
             keys = list(range(self.next_key, self.next_key + n))
@@ -364,6 +262,8 @@ class ModelServer(OpenAIServing):
             if admitted:
                 stats["batches"] += 1
                 stats["largest_batch"] = max(stats["largest_batch"], n)
+            if not generation and not admitted:  # every joining row's caller left
+                continue
             stats["steps"] += 1
             stats["largest_step"] = max(stats["largest_step"], staying + n)
             try:
@@ -371,7 +271,7 @@ class ModelServer(OpenAIServing):
                     _advance, generation, [job for job, _ in admitted], keys, gone
                 )
             except Exception as exc:  # noqa: BLE001 - every running request must hear of it
-                _fail(self.running.values(), exc)
+                fail(self.running.values(), exc)
                 self.running.clear()
                 generation = self._new_generation()
                 continue
@@ -385,22 +285,15 @@ class ModelServer(OpenAIServing):
 
     @_batched
     async def _score_batch(self, requests: list[list[Any]]) -> list[list[Any]]:
-        return await self._run_batch("score", requests, self.engine.score)
+        return await self._run_batch("score", requests, self.engine.score_slices)
 
     @_batched
     async def _embed_batch(self, requests: list[list[Any]]) -> list[list[Any]]:
-        return await self._run_batch("embed", requests, self.engine.embed)
+        return await self._run_batch("embed", requests, self.engine.embed_slices)
 
     @_batched
     async def _fill_mask_batch(self, requests: list[list[Any]]) -> list[list[Any]]:
-        return await self._run_batch("fill-mask", requests, self.engine.fill_mask)
-
-
-def _fail(waiting: Iterable[tuple[Any, asyncio.Future]], exc: BaseException) -> None:
-    """Hand `exc` to every (job, future) pair still waiting for its answer."""
-    for _, future in waiting:
-        if not future.done():
-            future.set_exception(exc)
+        return await self._run_batch("fill-mask", requests, self.engine.fill_mask_slices)
 
 
 def _advance(
@@ -419,4 +312,10 @@ def endpoint_method(endpoint: str) -> str:
     return endpoint.replace("-", "_")
 
 
-__all__: Sequence[str] = ["ModelServer", "endpoint_method", "error"]
+__all__: Sequence[str] = [
+    "DEFAULT_BATCH_WAIT_TIMEOUT_S",
+    "DEFAULT_MAX_BATCH_SIZE",
+    "ModelServer",
+    "endpoint_method",
+    "error",
+]

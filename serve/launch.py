@@ -28,7 +28,17 @@ LOCAL_DEFAULTS: dict[str, Any] = {
     "num_cpus": 0.25,
     "torch_threads": None,
     "num_replicas": 1,
-    "limits": {"max_input_tokens": 512, "max_new_tokens": 256, "max_items": 64},
+    "limits": {
+        "max_input_tokens": 512,
+        "max_new_tokens": 256,
+        "max_items": 64,
+        "max_request_cost": 2**17,
+        "max_slice_cost": 2**14,
+        "max_cache_bytes": 2**31,
+    },
+    "max_body_bytes": 4 * 1024 * 1024,
+    "request_timeout_s": 300.0,
+    "max_queued_requests": 256,
 }
 
 

@@ -43,6 +43,20 @@ from nlm.serve.schemas import ModelsResponse
 log = logging.getLogger(__name__)
 router = APIRouter()
 STARTED = int(time.time())  # `created` of every model: when this gateway started
+INFO_TIMEOUT_S = 10.0  # GET /v1/models waits this long for each model's replica
+_UNAVAILABLE = (
+    RayActorError,
+    ReplicaUnavailableError,
+    DeploymentUnavailableError,
+    BackPressureError,
+)
+
+
+async def _awaited(response: Any) -> Any:
+    """Await a DeploymentResponse (asyncio.wait_for wants a coroutine)."""
+    return await response
+
+
 _model_of_request: contextvars.ContextVar[str] = contextvars.ContextVar("model", default="")
 UNAVAILABLE = (
     RayActorError,
@@ -295,16 +309,26 @@ class OpenAIRoutes:
     # ---- models
 
     async def _models(self, only: str | None = None) -> dict[str, Any]:
+        """Every model (or `only`): those that answer within INFO_TIMEOUT_S with their details,
+        the others (a replica restarting, or too busy) marked `available: false`."""
+
+        async def one(name: str) -> dict[str, Any]:
+            response = self.models[name].info.remote()
+            try:
+                info = await asyncio.wait_for(_awaited(response), INFO_TIMEOUT_S)
+            except (*_UNAVAILABLE, TimeoutError) as exc:
+                response.cancel()
+                info = {
+                    "name": name,
+                    "available": False,
+                    "family": self.catalog[name]["family"],
+                    "endpoints": self.catalog[name]["endpoints"],
+                    "reason": f"{type(exc).__name__}: restarting or busy, retry",
+                }
+            return {"id": name, "object": "model", "created": STARTED, "owned_by": "nlm"} | info
+
         names = [only] if only else list(self.models)
-        infos = await asyncio.gather(*(self.models[n].info.remote() for n in names))
-        return {
-            "object": "list",
-            "data": [
-                {"id": info["name"], "object": "model", "created": STARTED, "owned_by": "nlm"}
-                | info
-                for info in infos
-            ],
-        }
+        return {"object": "list", "data": await asyncio.gather(*(one(n) for n in names))}
 
     @router.get("/v1/models", tags=["openai"], response_model=ModelsResponse)
     async def list_models(self) -> Any:

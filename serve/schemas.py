@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from nlm.models import FAMILIES
 
@@ -20,8 +20,11 @@ Family = Literal[tuple(FAMILIES)]  # type: ignore[valid-type]
 ModelName = Annotated[
     str, Field(min_length=1, max_length=128, description="a name from GET /v1/models")
 ]
+# Every string and list is bounded here, so no body parses into more than these allow (the
+# gateway's body limit bounds the bytes before that; Limits bound what a model runs after).
+MAX_LIST = 1024  # inputs in one request's list (Limits.max_items is the deployed, smaller bound)
 Text = Annotated[str, Field(max_length=100_000)]
-OneOrMany = Text | Annotated[list[Text], Field(min_length=1, max_length=1024)]
+OneOrMany = Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_LIST)]
 
 
 class _Strict(BaseModel):
@@ -43,11 +46,21 @@ class ErrorResponse(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": what}
     for status, what in [
-        (400, "bad input: empty, too long, too many tokens or items, wrong model family"),
+        (
+            400,
+            "bad input: empty, too long, too many tokens or items, over the compute or cache "
+            "budget (over_budget), wrong model family",
+        ),
         (401, "missing or wrong bearer token (only when NLM_API_TOKEN is set)"),
         (404, "unknown model or word"),
+        (413, "the body is over the server's max_body_bytes (body_too_large)"),
         (422, "the body does not match the schema (wrong type, unknown field, out of range)"),
-        (503, "the model's replica is restarting; retry"),
+        (
+            503,
+            "the model's replica is restarting (unavailable) or its queue is full (overloaded); "
+            "retry after the Retry-After header's seconds",
+        ),
+        (504, "the model did not answer within the server's request_timeout_s (timeout)"),
     ]
 }
 
@@ -105,6 +118,12 @@ class EndpointStats(BaseModel):
     cancelled: int | None = Field(
         None, description="generate: streamed rows dropped because their client went away"
     )
+    slices: int | None = Field(
+        None, description="engine slices run (long work is split; Limits.max_slice_cost)"
+    )
+    largest_slice: int | None = Field(
+        None, description="most token positions in one slice (fine-tuned models: inputs)"
+    )
 
 
 class ReplicaInfo(BaseModel):
@@ -117,6 +136,7 @@ class ReplicaInfo(BaseModel):
 
 class ModelInfo(BaseModel):
     name: str
+    available: Literal[True] = True
     family: Family
     endpoints: list[str]
     parameters: int
@@ -143,20 +163,33 @@ class ModelInfo(BaseModel):
     )
 
 
-class ModelEntry(ModelInfo):
-    """One entry of GET /v1/models: OpenAI's fields, then nlm's metadata."""
-
+class _OpenAIModel(BaseModel):
     id: str = Field(description="the model's name (what requests send as 'model')")
     object: Literal["model"]
     created: int = Field(description="unix time the gateway started")
     owned_by: str
 
 
+class ModelEntry(_OpenAIModel, ModelInfo):
+    """One entry of GET /v1/models: OpenAI's fields, then nlm's metadata."""
+
+
+class UnavailableModel(_OpenAIModel):
+    """A model whose replica did not answer in time (restarting, or too busy): listed, marked."""
+
+    name: str
+    available: Literal[False] = Field(description="its replica did not answer: retry later")
+    family: Family
+    endpoints: list[str]
+    reason: str
+
+
 class ModelsResponse(BaseModel):
-    """OpenAI's model list (`client.models.list()` reads it)."""
+    """OpenAI's model list (`client.models.list()` reads it); models that do not answer are
+    listed with `available: false` instead of failing the whole list."""
 
     object: Literal["list"]
-    data: list[ModelEntry]
+    data: list[ModelEntry | UnavailableModel]
 
 
 class Generation(BaseModel):
@@ -235,6 +268,85 @@ class NeighborsResponse(BaseModel):
     model: str
     word: str
     neighbors: list[Neighbor]
+
+
+# ---------------------------------------------------------------- fine-tuned models (serve/tasks.py)
+
+Token = Annotated[str, Field(min_length=1, max_length=100)]
+Tokens = Annotated[list[Token], Field(min_length=1, max_length=16_384)]
+
+
+class ClassifyRequest(_Strict):
+    model: ModelName
+    text: OneOrMany = Field(description="a text, or a list answered together")
+    text_b: OneOrMany | None = Field(
+        None,
+        description="second texts of pairs (joined with the separator token): same shape as text",
+    )
+
+    @model_validator(mode="after")
+    def _pairs_match(self) -> ClassifyRequest:
+        if self.text_b is not None and isinstance(self.text, str) != isinstance(self.text_b, str):
+            raise ValueError("text_b must have the shape of text (both strings or both lists)")
+        if isinstance(self.text_b, list) and len(self.text_b) != len(self.text):
+            raise ValueError("text_b must have as many items as text")
+        return self
+
+
+class Classification(BaseModel):
+    label: str | int
+    score: float = Field(description="the probability of the label")
+    probs: dict[str, float] = Field(description="every label's probability")
+
+
+class ClassifyResponse(Classification):
+    model: str
+
+
+class ClassifyBatchResponse(BaseModel):
+    model: str
+    results: list[Classification]
+
+
+class TagRequest(_Strict):
+    model: ModelName
+    text: OneOrMany | None = Field(None, description="raw text: each character is a token")
+    tokens: Tokens | Annotated[list[Tokens], Field(min_length=1, max_length=MAX_LIST)] | None = (
+        Field(None, description="pre-split tokens, or a list of such sequences")
+    )
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TagRequest:
+        if (self.text is None) == (self.tokens is None):
+            raise ValueError("give exactly one of text and tokens")
+        return self
+
+    @property
+    def inputs(self) -> str | list:
+        return self.text if self.text is not None else self.tokens  # type: ignore[return-value]
+
+    @property
+    def batched(self) -> bool:
+        if self.text is not None:
+            return isinstance(self.text, list)
+        return isinstance(self.tokens[0], list)  # type: ignore[index]
+
+
+class Tagging(BaseModel):
+    tokens: list[str]
+    tags: list[str]
+    words: list[str] | None = Field(
+        None, description="the segmentation (B/M/E/S models, text input)"
+    )
+
+
+class TagResponse(Tagging):
+    model: str
+
+
+class TagBatchResponse(BaseModel):
+    model: str
+    results: list[Tagging]
 
 
 class Health(BaseModel):

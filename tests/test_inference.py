@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nlm.checkpoint import load_checkpoint, save_checkpoint
-from nlm.inference import Engine, Limits, RequestError
+from nlm.inference import Engine, Limits, RequestError, next_slice
 from nlm.models import build_model
 from nlm.tokenizers import train_tokenizer
 from nlm.tokenizers.base import EOS_ID, MASK_ID, SPECIAL_TOKENS
@@ -187,6 +187,62 @@ def test_admission_respects_row_and_memory_limits(engines):
     assert Engine(engine.checkpoint, big).admissible(0, jobs) == 1
 
 
+def test_compute_cost_counts_passes_and_the_budget_refuses(engines):
+    bert, gpt = engines["bert"], engines["gpt"]
+    job = bert.score_job(TEXTS[1])  # [CLS] + 12 tokens + [SEP]: 12 masked copies of 14
+    assert bert.cost(job) == 12 * 14 and bert.cost(bert.embed_job(TEXTS[1])) == 14
+    assert gpt.cost(gpt.score_job(TEXTS[1])) == 13
+    assert gpt.cost(gpt.generation_job("the lobster", 8)) == 3 + 8
+    tight = Engine(bert.checkpoint, Limits(max_request_cost=2 * 12 * 14))
+    tight.check_budget([job, job])  # at the limit: fine
+    with pytest.raises(RequestError) as err:
+        tight.check_budget([job, job, job])
+    assert err.value.code == "over_budget" and err.value.status == 400
+    assert str(3 * 12 * 14) in str(err.value) and str(2 * 12 * 14) in str(err.value)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt"])
+def test_sliced_work_stays_within_the_slice_and_answers_the_same(engines, family):
+    engine = engines[family]
+    sliced = Engine(engine.checkpoint, Limits(max_slice_cost=32))
+    jobs = [engine.score_job(t) for t in TEXTS]
+    work, costs = sliced.score_slices(jobs), []
+    while True:
+        done, value = next_slice(work)
+        if done:
+            break
+        costs.append(value)
+    longest = max(len(j.ids) for j in jobs)
+    assert len(costs) > 1 and all(c <= max(32, longest) for c in costs)
+    if family == "bert":  # one masked copy per text token
+        assert len(costs) >= sum(len(j.ids) - 2 for j in jobs) // (32 // longest or 1) // 2
+    for a, b in zip(value, engine.score(jobs), strict=True):
+        assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-3)
+
+
+def test_cache_bytes_are_measured_per_family(engines):
+    gpt, lstm = engines["gpt"], engines["lstm"]
+    config = gpt.model.config
+    per_position = config.n_layer * 2 * config.n_embd * 4  # keys and values, float32
+    assert gpt.cache_bytes(1, 11) - gpt.cache_bytes(1, 10) == per_position
+    assert gpt.cache_bytes(3, 10) == 3 * gpt.cache_bytes(1, 10)
+    assert lstm.cache_bytes(1, 500) == lstm.cache_bytes(1, 5) > 0  # a state, whatever the length
+
+
+def test_admission_respects_the_cache_budget(engines):
+    engine = engines["gpt"]
+    jobs = [engine.generation_job("the lobster", 8) for _ in range(5)]
+    width = len(jobs[0].ids) + 8
+    tight = Engine(engine.checkpoint, Limits(max_cache_bytes=engine.cache_bytes(3, width)))
+    assert tight.admissible(0, jobs) == 3
+    assert tight.admissible(2, jobs, jobs[:2]) == 1
+    assert tight.admissible(3, jobs, jobs[:3]) == 0
+    longer = engine.generation_job("the lobster", 40)
+    with pytest.raises(RequestError) as err:  # it alone needs more than the budget
+        tight.check_budget([longer])
+    assert err.value.code == "over_budget" and "cache" in str(err.value)
+
+
 def test_seed_reproduces_and_differs(engines):
     engine = engines["lstm"]
     first = engine.generate([engine.generation_job("the lobster", 12, seed=5)])[0]
@@ -223,6 +279,19 @@ def test_neighbors_use_the_study_helpers(engines):
     found = engines["fnn"].neighbors("lobster", 3)
     assert len(found) == 3 and all(-1 <= n["cosine"] <= 1 for n in found)
     assert "lobster" not in [n["token"] for n in found]
+
+
+def test_neighbors_build_the_unit_table_once_per_engine(engines):
+    from nlm.wordvectors import neighbors
+
+    engine = engines["lstm"]
+    first = engine.neighbors("lobster", 4)
+    table = engine._unit_vectors
+    assert table is not None and table.dtype == torch.float32
+    assert engine.neighbors("the", 4) and engine._unit_vectors is table  # not rebuilt
+    expected = neighbors(engine.model, engine.tokenizer, "lobster", k=4)
+    assert [n["token"] for n in first] == [t for t, _ in expected]
+    assert [n["cosine"] for n in first] == pytest.approx([c for _, c in expected], abs=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -390,7 +390,8 @@ def test_killed_replica_is_replaced_under_load(server, client):
             assert time.monotonic() < deadline, f"no new lstm replica; statuses {statuses[-20:]}"
             response = client.get("/v1/models")
             if response.status_code == 200:
-                pid = {m["name"]: m for m in response.json()["data"]}["lstm"]["replica"]["pid"]
+                lstm = {m["name"]: m for m in response.json()["data"]}["lstm"]
+                pid = lstm["replica"]["pid"] if lstm.get("available", True) else old_pid
                 if (
                     pid != old_pid
                     and client.post("/v1/score", json={"model": "lstm", "text": "a"}).status_code

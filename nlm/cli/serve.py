@@ -72,15 +72,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_device_arguments(parser)
     limits = parser.add_argument_group("request limits")
-    for field, help_text in (
-        ("max_input_tokens", "tokens per input"),
-        ("max_new_tokens", "tokens generated per input"),
-        ("max_items", "inputs per request"),
+    for field, kind, help_text in (
+        ("max_input_tokens", int, "tokens per input"),
+        ("max_new_tokens", int, "tokens generated per input"),
+        ("max_items", int, "inputs per request"),
+        (
+            "max_request_cost",
+            int,
+            "token positions of model compute per request (bert scoring: tokens x length per "
+            "text); over it: 400 over_budget",
+        ),
+        ("max_slice_cost", int, "token positions per engine call; longer work is split"),
+        (
+            "max_cache_bytes",
+            int,
+            "generation cache (keys/values, states) of a replica's running rows; more rows wait "
+            "to join",
+        ),
     ):
         limits.add_argument(
             "--" + field.replace("_", "-"),
-            type=int,
+            type=kind,
             default=D["limits"][field],
+            help=f"{help_text} (default %(default)s)",
+        )
+    for field, kind, help_text in (
+        ("max_body_bytes", int, "request body limit; larger bodies get 413 unread"),
+        (
+            "request_timeout_s",
+            float,
+            "a request not answered by then gets 504 and its work is dropped",
+        ),
+        (
+            "max_queued_requests",
+            int,
+            "requests waiting per model beyond its replicas' capacity; more get 503 with "
+            "Retry-After",
+        ),
+    ):
+        limits.add_argument(
+            "--" + field.replace("_", "-"),
+            type=kind,
+            default=D[field],
             help=f"{help_text} (default %(default)s)",
         )
     parser.add_argument(
@@ -104,7 +137,13 @@ def app_args(args: argparse.Namespace) -> dict:
             "max_input_tokens": args.max_input_tokens,
             "max_new_tokens": args.max_new_tokens,
             "max_items": args.max_items,
+            "max_request_cost": args.max_request_cost,
+            "max_slice_cost": args.max_slice_cost,
+            "max_cache_bytes": args.max_cache_bytes,
         },
+        "max_body_bytes": args.max_body_bytes,
+        "request_timeout_s": args.request_timeout_s,
+        "max_queued_requests": args.max_queued_requests,
     }
 
 
@@ -129,6 +168,12 @@ def check_args(args: argparse.Namespace) -> None:
             not (args.device == "cuda" and args.replica_gpus == 0),
             "--replica-gpus 0: --device cuda needs a GPU share per replica (e.g. 0.25)",
         ),
+        (args.max_request_cost >= 1, "--max-request-cost: must be >= 1"),
+        (args.max_slice_cost >= 1, "--max-slice-cost: must be >= 1"),
+        (args.max_cache_bytes >= 1, "--max-cache-bytes: must be >= 1"),
+        (args.max_body_bytes >= 1, "--max-body-bytes: must be >= 1"),
+        (args.request_timeout_s > 0, "--request-timeout-s: must be > 0"),
+        (args.max_queued_requests >= 1, "--max-queued-requests: must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:
