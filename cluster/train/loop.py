@@ -39,7 +39,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nlm.cluster.train.base_loop import Interval, Progress, TrainingLoop, _NoProgress
+from nlm.cluster.train.base_loop import (
+    Interval,
+    Progress,
+    TrainingLoop,
+    _NoProgress,
+    use_own_extensions_dir,
+)
 from nlm.cluster.train.batches import (
     Batch,
     Chunk,
@@ -524,6 +530,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("usage: python -m nlm.cluster.train.loop CONFIG.yaml (under torchrun)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     os.environ.setdefault("DS_ACCELERATOR", device)
+    use_own_extensions_dir()
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
