@@ -203,6 +203,22 @@ def test_plan_refuses_an_existing_run_without_resume(tmp_path, shards):
         plan_run(cfg)
 
 
+def test_resume_refuses_a_checkpoint_of_another_scale(tmp_path, shards):
+    """workers and zero_stage live in the scale section; the resume check still sees them."""
+    import json
+
+    cfg = config(shards, tmp_path, resume=True, zero_stage=2)
+    step = Path(cfg.out) / "checkpoints" / "step_00000010"
+    step.mkdir(parents=True)
+    meta = {"step": 10, "model": "gpt", "preset": "tiny", "workers": 3, "zero_stage": 2}
+    (step / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(NLMError, match="workers=3"):
+        plan_run(cfg)
+    (step / "meta.json").write_text(json.dumps({**meta, "workers": 2, "zero_stage": 1}))
+    with pytest.raises(NLMError, match="zero_stage=1"):
+        plan_run(cfg)
+
+
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, shards):
     """The real CLI in a subprocess: an unknown preset fails before Ray starts."""
     env = {**os.environ, "RAY_ADDRESS": ""}

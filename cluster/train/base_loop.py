@@ -91,10 +91,7 @@ class TrainingLoop:
         warnings.filterwarnings(
             "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
         )
-        # DeepSpeed JIT-builds its CPU communication op into torch's shared extension cache; a
-        # program building it with other flags makes the next run rebuild it (minutes on a
-        # busy 2-core machine). nlm keeps its own copy.
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
+        use_own_extensions_dir()
         self.config = config
         self.max_steps, self.eval_every = max_steps, eval_every
         self.rank, self.world_size, self.device = rank, world_size, device
@@ -258,12 +255,14 @@ class TrainingLoop:
         return diff
 
 
-def extensions_dir() -> Path:
-    """Where DeepSpeed JIT-builds its CPU communication op (TORCH_EXTENSIONS_DIR): nlm's own
-    cache, so that another program building it with other flags does not force a rebuild."""
+def use_own_extensions_dir() -> None:
+    """Build DeepSpeed's JIT ops (its CPU communication op, built by `init_distributed`) in
+    nlm's cache, not torch's shared one: a program building them with other flags makes the
+    next run rebuild them (minutes on a busy 2-core machine), and a build killed there leaves a
+    lock file every later build waits on. Call it before `deepspeed.init_distributed`."""
     from nlm.corpora import cache_dir
 
-    return cache_dir() / "torch_extensions"
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
 
 
 class _NoProgress:

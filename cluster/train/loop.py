@@ -44,7 +44,7 @@ from nlm.cluster.train.base_loop import (
     Progress,
     TrainingLoop,
     _NoProgress,
-    extensions_dir,
+    use_own_extensions_dir,
 )
 from nlm.cluster.train.batches import (
     Batch,
@@ -528,8 +528,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("usage: python -m nlm.cluster.train.loop CONFIG.yaml (under torchrun)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     os.environ.setdefault("DS_ACCELERATOR", device)
-    # init_distributed builds DeepSpeed's CPU comm op: into nlm's cache, as Trainer does.
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
+    use_own_extensions_dir()
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")

@@ -161,11 +161,12 @@ def list_checkpoints(storage: str) -> list[dict[str, Any]]:
 
 def _check_resumable(meta: dict[str, Any], config: TrainConfig) -> None:
     where = meta["path"]
+    flat = config.flat_dict()
     for field in ("model", "preset", "workers", "zero_stage"):
-        if meta.get(field) != getattr(config, field):
+        if meta.get(field) != flat[field]:
             raise NLMError(
                 f"{where}: was written with {field}={meta.get(field)!r}; resuming needs the same "
-                f"{field} (got {getattr(config, field)!r}): DeepSpeed's sharded optimizer state "
+                f"{field} (got {flat[field]!r}): DeepSpeed's sharded optimizer state "
                 "is laid out for it"
             )
     if meta["step"] >= config.max_steps:
