@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 
 from nlm.sampling import filter_logits, sample_next
@@ -32,3 +38,175 @@ def test_tiny_top_p_generate_equals_greedy():
     tiny = model.generate(prompt, 6, top_p=1e-300, generator=torch.Generator().manual_seed(1))
     assert torch.equal(tiny[0], greedy[0])
 
+
+# --- 11-13. corpus input faults --------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def nlm_cli(*args: str, timeout: float = 240, env: dict | None = None):
+    run_env = dict(os.environ if env is None else env)
+    run_env.pop("RAY_ADDRESS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "nlm", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=run_env,
+        cwd=REPO,
+    )
+
+
+def assert_one_line_error(result, *fragments: str) -> str:
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith("nlm: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def _ptb_lines(data_mirror: Path, n: int) -> list[str]:
+    return (data_mirror / "ptb" / "valid.txt").read_text(encoding="utf-8").splitlines()[:n]
+
+
+def _unit_tables(path: Path, tokenizer: str, line_docs: bool, objective: str = "clm"):
+    """What `nlm prepare` does with one file, minus Ray: the tokenizer trained on its sample
+    and the actor's result for every unit."""
+    from nlm.cluster.prepare.encode import process_unit
+    from nlm.cluster.prepare.pipeline import PrepareConfig, check_training_text, train_on_sample
+    from nlm.cluster.prepare.sources import Skips, find_sources, plan_units
+
+    cfg = PrepareConfig(
+        input=[str(path)], output="unused", tokenizer=tokenizer, line_docs=line_docs,
+        objective=objective, seq_len=32, vocab_size=300 if tokenizer.startswith("spm") else None,
+    )  # fmt: skip
+    units = plan_units(
+        find_sources(cfg.input),
+        line_docs=line_docs,
+        unit_bytes=1 << 20,
+        max_doc_bytes=cfg.max_doc_bytes,
+        text_column="text",
+        skips=Skips(False),
+    )
+    check_training_text(cfg, units)
+    tok = train_on_sample(cfg, units)
+    tables = [process_unit(tok, u, cfg.worker_options()) for u in units]
+    # The meta row holds the unit's byte count, which is the file's: the rest must be equal.
+    return tok, [t.drop_columns(["meta"]) for t in tables]
+
+
+@pytest.mark.parametrize(
+    "tokenizer,line_docs,objective",
+    [("word", False, "clm"), ("char", False, "clm"), ("word", True, "clm"),
+     ("spm-bpe", False, "clm"), ("word", False, "mlm")],
+)  # fmt: skip
+def test_bom_and_crlf_give_identical_shards(tmp_path, data_mirror, tokenizer, line_docs, objective):
+    lines = _ptb_lines(data_mirror, 400)
+    plain, windows = tmp_path / "lf" / "c.txt", tmp_path / "crlf" / "c.txt"
+    plain.parent.mkdir()
+    windows.parent.mkdir()
+    plain.write_bytes(("\n".join(lines) + "\n").encode())
+    windows.write_bytes(b"\xef\xbb\xbf" + ("\r\n".join(lines) + "\r\n").encode())
+    tok_a, tables_a = _unit_tables(plain, tokenizer, line_docs, objective)
+    tok_b, tables_b = _unit_tables(windows, tokenizer, line_docs, objective)
+    vocab_a = [tok_a.id_to_token(i) for i in range(tok_a.vocab_size)]
+    vocab_b = [tok_b.id_to_token(i) for i in range(tok_b.vocab_size)]
+    assert vocab_a == vocab_b
+    assert not any("\ufeff" in t or "\r" in t for t in vocab_b)
+    assert [t.to_pylist() for t in tables_a] == [t.to_pylist() for t in tables_b]
+
+
+def test_jsonl_with_a_byte_order_mark(tmp_path):
+    from nlm.cluster.prepare.sources import Skips, find_sources, plan_units, read_documents
+
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "one\\r\\ntwo"}\r\n{"text": "three"}\r\n')
+    (unit,) = plan_units(
+        find_sources([str(path)]), line_docs=False, unit_bytes=1 << 20, max_doc_bytes=1 << 20,
+        text_column="text", skips=Skips(False),
+    )  # fmt: skip
+    docs = list(
+        read_documents(unit, line_docs=False, text_column="text", max_doc_bytes=1 << 20,
+                       skips=Skips(False))
+    )  # fmt: skip
+    assert docs == [("one\ntwo", b"one\ntwo"), ("three", b"three")]
+
+
+def test_train_tokenizer_ignores_bom_and_crlf():
+    from nlm.tokenizers import train_tokenizer
+
+    a = train_tokenizer("word", ["for the cat\nsat"])
+    b = train_tokenizer("word", ["\ufefffor the cat\r\nsat"])
+    assert [a.id_to_token(i) for i in range(a.vocab_size)] == [
+        b.id_to_token(i) for i in range(b.vocab_size)
+    ]
+    c = train_tokenizer("char", ["\ufeffab\r\n"])
+    assert "\r" not in [c.id_to_token(i) for i in range(c.vocab_size)]
+
+
+def _val_only_line() -> str:
+    """A one-line document whose content hash puts it in validation at the default 0.05."""
+    from nlm.cluster.prepare.sources import is_val
+
+    for n in range(2, 10_000):
+        line = f"the cat sat on the mat {n}\n"  # the whole file is the document
+        if is_val(line.encode(), 0.05):
+            return line
+    raise AssertionError("no line hashes into validation")
+
+
+@pytest.mark.parametrize("tokenizer", ["word", "char", "spm-bpe"])
+def test_one_document_in_validation_names_val_fraction(tmp_path, tokenizer):
+    corpus = tmp_path / "one.txt"
+    corpus.write_text(_val_only_line(), encoding="utf-8")
+    out = tmp_path / "shards"
+    result = nlm_cli("prepare", "--input", str(corpus), "--output", str(out),
+                     "--tokenizer", tokenizer, "--no-progress")  # fmt: skip
+    assert_one_line_error(result, "--val-fraction", "validation")
+    assert not out.exists()
+
+
+def test_every_accepted_document_trains_a_tokenizer(tmp_path):
+    """Documents of special tokens only are accepted as text but give a trainer nothing."""
+    from nlm.cluster.prepare.pipeline import PrepareConfig, check_training_text, train_on_sample
+    from nlm.cluster.prepare.sources import Skips, find_sources, plan_units
+    from nlm.errors import NLMError
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("<unk> <unk>\n", encoding="utf-8")
+    for kind in ("word", "char", "spm-bpe"):
+        cfg = PrepareConfig(input=[str(corpus)], output="x", tokenizer=kind, val_fraction=0.0)
+        units = plan_units(
+            find_sources(cfg.input), line_docs=False, unit_bytes=1 << 20,
+            max_doc_bytes=1 << 20, text_column="text", skips=Skips(False),
+        )  # fmt: skip
+        with pytest.raises(NLMError, match="special tokens"):
+            check_training_text(cfg, units)
+    # ...and a normal one-line document in the training split trains every kind.
+    corpus.write_text("the cat sat on the mat 2\n", encoding="utf-8")
+    for kind in ("word", "char", "spm-bpe", "spm-unigram"):
+        cfg = PrepareConfig(input=[str(corpus)], output="x", tokenizer=kind, val_fraction=0.0)
+        units = plan_units(
+            find_sources(cfg.input), line_docs=False, unit_bytes=1 << 20,
+            max_doc_bytes=1 << 20, text_column="text", skips=Skips(False),
+        )  # fmt: skip
+        check_training_text(cfg, units)
+        assert train_on_sample(cfg, units).encode("the cat")
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n", b"\xef\xbb\xbf\r\n"])
+def test_empty_corpus_with_tokenizer_from(tmp_path, content):
+    from nlm.tokenizers import train_tokenizer
+
+    tok_dir = tmp_path / "tok"
+    train_tokenizer("word", ["the cat sat on the mat"]).save(tok_dir)
+    corpus = tmp_path / "empty.txt"
+    corpus.write_bytes(content)
+    out = tmp_path / "shards"
+    result = nlm_cli("prepare", "--input", str(corpus), "--output", str(out),
+                     "--tokenizer-from", str(tok_dir), "--no-progress")  # fmt: skip
+    assert_one_line_error(result, str(corpus), "no text")
+    assert not out.exists()
