@@ -146,10 +146,9 @@ class TrainConfig(Config):
 
     def save_yaml(self, path: str | Path) -> None:
         """Write through a temporary name: a half-written config never looks complete."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
-        tmp.rename(path)
+        from nlm.files import write_text
+
+        write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
     def load_yaml(cls, path: str | Path) -> TrainConfig:

@@ -27,6 +27,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from nlm.files import write_json
+
 FAMILIES = ("fnn", "rnn", "lstm", "gpt", "bert")
 # AdamW peak learning rates by preset and family, and gradient-clip norms (recurrent nets need
 # the tighter clip). The tiny models take large steps: in a 45 s budget they must leave the
@@ -138,9 +140,7 @@ def run_foundation_demo(
         _log(
             f"{family}: {steps} steps in {elapsed:.0f} s, test {report['ppl_kind']} ppl {report['ppl']:.1f}"
         )
-    tmp = out_dir / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.rename(out_dir / "results.json")
+    write_json(out_dir / "results.json", results)
     return results
 
 
