@@ -296,3 +296,61 @@ def test_no_hand_written_temp_then_rename_is_left():
         'nlm/workflows/foundation_demo.py: .tmp"',  # an old run's leftover name, to clear it
     }
     assert set(offenders) <= allowed, offenders
+
+
+# --- 16. metrics.jsonl after a kill and a resume --------------------------------------------------
+
+
+def _steps(records: list[dict]) -> list[int]:
+    return [r["step"] for r in records if "event" not in r]
+
+
+def test_metrics_log_after_kill_and_resume(tmp_path):
+    from nlm.cluster.train.metrics import MetricsLog, read_metrics
+
+    log = MetricsLog(tmp_path)
+    log.write({"event": "start", "step": 0, "resumed_from_step": None})
+    for step in range(1, 11):
+        log.write({"step": step, "loss": 10.0 - step})
+    log.close()
+    with open(tmp_path / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 11, "lo')  # the kill: half a line, no newline
+    # The restart resumes from the checkpoint at step 6 and trains 7.. again.
+    log = MetricsLog(tmp_path)
+    log.write({"event": "start", "step": 6, "resumed_from_step": 6})
+    for step in range(7, 13):
+        log.write({"step": step, "loss": 100.0 + step})
+    log.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    parsed = [json.loads(line) for line in lines]  # every line whole: nothing glued
+    assert _steps(parsed) == list(range(1, 13))
+    assert [r["loss"] for r in parsed if r.get("step") == 8 and "loss" in r] == [108.0]
+    assert [r["resumed_from_step"] for r in parsed if r.get("event") == "start"] == [None, 6]
+    assert _steps(read_metrics(tmp_path)) == list(range(1, 13))
+
+
+def test_a_cut_line_does_not_swallow_the_next_record(tmp_path):
+    from nlm.cluster.train.metrics import MetricsLog, read_metrics
+
+    log = MetricsLog(tmp_path)
+    log.write({"step": 1, "loss": 1.0})
+    with open(tmp_path / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 2, "loss": 0.')
+    log.write({"step": 2, "loss": 0.5})
+    log.close()
+    assert _steps(read_metrics(tmp_path)) == [1, 2]
+
+
+def test_read_metrics_of_an_old_log_with_replayed_steps(tmp_path):
+    """A log written by the old append-only writer: duplicates and a glued line."""
+    from nlm.cluster.train.metrics import read_metrics
+
+    rows = [{"event": "start", "step": 0, "resumed_from_step": None}]
+    rows += [{"step": s, "loss": float(s)} for s in range(1, 6)]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    text += '{"step": 6, "lo' + json.dumps({"event": "start", "step": 3, "resumed_from_step": 3})
+    text += "\n" + "".join(json.dumps({"step": s, "loss": -s}) + "\n" for s in range(4, 8))
+    (tmp_path / "metrics.jsonl").write_text(text)
+    records = read_metrics(tmp_path)
+    assert _steps(records) == [1, 2, 3, 4, 5, 6, 7]
+    assert [r["loss"] for r in records if "loss" in r][3:] == [-4, -5, -6, -7]

@@ -1,19 +1,25 @@
 """Where a run's numbers go: RUN/metrics.jsonl, TensorBoard (RUN/tb), and model FLOPs.
 
-Only rank 0 writes. metrics.jsonl is append-only: every (re)start of the worker group adds an
-`{"event": "start", ...}` line, so a restart after a failure shows in the log, and the steps
-replayed after it (from the last checkpoint) appear again with their new values.
+Only rank 0 writes. Every (re)start of the worker group adds an `{"event": "start", ...}` line,
+so a restart after a failure shows in the log. The records of steps after the checkpoint a
+start resumes from (or all step records, for a start from scratch) are dropped first: those
+steps are trained again and logged again, and a log must hold each step once. A line cut short
+by a kill is cut off before the next record is appended, so it never glues onto it; each record
+is appended with one write. `read_metrics` applies the same rules to logs written before.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from nlm.files import write_bytes
 
 # Dense bf16 peak of one GPU, FLOP/s (datasheet); MFU is reported only for GPUs listed here.
 PEAK_BF16_FLOPS = {
@@ -66,8 +72,16 @@ class MetricsLog:
         if not self.enabled:
             return
         record = {"time": round(time.time(), 3), **record}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, sort_keys=False) + "\n")
+        if record.get("event") == "start":
+            self._drop_replayed(record.get("resumed_from_step"))
+        else:
+            self._cut_partial_line()
+        line = (json.dumps(record, sort_keys=False) + "\n").encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            os.write(fd, line)  # one write: a kill cuts at most this line
+        finally:
+            os.close(fd)
         step = record.get("step")
         if self.tb is not None and step is not None and "event" not in record:
             for key, value in record.items():
@@ -82,16 +96,81 @@ class MetricsLog:
         if self.tb is not None:
             self.tb.close()
 
+    def _cut_partial_line(self) -> None:
+        """Truncate a last line without its newline (a write cut by a kill)."""
+        try:
+            with open(self.path, "rb+") as f:
+                size = f.seek(0, os.SEEK_END)
+                if size == 0:
+                    return
+                f.seek(size - 1)
+                if f.read(1) == b"\n":
+                    return
+                f.seek(0)
+                f.truncate(f.read().rfind(b"\n") + 1)
+        except FileNotFoundError:
+            return
+
+    def _drop_replayed(self, resumed_from: int | None) -> None:
+        """Rewrite the log without the records that the starting attempt will write again."""
+        if not self.path.is_file():
+            return
+        lines = self.path.read_bytes().split(b"\n")
+        keep = []
+        for line in lines[:-1]:  # the last piece is "" or a partial line: dropped either way
+            record = _parse(line)
+            if record is not None and _kept(record, resumed_from):
+                keep.append(line + b"\n")
+        write_bytes(self.path, b"".join(keep))
+
+
+def _parse(line: bytes | str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _glued(line: bytes) -> dict[str, Any] | None:
+    """The whole record at the end of a line whose start was cut by a kill (old writers
+    appended the next record right after the cut), or None."""
+    start = line.find(b"{", 1)
+    while start > 0:
+        record = _parse(line[start:])
+        if record is not None:
+            return record
+        start = line.find(b"{", start + 1)
+    return None
+
+
+def _kept(record: dict[str, Any], resumed_from: int | None) -> bool:
+    """Whether an earlier record survives a start that resumes after step `resumed_from`
+    (None: from scratch). Start lines stay: they are the run's history of attempts."""
+    if record.get("event") == "start":
+        return True
+    step = record.get("step")
+    if resumed_from is None:
+        return False
+    return not isinstance(step, int) or step <= resumed_from
+
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Every complete line of RUN/metrics.jsonl (a line being written is skipped)."""
+    """The records of RUN/metrics.jsonl, each step once.
+
+    Robust to what kills leave behind: an unparsable line (cut short, or a cut line with a
+    record glued onto it by an old writer) is skipped, and records of steps that a later start
+    trained again (see MetricsLog) are dropped in favour of the newer ones.
+    """
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+    records: list[dict[str, Any]] = []
+    for line in path.read_bytes().split(b"\n"):
+        record = _parse(line) or _glued(line)
+        if record is None:
             continue
+        if record.get("event") == "start":
+            records = [r for r in records if _kept(r, record.get("resumed_from_step"))]
+        records.append(record)
     return records
