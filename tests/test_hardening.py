@@ -323,10 +323,13 @@ def test_metrics_log_after_kill_and_resume(tmp_path):
     log.close()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     parsed = [json.loads(line) for line in lines]  # every line whole: nothing glued
-    assert _steps(parsed) == list(range(1, 13))
-    assert [r["loss"] for r in parsed if r.get("step") == 8 and "loss" in r] == [108.0]
-    assert [r["resumed_from_step"] for r in parsed if r.get("event") == "start"] == [None, 6]
-    assert _steps(read_metrics(tmp_path)) == list(range(1, 13))
+    by_attempt = {a: _steps([r for r in parsed if r["attempt"] == a]) for a in (1, 2)}
+    assert by_attempt == {1: list(range(1, 11)), 2: list(range(7, 13))}  # marked by attempt
+    records = read_metrics(tmp_path)
+    assert _steps(records) == list(range(1, 13))  # each step once...
+    assert [r["loss"] for r in records if r.get("step") == 8 and "loss" in r] == [108.0]  # newest
+    assert [r["resumed_from_step"] for r in records if r.get("event") == "start"] == [None, 6]
+    assert _steps(read_metrics(tmp_path, every_attempt=True)) == by_attempt[1] + by_attempt[2]
 
 
 def test_a_cut_line_does_not_swallow_the_next_record(tmp_path):

@@ -1,11 +1,12 @@
 """Where a run's numbers go: RUN/metrics.jsonl, TensorBoard (RUN/tb), and model FLOPs.
 
 Only rank 0 writes. Every (re)start of the worker group adds an `{"event": "start", ...}` line,
-so a restart after a failure shows in the log. The records of steps after the checkpoint a
-start resumes from (or all step records, for a start from scratch) are dropped first: those
-steps are trained again and logged again, and a log must hold each step once. A line cut short
-by a kill is cut off before the next record is appended, so it never glues onto it; each record
-is appended with one write. `read_metrics` applies the same rules to logs written before.
+so a restart after a failure shows in the log, and every record carries `attempt` (1 for the
+first start, 2 after the first restart or --resume, ...). The steps an attempt trains again
+after the checkpoint it resumed from are logged again under the new attempt number;
+`read_metrics` returns each step once (the latest attempt's) unless asked for every attempt
+(the resume tests compare the two). A line cut short by a kill is cut off before the next
+record is appended, so it never glues onto it; each record is appended with one write.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from nlm.files import write_bytes
 
 # Dense bf16 peak of one GPU, FLOP/s (datasheet); MFU is reported only for GPUs listed here.
 PEAK_BF16_FLOPS = {
@@ -62,6 +61,7 @@ class MetricsLog:
         self.enabled = run_dir is not None
         self.path = run_dir / "metrics.jsonl" if run_dir else None
         self.tb = None
+        self.attempt = 0  # set from the log at the first write
         if run_dir is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
             from torch.utils.tensorboard import SummaryWriter
@@ -72,10 +72,10 @@ class MetricsLog:
         if not self.enabled:
             return
         record = {"time": round(time.time(), 3), **record}
-        if record.get("event") == "start":
-            self._drop_replayed(record.get("resumed_from_step"))
-        else:
-            self._cut_partial_line()
+        self._cut_partial_line()
+        if record.get("event") == "start" or self.attempt == 0:
+            self.attempt = self._starts_logged() + (record.get("event") == "start")
+        record["attempt"] = max(self.attempt, 1)
         line = (json.dumps(record, sort_keys=False) + "\n").encode("utf-8")
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         try:
@@ -111,17 +111,12 @@ class MetricsLog:
         except FileNotFoundError:
             return
 
-    def _drop_replayed(self, resumed_from: int | None) -> None:
-        """Rewrite the log without the records that the starting attempt will write again."""
-        if not self.path.is_file():
-            return
-        lines = self.path.read_bytes().split(b"\n")
-        keep = []
-        for line in lines[:-1]:  # the last piece is "" or a partial line: dropped either way
-            record = _parse(line)
-            if record is not None and _kept(record, resumed_from):
-                keep.append(line + b"\n")
-        write_bytes(self.path, b"".join(keep))
+    def _starts_logged(self) -> int:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return 0
+        return sum(1 for line in data.split(b"\n") if (_parse(line) or {}).get("event") == "start")
 
 
 def _parse(line: bytes | str) -> dict[str, Any] | None:
@@ -155,12 +150,13 @@ def _kept(record: dict[str, Any], resumed_from: int | None) -> bool:
     return not isinstance(step, int) or step <= resumed_from
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of RUN/metrics.jsonl, each step once.
+def read_metrics(run_dir: str | Path, every_attempt: bool = False) -> list[dict[str, Any]]:
+    """The records of RUN/metrics.jsonl, in order.
 
-    Robust to what kills leave behind: an unparsable line (cut short, or a cut line with a
-    record glued onto it by an old writer) is skipped, and records of steps that a later start
-    trained again (see MetricsLog) are dropped in favour of the newer ones.
+    Robust to what kills leave behind: a line cut short is skipped, and a cut line with a
+    record glued onto it (written by older versions) gives that record. Unless every_attempt,
+    a start drops the earlier records of the steps it trains again (all step records for a
+    start from scratch, those after `resumed_from_step` otherwise), so each step appears once.
     """
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
@@ -170,7 +166,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
         record = _parse(line) or _glued(line)
         if record is None:
             continue
-        if record.get("event") == "start":
+        if record.get("event") == "start" and not every_attempt:
             records = [r for r in records if _kept(r, record.get("resumed_from_step"))]
         records.append(record)
     return records
