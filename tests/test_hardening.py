@@ -357,3 +357,65 @@ def test_read_metrics_of_an_old_log_with_replayed_steps(tmp_path):
     records = read_metrics(tmp_path)
     assert _steps(records) == [1, 2, 3, 4, 5, 6, 7]
     assert [r["loss"] for r in records if "loss" in r][3:] == [-4, -5, -6, -7]
+
+
+# --- 14. resume with a different run ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clm_shards(tmp_path_factory, data_mirror) -> Path:
+    from train_shards import corpus_lines, write_shards
+
+    return write_shards(tmp_path_factory.mktemp("h14") / "clm", corpus_lines(data_mirror, 300),
+                        seq_len=16)  # fmt: skip
+
+
+def _recorded_run(shards: Path, run: Path) -> dict[str, bytes]:
+    """A 2-layer gpt run as the driver records it (config.yaml, plan.json, metrics.jsonl) with
+    one checkpoint's meta.json as the training loop writes it; returns every file's bytes."""
+    from nlm.cluster.train.config import TrainConfig
+    from nlm.cluster.train.plan import CHECKPOINT_META, CHECKPOINTS, plan_run
+    from nlm.files import write_json
+
+    config = TrainConfig(data=str(shards), model="gpt", preset="tiny", out=str(run), workers=2,
+                         model_overrides={"n_layer": 2}, max_steps=20)  # fmt: skip
+    plan = plan_run(config.check())
+    run.mkdir()
+    plan.train.save_yaml(run / "config.yaml")
+    write_json(run / "plan.json", plan.to_dict())
+    (run / "metrics.jsonl").write_text('{"event": "start", "step": 0}\n{"step": 10}\n')
+    step = run / CHECKPOINTS / "step_00000010"
+    step.mkdir(parents=True)
+    write_json(step / CHECKPOINT_META, {"step": 10, "epoch": 0, "tokens": 0, "model": "gpt",
+                                        "preset": "tiny", "workers": 2, "zero_stage": 1})  # fmt: skip
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "flags,field",
+    [
+        (["--set", "n_layer=3"], "n_layer"),
+        (["--set", "dropout=0.3"], "dropout"),
+        (["--micro-batch", "4"], "micro_batch"),
+        (["--lr", "0.5"], "lr"),
+    ],
+)
+def test_resume_with_another_run_config_is_refused_up_front(tmp_path, clm_shards, flags, field):
+    run = tmp_path / "run"
+    before = _recorded_run(clm_shards, run)
+    result = nlm_cli("train", "--model", "gpt", *flags, "--resume", "--out", str(run),
+                     "--no-progress", timeout=120)  # fmt: skip
+    assert_one_line_error(result, f"'{field}'" if field != "n_layer" else "n_layer")
+    after = {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    assert after == before  # the run directory is untouched
+
+
+def test_resume_may_extend_max_steps(tmp_path, clm_shards):
+    from nlm.cluster.train.config import TrainConfig
+    from nlm.cluster.train.plan import plan_run
+
+    run = tmp_path / "run"
+    _recorded_run(clm_shards, run)
+    config = TrainConfig.load_yaml(run / "config.yaml").replace(resume=True, max_steps=40)
+    plan = plan_run(config.check())
+    assert plan.resume_from["step"] == 10 and plan.train.max_steps == 40
