@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -419,3 +422,170 @@ def test_resume_may_extend_max_steps(tmp_path, clm_shards):
     config = TrainConfig.load_yaml(run / "config.yaml").replace(resume=True, max_steps=40)
     plan = plan_run(config.check())
     assert plan.resume_from["step"] == 10 and plan.train.max_steps == 40
+
+
+# --- 1. the embedded local Ray: loopback, a per-run token, no survivors ------------------------
+
+
+def _is_loopback(ip: str) -> bool:
+    import ipaddress
+
+    address = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+def _tree(pid: int) -> list:
+    import psutil
+
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def _listening(pid: int) -> list[tuple[str, str, int]]:
+    """(process name, ip, port) of every listening TCP socket of a process and its descendants."""
+    import psutil
+
+    found = []
+    for proc in _tree(pid):
+        try:
+            for conn in proc.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    found.append((proc.name(), conn.laddr.ip, conn.laddr.port))
+        except psutil.Error:
+            continue
+    return found
+
+
+def _probe_without_token(sockets, gcs: str | None) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
+    env["RAY_AUTH_MODE"] = "disabled"  # a client that has no token
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+    cmd = [sys.executable, str(REPO / "tests" / "ray_probe.py"), *([gcs] if gcs else [])]
+    payload = json.dumps([[ip, port] for _, ip, port in sockets])
+    done = subprocess.run(cmd, input=payload, capture_output=True, text=True, env=env,
+                          timeout=240, cwd=REPO)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _assert_unusable_without_token(sockets, results: dict, open_ok: set[int]) -> None:
+    """No socket off loopback; every Ray gRPC server says UNAUTHENTICATED, every HTTP server
+    401/403, except read-only Prometheus text on loopback and the ports in open_ok."""
+    assert sockets
+    exposed = [s for s in sockets if not _is_loopback(s[1])]
+    assert not exposed, f"listening off loopback: {exposed}"
+    for name, ip, port in sockets:
+        answer = results[f"{ip} {port}"]
+        if port in open_ok:
+            continue
+        if answer["kind"] == "http":
+            prometheus = answer["status"] == 200 and answer["body"].startswith("# HELP")
+            assert answer["status"] in (401, 403) or prometheus, (name, ip, port, answer)
+        else:
+            assert "OK" not in answer["codes"], (name, ip, port, answer)
+            assert "UNAUTHENTICATED" in answer["codes"] or set(answer["codes"]) == {
+                "UNAVAILABLE"
+            }, (name, ip, port, answer)
+    assert results["ray.init"]["joined"] is False, results["ray.init"]
+
+
+def _gcs_address(sockets) -> str:
+    (port,) = {port for name, _, port in sockets if name == "gcs_server"}
+    return f"127.0.0.1:{port}"
+
+
+def _wait(predicate, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def _cli_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
+    return env
+
+
+def test_train_listens_on_loopback_with_a_token_and_dies_with_its_driver(tmp_path, clm_shards):
+    import psutil
+
+    run = tmp_path / "run"
+    log = (tmp_path / "train.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nlm", "train", "--data", str(clm_shards), "--model", "gpt",
+         "--preset", "tiny", "--workers", "1", "--micro-batch", "2", "--max-steps", "100000",
+         "--eval-every", "100000", "--log-every", "1", "--out", str(run), "--no-progress"],
+        stdout=log, stderr=subprocess.STDOUT, env=_cli_env(), cwd=REPO, start_new_session=True,
+    )  # fmt: skip
+    try:
+        # plan.json is written once Ray is up and has placed the workers; Train starts next.
+        assert _wait(lambda: (run / "plan.json").is_file() or proc.poll() is not None, 300)
+        assert proc.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
+        time.sleep(10)  # the Train controller and worker start, agents finish binding
+        sockets = _listening(proc.pid)
+        processes = [(p.pid, p.create_time()) for p in _tree(proc.pid)[1:]]
+        results = _probe_without_token(sockets, _gcs_address(sockets))
+        _assert_unusable_without_token(sockets, results, open_ok=set())
+        # A killed driver takes the whole instance with it (agents included).
+        proc.kill()
+        proc.wait(timeout=30)
+
+        def gone() -> bool:
+            alive = []
+            for pid, started in processes:
+                try:
+                    if psutil.Process(pid).create_time() == started:
+                        alive.append(pid)
+                except psutil.NoSuchProcess:
+                    continue
+            return not alive
+
+        assert _wait(gone, 60), [p for p in processes if psutil.pid_exists(p[0])]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+        log.close()
+
+
+def test_serve_listens_on_loopback_with_a_token(tmp_path):
+    import httpx
+
+    ckpt = _tiny_checkpoint(tmp_path / "gpt", {"steps": 1})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nlm", "serve", f"gpt={ckpt}", "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, env=_cli_env(), cwd=REPO, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            return True
+        try:
+            return httpx.get(url + "/healthz", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        assert _wait(up, 300) and proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+        time.sleep(3)
+        sockets = _listening(proc.pid)
+        assert ("127.0.0.1", port) in {(ip, p) for _, ip, p in sockets}
+        results = _probe_without_token(sockets, _gcs_address(sockets))
+        _assert_unusable_without_token(sockets, results, open_ok={port})
+        text = (tmp_path / "serve.log").read_text()
+        assert "Prometheus metrics at http://127.0.0.1:" in text or "Prometheus" not in text
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        log.close()

@@ -5,6 +5,8 @@ Each subcommand lives in its own module `nlm/cli/<name>.py` exposing
     run(args: argparse.Namespace) -> int | None
 Only the chosen subcommand's module is imported, so `nlm eval` never pays for importing Ray.
 User errors (`NLMError`) become one line on stderr and exit status 2, never a traceback.
+Before anything imports Ray, `nlm.cluster.local_ray.secure_environment()` sets up token
+authentication and loopback binding for the local Ray instance a command may start.
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ def _module(name: str):
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    # Before any subcommand imports Ray: a local instance gets a per-run token and loopback.
+    from nlm.cluster.local_ray import secure_environment
+
+    secure_environment()
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in COMMANDS:
         command = None

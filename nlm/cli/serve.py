@@ -136,11 +136,8 @@ def run(args: argparse.Namespace) -> int:
     from nlm.errors import NLMError
 
     check_args(args)
-    if not os.environ.get("RAY_ADDRESS"):
-        # Decide token auth before `import ray` caches the mode: the local instance that
-        # ensure_ray() starts runs without tokens (it binds to 127.0.0.1 and dies with the
-        # command), the same as every other local command. NLM_API_TOKEN guards the HTTP API.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # nlm.cli.main has set up the local Ray instance's token and loopback binding (see
+    # nlm.cluster.local_ray); --host binds only Serve's HTTP proxy. NLM_API_TOKEN guards the API.
     # Checkpoints and port first: bad input fails here, before Ray is imported or started.
     from nlm.serve.catalog import parse_checkpoints
 

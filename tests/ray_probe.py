@@ -1,0 +1,60 @@
+"""Run as a separate process WITHOUT Ray's token: try every listening socket given on stdin
+(JSON [[ip, port], ...]) as an attacker would, and print what each answered (JSON).
+
+HTTP first (the dashboard agent's job API, Prometheus exporters, Serve's proxy), then gRPC
+calls to the services Ray's servers implement (GCS, raylet, object manager, core worker).
+Also tries `ray.init(address=GCS)` when argv[1] names the GCS.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import grpc
+import httpx
+
+GRPC_METHODS = (
+    "/ray.rpc.NodeInfoGcsService/GetAllNodeInfo",
+    "/ray.rpc.NodeManagerService/GetNodeStats",
+    "/ray.rpc.CoreWorkerService/GetCoreWorkerStats",
+    "/ray.rpc.ObjectManagerService/Push",
+)
+
+
+def probe(ip: str, port: int) -> dict:
+    host = ip.removeprefix("::ffff:")
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        r = httpx.get(f"http://{target}/api/jobs/", timeout=3)
+        return {"kind": "http", "status": r.status_code, "body": r.text[:200]}
+    except httpx.HTTPError:
+        pass
+    codes = []
+    with grpc.insecure_channel(target) as channel:
+        for method in GRPC_METHODS:
+            try:
+                channel.unary_unary(method)(b"", timeout=5)
+                codes.append("OK")
+            except grpc.RpcError as exc:
+                codes.append(exc.code().name)
+    return {"kind": "grpc", "codes": codes}
+
+
+def main() -> None:
+    sockets = json.loads(sys.stdin.read())
+    results = {f"{ip} {port}": probe(ip, port) for ip, port in sockets}
+    if len(sys.argv) > 1:
+        import ray
+
+        try:
+            ray.init(address=sys.argv[1], log_to_driver=False)
+            results["ray.init"] = {"joined": True, "task": ray.get(ray.remote(lambda: 1).remote())}
+        except Exception as exc:  # noqa: BLE001 - any refusal will do; the test reads it
+            results["ray.init"] = {"joined": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
