@@ -461,12 +461,28 @@ def _probe_without_token(sockets, gcs: str | None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
     env["RAY_AUTH_MODE"] = "disabled"  # a client that has no token
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
-    cmd = [sys.executable, str(REPO / "tests" / "ray_probe.py"), *([gcs] if gcs else [])]
+    cmd = [sys.executable, str(REPO / "tests" / "ray_probe.py")]
     payload = json.dumps([[ip, port] for _, ip, port in sockets])
     done = subprocess.run(cmd, input=payload, capture_output=True, text=True, env=env,
                           timeout=240, cwd=REPO)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    # A driver without the token: Ray retries the refused handshake, so bound the wait; it
+    # must not get as far as running a task.
+    join = subprocess.Popen(
+        [sys.executable, "-c", "import ray, sys; ray.init(address=sys.argv[1]); "
+         "print('TASK', ray.get(ray.remote(lambda: 1).remote()))", gcs],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, err = join.communicate(timeout=60)
+        results["ray.init"] = {"joined": "TASK 1" in out, "error": err[-300:]}
+    except subprocess.TimeoutExpired:
+        os.killpg(join.pid, signal.SIGKILL)
+        join.communicate()
+        results["ray.init"] = {"joined": False, "error": "no connection within 60 s"}
+    return results
 
 
 def _assert_unusable_without_token(sockets, results: dict, open_ok: set[int]) -> None:
@@ -550,17 +566,25 @@ def test_train_listens_on_loopback_with_a_token_and_dies_with_its_driver(tmp_pat
         log.close()
 
 
-def test_serve_listens_on_loopback_with_a_token(tmp_path):
+API_TOKEN = "h14-api-token-" + "x" * 20
+
+
+@pytest.fixture(scope="module")
+def one_server(tmp_path_factory):
+    """`nlm serve` on one tiny gpt checkpoint, with NLM_API_TOKEN, on 127.0.0.1."""
     import httpx
 
-    ckpt = _tiny_checkpoint(tmp_path / "gpt", {"steps": 1})
+    root = tmp_path_factory.mktemp("h14serve")
+    ckpt = _tiny_checkpoint(root / "gpt", {"steps": 1})
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = (tmp_path / "serve.log").open("w")
+    log_path = root / "serve.log"
+    log = log_path.open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "nlm", "serve", f"gpt={ckpt}", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env=_cli_env(), cwd=REPO, start_new_session=True,
+        stdout=log, stderr=subprocess.STDOUT, env={**_cli_env(), "NLM_API_TOKEN": API_TOKEN},
+        cwd=REPO, start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
 
@@ -573,14 +597,8 @@ def test_serve_listens_on_loopback_with_a_token(tmp_path):
             return False
 
     try:
-        assert _wait(up, 300) and proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-        time.sleep(3)
-        sockets = _listening(proc.pid)
-        assert ("127.0.0.1", port) in {(ip, p) for _, ip, p in sockets}
-        results = _probe_without_token(sockets, _gcs_address(sockets))
-        _assert_unusable_without_token(sockets, results, open_ok={port})
-        text = (tmp_path / "serve.log").read_text()
-        assert "Prometheus metrics at http://127.0.0.1:" in text or "Prometheus" not in text
+        assert _wait(up, 300) and proc.poll() is None, log_path.read_text()[-3000:]
+        yield {"proc": proc, "port": port, "url": url, "log": log_path}
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -589,3 +607,92 @@ def test_serve_listens_on_loopback_with_a_token(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
         log.close()
+
+
+def test_serve_listens_on_loopback_with_a_token(one_server):
+    time.sleep(3)
+    sockets = _listening(one_server["proc"].pid)
+    port = one_server["port"]
+    assert ("127.0.0.1", port) in {(ip, p) for _, ip, p in sockets}
+    results = _probe_without_token(sockets, _gcs_address(sockets))
+    _assert_unusable_without_token(sockets, results, open_ok={port})
+    text = one_server["log"].read_text()
+    assert "Prometheus metrics at http://127.0.0.1:" in text or "Prometheus" not in text
+
+
+# --- 2. browsers cannot drive the API ------------------------------------------------------------
+
+
+def _client(server, **headers):
+    import httpx
+
+    auth = {"Authorization": f"Bearer {API_TOKEN}"}
+    return httpx.Client(base_url=server["url"], headers={**auth, **headers}, timeout=120)
+
+
+def test_post_bodies_must_be_json(one_server):
+    body = json.dumps({"model": "gpt", "text": "the cat"}).encode()
+    with _client(one_server) as client:
+        assert client.post("/v1/score", json={"model": "gpt", "text": "the cat"}).status_code == 200
+        for ctype in ("application/x-www-form-urlencoded", "text/plain", "multipart/form-data",
+                      None):  # fmt: skip
+            headers = {"content-type": ctype} if ctype else {}
+            response = client.post("/v1/score", content=body, headers=headers)
+            assert response.status_code == 415, (ctype, response.text)
+            assert response.json()["error"]["code"] == "unsupported_media_type"
+        charset = client.post(
+            "/v1/score", content=body, headers={"content-type": "application/json; charset=utf-8"}
+        )
+        assert charset.status_code == 200, charset.text
+
+
+def test_host_header_must_name_the_server(one_server):
+    port = one_server["port"]
+    with _client(one_server) as client:
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost"):
+            assert client.get("/v1/models", headers={"host": host}).status_code == 200, host
+        for host in (f"attacker.example:{port}", "rebind.attacker.example", f"192.0.2.7:{port}"):
+            response = client.get("/v1/models", headers={"host": host})
+            assert response.status_code == 400, (host, response.text)
+            assert client.get("/healthz", headers={"host": host}).status_code == 400
+
+
+def test_default_allowed_hosts():
+    from nlm.serve.app import default_allowed_hosts
+
+    assert set(default_allowed_hosts("127.0.0.1")) == {"127.0.0.1", "localhost", "::1"}
+    assert default_allowed_hosts("10.1.2.3") == ["10.1.2.3"]
+    assert socket.gethostname() in default_allowed_hosts("0.0.0.0")
+
+
+# --- 3. the API token is never a pickled argument ---------------------------------------------------
+
+
+def test_api_token_is_not_pickled_into_deployment_arguments(tmp_path, monkeypatch):
+    from ray import cloudpickle
+
+    from nlm.serve.app import build_app
+
+    ckpt = _tiny_checkpoint(tmp_path / "gpt", {"steps": 1})
+    monkeypatch.setenv("NLM_API_TOKEN", API_TOKEN)
+    app = build_app({"checkpoints": [f"gpt={ckpt}"]})
+    gateway = app._bound_deployment
+    pickled = cloudpickle.dumps((gateway.init_args, gateway.init_kwargs))
+    assert API_TOKEN.encode() not in pickled
+    assert gateway.ray_actor_options["runtime_env"]["env_vars"]["NLM_API_TOKEN"] == API_TOKEN
+    assert gateway.init_args[3] is True  # token_required: the replica fails closed without it
+
+
+def test_api_token_guards_every_v1_endpoint(one_server):
+    import httpx
+
+    with httpx.Client(base_url=one_server["url"], timeout=60) as anonymous:
+        assert anonymous.get("/healthz").status_code == 200
+        assert anonymous.get("/openapi.json").status_code == 200
+        paths = [p for p in anonymous.get("/openapi.json").json()["paths"] if p.startswith("/v1/")]
+        assert paths
+        for path in paths:
+            response = (
+                anonymous.post(path, json={}) if path != "/v1/models" else anonymous.get(path)
+            )
+            assert response.status_code == 401, (path, response.text)

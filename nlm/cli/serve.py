@@ -30,6 +30,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="checkpoint or run directory, or name=path (default name: the directory's name)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    parser.add_argument(
+        "--allowed-host",
+        dest="allowed_hosts",
+        action="append",
+        metavar="NAME",
+        help="Host header value to accept (repeatable; '*' any). Default: the bind address, "
+        "plus localhost/127.0.0.1/::1 when it is loopback (guards against DNS rebinding)",
+    )
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     batching = parser.add_argument_group("batching")
     batching.add_argument(
@@ -69,7 +77,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def app_args(args: argparse.Namespace) -> dict:
     """The application builder's args (serve/config.yaml's `args`) for these flags."""
+    from nlm.serve.app import default_allowed_hosts
+
     return {
+        "allowed_hosts": list(getattr(args, "allowed_hosts", None) or [])
+        or default_allowed_hosts(args.host),
         "checkpoints": list(args.checkpoints),
         "max_batch_size": 1 if args.no_batching else args.max_batch_size,
         "batch_wait_timeout_s": args.batch_wait_ms / 1000.0,
