@@ -696,3 +696,49 @@ def test_api_token_guards_every_v1_endpoint(one_server):
                 anonymous.post(path, json={}) if path != "/v1/models" else anonymous.get(path)
             )
             assert response.status_code == 401, (path, response.text)
+
+
+# --- 4. resume refuses checkpoint files the run did not write ------------------------------------
+
+
+def test_resume_refuses_changed_or_planted_checkpoint_files(tmp_path):
+    from nlm.cluster.train.checkpoint_digests import record_digests, verify_digests
+    from nlm.errors import NLMError
+
+    run, ckpt = tmp_path / "run", tmp_path / "storage" / "step_00000010"
+    run.mkdir()
+    staging = [tmp_path / "rank0", tmp_path / "rank1"]  # each rank's own staging directory
+    for rank, directory in enumerate(staging):
+        directory.mkdir()
+        torch.save({"w": torch.ones(3) * rank}, directory / f"rank_{rank:05d}.pt")
+        (directory / "t").mkdir()
+        torch.save({"opt": rank}, directory / "t" / f"zero_pp_rank_{rank}_optim_states.pt")
+        record_digests(run, 10, directory)
+    # What Ray Train's storage holds after both uploads, plus meta.json (rank 0).
+    import shutil
+
+    for directory in staging:
+        shutil.copytree(directory, ckpt, dirs_exist_ok=True)
+    (ckpt / "meta.json").write_text(json.dumps({"step": 10}))
+    verify_digests(run, ckpt)  # as written: accepted
+
+    planted = ckpt / "t" / "mp_rank_00_model_states.pt"
+    planted.write_bytes(b"\x80\x04cposix\nsystem\n.")  # a pickle that would run code
+    with pytest.raises(NLMError, match="not written by this run"):
+        verify_digests(run, ckpt)
+    planted.unlink()
+    torch.save({"opt": 99}, ckpt / "t" / "zero_pp_rank_1_optim_states.pt")
+    with pytest.raises(NLMError, match="digest mismatch"):
+        verify_digests(run, ckpt)
+    (ckpt / "meta.json").write_text(json.dumps({"step": 20}))
+    with pytest.raises(NLMError, match="no digests recorded"):
+        verify_digests(run, ckpt)
+
+
+def test_the_training_loop_checks_digests_before_deepspeed_loads():
+    """The check sits in the loop's restore, before engine.load_checkpoint (the unpickling)."""
+    source = (REPO / "cluster" / "train" / "loop.py").read_text()
+    restore = source[source.index("def restore(") :]
+    assert restore.index("verify_digests(") < restore.index("self.engine.load_checkpoint(")
+    checkpoint = source[source.index("def checkpoint(") :]
+    assert checkpoint.index("record_digests(") < checkpoint.index("_barrier(")

@@ -49,6 +49,7 @@ from nlm.cluster.train.batches import (
     reset_state,
     state_to,
 )
+from nlm.cluster.train.checkpoint_digests import record_digests, verify_digests
 from nlm.cluster.train.config import TrainConfig
 from nlm.cluster.train.deepspeed_config import deepspeed_config
 from nlm.cluster.train.metrics import MetricsLog, flops_per_token, peak_flops
@@ -418,6 +419,7 @@ class Trainer:
             directory = self.session.staging_dir(self.step)
             self.engine.save_checkpoint(str(directory), tag=DS_TAG)
             torch.save(self.rank_state(), directory / f"rank_{self.rank:05d}.pt")
+            record_digests(Path(self.plan.run_dir), self.step, directory)  # checked on resume
             _barrier(self.device)
             if self.rank == 0:
                 meta = {
@@ -452,6 +454,7 @@ class Trainer:
         with self.session.latest_checkpoint() as directory:
             if directory is None:
                 return
+            verify_digests(Path(self.plan.run_dir), directory)  # DeepSpeed unpickles its files
             self.engine.load_checkpoint(str(directory), tag=DS_TAG)
             path = directory / f"rank_{self.rank:05d}.pt"
             if not path.is_file():
