@@ -31,6 +31,8 @@ COMMANDS: dict[str, str] = {
     "bench": "benchmarks (data, train, serve)",
     "demo": "run the project's main job end to end on the local machine",
 }
+# The commands that may start a local Ray instance (the others never import Ray).
+RAY_COMMANDS = ("prepare", "train", "finetune", "serve", "study", "bench", "demo")
 
 
 def key_values(items: list[str], flag: str) -> dict[str, object]:
@@ -63,13 +65,14 @@ def _module(name: str):
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    # Before any subcommand imports Ray: a local instance gets a per-run token and loopback.
-    from nlm.cluster.local_ray import secure_environment
-
-    secure_environment()
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in COMMANDS:
         command = None
+    if command in RAY_COMMANDS:
+        # Before the subcommand imports Ray: a local instance gets a per-run token and loopback.
+        from nlm.cluster.local_ray import secure_environment
+
+        secure_environment()
     args = _parser(command).parse_args(argv)
     try:
         code = _module(args.command).run(args)
