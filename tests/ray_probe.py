@@ -18,6 +18,8 @@ GRPC_METHODS = (
     "/ray.rpc.NodeManagerService/GetNodeStats",
     "/ray.rpc.CoreWorkerService/GetCoreWorkerStats",
     "/ray.rpc.ObjectManagerService/Push",
+    "/ray.rpc.LogService/ListLogs",  # the dashboard agent's gRPC server
+    "/ray.rpc.ReporterService/CpuProfiling",
 )
 
 
