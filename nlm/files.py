@@ -99,7 +99,9 @@ def temp_dir_for(target: str | Path) -> Path:
     (same file system, so `replace_dir` can rename it in)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    path = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    os.chmod(path, 0o777 & ~_umask())  # mkdtemp makes 0700; a plain mkdir would not
+    return path
 
 
 def replace_dir(new: str | Path, target: str | Path) -> Path:

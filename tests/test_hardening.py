@@ -243,6 +243,12 @@ def test_write_helpers_are_atomic(tmp_path):
     assert target.read_text() == "x" and oct(target.stat().st_mode & 0o777) != "0o600"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_export_swaps_the_model_in_by_renames(tmp_path):
     """A crash between the two renames leaves the old model at its hidden name, and loading the
     run still finds a complete model (the old code deleted model/ first: nothing was left)."""
@@ -255,6 +261,7 @@ def test_export_swaps_the_model_in_by_renames(tmp_path):
     _tiny_checkpoint(run / "model", {"which": "new"})
     assert load_checkpoint(run).metrics["which"] == "new"
     assert sorted(p.name for p in run.iterdir()) == ["model"]
+    assert (run / "model").stat().st_mode & 0o777 == 0o777 & ~_umask()  # as mkdir makes it
     # The state a crash between the renames leaves: old set aside, new not yet renamed in.
     _os.rename(run / "model", run / ".model.old-deadbeef")
     assert load_checkpoint(run).metrics["which"] == "new"
