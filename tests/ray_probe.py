@@ -20,12 +20,25 @@ GRPC_METHODS = (
     "/ray.rpc.ObjectManagerService/Push",
     "/ray.rpc.LogService/ListLogs",  # the dashboard agent's gRPC server
     "/ray.rpc.ReporterService/CpuProfiling",
+    "/ray.serve.ASGIService/HandleRequest",  # a Serve replica's inter-deployment server
 )
+
+
+def external_ip() -> str | None:
+    """This machine's first non-loopback IPv4 address: where another machine would connect."""
+    import psutil
+
+    for addresses in psutil.net_if_addrs().values():
+        for a in addresses:
+            if a.family.name == "AF_INET" and not a.address.startswith("127."):
+                return a.address
+    return None
 
 
 def probe(ip: str, port: int) -> dict:
     host = ip.removeprefix("::ffff:")
-    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    if host in ("0.0.0.0", "::"):  # bound to every interface: try it from the network side
+        host = external_ip() or "127.0.0.1"
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         r = httpx.get(f"http://{target}/api/jobs/", timeout=3)
