@@ -6,7 +6,9 @@ Every command (`nlm prepare`, `nlm train`, `nlm serve`, the jobs/ entrypoints) c
 - Ray already initialised in this process (a test fixture, a notebook): use it as is.
 - RAY_ADDRESS set (a cluster started with `ray up` / `ray start`, or a driver launched by
   `ray job submit`, which sets RAY_ADDRESS itself): join that cluster.
-- Neither: start a local instance sized for a small machine.
+- Neither: start a local instance sized for a small machine, bound to loopback and guarded by
+  a per-run token (nlm.cluster.local_ray; docs/OPERATIONS.md "Security model"), with a
+  watchdog process that removes it if this driver is killed.
 
 `check_resources()` then asks the cluster for the workers' resources up front, through a
 placement group with a deadline, so an undersized cluster fails with one clear `NLMError`
@@ -24,6 +26,7 @@ import time
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 
+from nlm.cluster.local_ray import is_secured, start_watchdog
 from nlm.errors import NLMError
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,7 @@ DEFAULT_RESOURCE_TIMEOUT_S = float(os.environ.get("NLM_RESOURCE_TIMEOUT_S", "120
 LOCAL_RESOURCE_TIMEOUT_S = 15.0
 
 _started_locally = False
+_watchdog = None  # the process that cleans up after a killed driver (nlm.cluster.local_ray)
 
 
 def local_num_cpus() -> int:
@@ -77,14 +81,17 @@ def ensure_ray(num_cpus: int | None = None) -> str:
             ) from None
         return "joined"
 
-    # Token authentication, decided explicitly. This instance belongs to one command, has no
-    # dashboard or job server, and stops when the command ends, so it runs without tokens
-    # (RAY_AUTH_MODE=disabled). Leaving the mode unset would let Ray 2.60 write
-    # ~/.ray/auth_token, which silently turns token auth on for every later `ray start` by
-    # this user and breaks `ray status` / `ray job submit` there. Setting "token" here, after
-    # `import ray`, is worse: the GCS server starts in token mode without a token and
-    # ray.init times out. A user's own choice (exported before Python starts) wins.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Token authentication and loopback binding must be chosen before `import ray`
+    # (nlm.cluster.local_ray, called by nlm.cli.main). A process that imported Ray first (a
+    # notebook, a script) gets what its environment says; say so when that is unsecured.
+    # The mode is never left unset: Ray 2.60 would write ~/.ray/auth_token, which turns token
+    # auth on for every later `ray start` by this user.
+    if not is_secured():
+        log.warning(
+            "the local Ray instance starts without nlm's per-run token and loopback binding "
+            "(Ray was imported before nlm.cluster.local_ray.secure_environment() ran)"
+        )
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(
         address="local",  # never silently join a cluster some other `ray start` left running
         num_cpus=num_cpus or local_num_cpus(),
@@ -92,6 +99,8 @@ def ensure_ray(num_cpus: int | None = None) -> str:
         log_to_driver=False,  # progress goes to tqdm / metrics files, not worker stdout
     )
     _started_locally = True
+    global _watchdog
+    _watchdog = start_watchdog()  # kills the instance's processes if this driver is killed
     log.info("started a local Ray instance (%s logical CPUs)", ray.cluster_resources().get("CPU"))
     return "local"
 

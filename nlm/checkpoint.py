@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import safetensors.torch
 import torch
 
 from nlm.errors import NLMError
+from nlm.files import locked, previous_dir, replace_dir, temp_dir_for, write_json
 from nlm.models import FAMILIES, LanguageModel, model_class
 from nlm.tokenizers import load_tokenizer
 from nlm.tokenizers.base import Tokenizer, fingerprint
@@ -50,6 +50,8 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
         raise NLMError(f"{path}: no such checkpoint or run directory")
     if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
         return path / "model"
+    if not (path / "config.json").is_file() and (old := previous_dir(path / "model")):
+        return old  # an export crashed between its two renames: the old model is complete
     return path
 
 
@@ -78,8 +80,7 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
 ) -> Path:
     directory = Path(directory)
-    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    tmp = temp_dir_for(directory)
     try:
         tokenizer.save(tmp / "tokenizer")
         config = {
@@ -92,13 +93,11 @@ def save_checkpoint(
         }
         # save_model stores each shared (tied) tensor once; load_model restores the aliasing.
         safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
-        (tmp / "metrics.json").write_text(
-            json.dumps(metrics or {}, indent=2, sort_keys=True) + "\n"
-        )
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)
+        write_json(tmp / "metrics.json", metrics or {}, sort_keys=True)
+        write_json(tmp / "config.json", config, sort_keys=True)
+        # Swapped in by renames: the old model stays complete until the new one is in place
+        # (deleting it first left no model at all after a crash in between).
+        replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -170,15 +169,15 @@ def _check_tokenizer(
 
 def record_metrics(checkpoint: str | Path, updates: dict[str, Any]) -> Path:
     """Merge `updates` into a checkpoint's metrics.json (e.g. `nlm eval --record` adds the test
-    figures that /v1/models shows). Written to a temporary name, then renamed: never half a file."""
+    figures that /v1/models shows). Under a lock, through `nlm.files.write_json`: never half a
+    file, and two concurrent runs both keep their figures."""
     directory = resolve_checkpoint_dir(Path(checkpoint))
     path = directory / "metrics.json"
-    try:
-        metrics = json.loads(path.read_text()) if path.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise NLMError(f"{path}: unreadable metrics ({exc})") from None
-    metrics.update(updates)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    with locked(path):  # two runs recording at once must not lose one's figures
+        try:
+            metrics = json.loads(path.read_text()) if path.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise NLMError(f"{path}: unreadable metrics ({exc})") from None
+        metrics.update(updates)
+        write_json(path, metrics, sort_keys=True)
     return path

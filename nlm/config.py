@@ -257,10 +257,9 @@ class Config:
         half-written config never looks complete."""
         import yaml
 
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(yaml.safe_dump(self.flat_dict(), sort_keys=False), encoding="utf-8")
-        tmp.rename(path)
+        from nlm.files import write_text
+
+        write_text(path, yaml.safe_dump(self.flat_dict(), sort_keys=False))
 
     @classmethod
     def load_yaml(cls, path: str | Path) -> Self:

@@ -14,9 +14,11 @@ import dataclasses
 import hashlib
 import os
 import urllib.request
+import uuid
 from pathlib import Path
 
 from nlm.errors import NLMError
+from nlm.files import write_text
 
 # relative path in the mirror -> (public URL, sha256)
 SOURCES: dict[str, tuple[str, str]] = {
@@ -73,17 +75,19 @@ def data_file(relpath: str) -> Path:
     path = cache_dir() / "downloads" / relpath
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".part")
+        # A unique name: two processes downloading the same corpus must not share one.
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
         try:
             urllib.request.urlretrieve(url, tmp)
         except OSError as exc:
+            tmp.unlink(missing_ok=True)
             raise NLMError(
                 f"cannot download {url}: {exc} (set NLM_DATA_MIRROR to a local copy)"
             ) from None
         if _sha256(tmp) != sha:
             tmp.unlink()
             raise NLMError(f"{url}: checksum mismatch, refusing the download")
-        tmp.rename(path)
+        os.replace(tmp, path)
     return path
 
 
@@ -96,9 +100,7 @@ def _split_lines(source: Path, name: str, fraction: float = 0.9) -> tuple[Path, 
         lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
         cut = int(len(lines) * fraction)
         for path, part in ((train, lines[:cut]), (test, lines[cut:])):
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(part), encoding="utf-8")
-            tmp.rename(path)
+            write_text(path, "".join(part))
     return train, test
 
 

@@ -38,6 +38,10 @@ def filter_logits(
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         # Drop a token when the tokens ranked above it already cover top_p; the first always stays.
         drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        # ...also when top_p underflows to 0 in the logits' dtype (1e-300 is 0 in float32, so
+        # "0 >= top_p" would drop every token and sampling would fall to the last id): the
+        # most likely token is kept whatever top_p is, which makes a tiny top_p greedy.
+        drop_sorted[..., 0] = False
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits

@@ -16,9 +16,11 @@ This module also holds the pieces of the writer that define the format: `ClmPack
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import posixpath
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -226,7 +228,7 @@ class ShardWriter:
     def _flush(self, table: pa.Table) -> None:
         name = f"{self.split}/part-{len(self.files):05d}.parquet"
         final = _join(self.directory, name)
-        temp = _join(self.directory, self.split, f".part-{len(self.files):05d}.parquet.tmp")
+        temp = _join(self.directory, self.split, f".{name.rsplit('/', 1)[-1]}.{_unique()}.tmp")
         table = table.combine_chunks()  # one chunk: the file does not depend on arrival order
         with self.fs.open_output_stream(temp) as sink:
             pq.write_table(table, sink, row_group_size=8192, compression="snappy")
@@ -237,10 +239,20 @@ class ShardWriter:
 
 def write_manifest(fs: pafs.FileSystem, directory: str, manifest: Manifest) -> None:
     """manifest.json, through a temporary name: the last thing `nlm prepare` writes."""
-    temp = _join(directory, ".manifest.json.tmp")
-    with fs.open_output_stream(temp) as sink:
-        sink.write((json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n").encode())
-    fs.move(temp, _join(directory, MANIFEST))
+    temp = _join(directory, f".{MANIFEST}.{_unique()}.tmp")  # never shared by two writers
+    try:
+        with fs.open_output_stream(temp) as sink:
+            sink.write((json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n").encode())
+        fs.move(temp, _join(directory, MANIFEST))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fs.delete_file(temp)
+        raise
+
+
+def _unique() -> str:
+    """A temporary-name suffix (pyarrow file systems have no mkstemp; nlm.files is local-only)."""
+    return uuid.uuid4().hex[:12]
 
 
 # --- reading -----------------------------------------------------------------------------------

@@ -15,6 +15,14 @@ restarts or its queue is full), so no input can produce a 500. Bounds against ab
 `request_timeout_s` gets 504 and its work is dropped, at most `max_queued_requests` wait per
 model. When NLM_API_TOKEN is set, every /v1/ endpoint wants
 `Authorization: Bearer <token>`; /healthz and the OpenAPI schema stay open.
+"Security model" in docs/OPERATIONS.md says exactly what the token guards. The token reaches the
+gateway replica through its runtime environment, never as a pickled constructor argument.
+
+Browsers: a POST body must be JSON (`Content-Type: application/json`, else 415), so a web page
+cannot send a CORS "simple" request (form or text/plain, no preflight) that the API acts on;
+and the Host header must name this server (Starlette's TrustedHostMiddleware; by default the
+bind host, plus localhost / 127.0.0.1 / ::1 when it is loopback), so a DNS-rebinding page
+cannot read answers either.
 """
 
 # No `from __future__ import annotations` here: Serve's class-based FastAPI ingress needs the
@@ -24,6 +32,7 @@ import dataclasses
 import hmac
 import logging
 import os
+import socket
 import time
 from typing import Any
 
@@ -40,6 +49,7 @@ from ray.serve.exceptions import (
 )
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from nlm.checkpoint import read_checkpoint_config
 from nlm.config import Config
@@ -84,6 +94,9 @@ from nlm.serve.tasks import TaskServer, task_endpoints
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "NLM_API_TOKEN"
+ALLOWED_HOSTS_ENV = "NLM_ALLOWED_HOSTS"  # comma-separated; set by the gateway for its middleware
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+GATEWAY_CPUS = 0.25
 OPEN_PATHS = ("/", "/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
 
 # ---------------------------------------------------------------- the application's arguments
@@ -111,6 +124,24 @@ class AppArgs(Config):
     max_body_bytes: int = body_limits.DEFAULT_MAX_BODY_BYTES
     request_timeout_s: float = 300.0
     max_queued_requests: int = 256
+    # Host header values accepted ("*" any); empty: default_allowed_hosts("127.0.0.1")
+    allowed_hosts: list[str] = dataclasses.field(default_factory=list)
+
+
+def default_allowed_hosts(bind_host: str) -> list[str]:
+    """The Host header values a server bound to `bind_host` accepts by default: that address,
+    plus localhost, 127.0.0.1 and ::1 when it is loopback; for a wildcard bind (0.0.0.0, ::)
+    this machine's names and addresses. Anything else needs --allowed-host / allowed_hosts."""
+    if bind_host in ("127.0.0.1", "localhost", "::1") or bind_host.startswith("127."):
+        return sorted({bind_host, *LOOPBACK_HOSTS})
+    if bind_host in ("0.0.0.0", "::", ""):
+        names = {socket.gethostname(), socket.getfqdn(), *LOOPBACK_HOSTS}
+        try:
+            names |= {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
+        except OSError:
+            pass
+        return sorted(names)
+    return [bind_host]
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -173,15 +204,23 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         }
         for m in models
     }
-    gateway_options: dict[str, Any] = {}
-    if spec.num_cpus is not None:
-        gateway_options["ray_actor_options"] = {"num_cpus": spec.num_cpus}
+    # The token reaches the gateway replica through its runtime environment: constructor
+    # arguments are pickled into Serve's deployment state (and shown by its API). If a deploy
+    # config replaces ray_actor_options (and with them this runtime_env), the replica refuses
+    # to start rather than serve without the token (token_required).
+    token = os.environ.get(TOKEN_ENV) or ""
+    actor_options: dict[str, Any] = {
+        "num_cpus": GATEWAY_CPUS if spec.num_cpus is None else spec.num_cpus
+    }
+    if token:
+        actor_options["runtime_env"] = {"env_vars": {TOKEN_ENV: token}}
+    hosts = spec.allowed_hosts or default_allowed_hosts("127.0.0.1")
     bounds = {
         "max_body_bytes": int(spec.max_body_bytes),
         "request_timeout_s": float(spec.request_timeout_s),
     }
-    return Gateway.options(**gateway_options).bind(
-        handles, catalog, limits.max_items, os.environ.get(TOKEN_ENV) or None, bounds
+    return Gateway.options(ray_actor_options=actor_options).bind(
+        handles, catalog, limits.max_items, bool(token), list(hosts), bounds
     )
 
 
@@ -256,15 +295,16 @@ async def _bug(request: Request, exc: Exception) -> JSONResponse:
 api.add_middleware(body_limits.BodyLimit)
 
 
+def _is_json(content_type: str) -> bool:
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (
+        kind.startswith("application/") and kind.endswith("+json")
+    )
+
+
 @api.middleware("http")
 async def _authorize(request: Request, call_next: Any) -> Any:
     token = os.environ.get(TOKEN_ENV)
-    if request.method == "POST" and request.headers.get("content-type", "").startswith(
-        "application/x-www-form-urlencoded"
-    ):
-        # curl -d sends JSON labelled as a form unless told otherwise; read it as JSON.
-        headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
-        request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
     if token and request.url.path not in OPEN_PATHS:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -274,12 +314,46 @@ async def _authorize(request: Request, call_next: Any) -> Any:
             if openai_paths(request.url.path):
                 return openai_error(401, message, "invalid_api_key")
             return error_response(401, "unauthorized", message)
+    if request.method in ("POST", "PUT", "PATCH") and not _is_json(
+        request.headers.get("content-type", "")
+    ):
+        # Never read a form or text/plain body as JSON: those are what a web page can send
+        # cross-origin without a preflight. (curl users: -H 'Content-Type: application/json'.)
+        message = (
+            "the request body must be JSON (Content-Type: application/json), got "
+            f"{request.headers.get('content-type') or 'no Content-Type'}"
+        )
+        if openai_paths(request.url.path):
+            return openai_error(415, message, "unsupported_media_type")
+        return error_response(415, "unsupported_media_type", message)
     return await call_next(request)
 
 
 async def _result(response: Any) -> Any:
     """Await a DeploymentResponse (asyncio.wait_for wants a coroutine)."""
     return await response
+
+
+class _TrustedHosts:
+    """Starlette's TrustedHostMiddleware, its host list taken from the replica's environment
+    (NLM_ALLOWED_HOSTS, set by Gateway.__init__): Serve freezes `api` when the ingress class is
+    decorated, before any application's arguments are known."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.checker: TrustedHostMiddleware | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if self.checker is None:
+            hosts = [h.strip() for h in os.environ.get(ALLOWED_HOSTS_ENV, "").split(",")]
+            allowed = [h for h in hosts if h] or list(LOOPBACK_HOSTS)
+            self.checker = TrustedHostMiddleware(
+                self.app, allowed_hosts=allowed, www_redirect=False
+            )
+        await self.checker(scope, receive, send)
+
+
+api.add_middleware(_TrustedHosts)
 
 
 # ---------------------------------------------------------------- the ingress deployment
@@ -313,7 +387,7 @@ def _unavailable(model: str, exc: Exception) -> ApiError:
     )
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=512)
+@serve.deployment(ray_actor_options={"num_cpus": GATEWAY_CPUS}, max_ongoing_requests=512)
 @serve.ingress(api)
 class Gateway(OpenAIRoutes):
     def __init__(
@@ -321,20 +395,26 @@ class Gateway(OpenAIRoutes):
         models: dict[str, DeploymentHandle],
         catalog: dict[str, dict[str, Any]],
         max_items: int,
-        api_token: str | None,
+        token_required: bool = False,
+        allowed_hosts: list[str] | None = None,
         bounds: dict[str, Any] | None = None,
     ) -> None:
+        # Serve freezes a copy of `api` (and this module's globals) when the class is
+        # decorated, so the middleware cannot share a variable with us: the replica's own
+        # environment is the one place both see. The token is already there (runtime env).
+        if token_required and not os.environ.get(TOKEN_ENV):
+            raise RuntimeError(
+                f"{TOKEN_ENV} was set when the application was built but is not in the gateway "
+                "replica's environment (a deploy config replaced its runtime_env?): refusing "
+                "to serve without it"
+            )
+        os.environ[ALLOWED_HOSTS_ENV] = ",".join(allowed_hosts or LOOPBACK_HOSTS)
         self.models = models
         self.catalog = catalog
         self.max_items = max_items
         bounds = bounds or {}
         self.request_timeout_s = float(bounds.get("request_timeout_s", 300.0))
         body_limits.configure(int(bounds.get("max_body_bytes", body_limits.DEFAULT_MAX_BODY_BYTES)))
-        if api_token:
-            # Serve freezes a copy of `api` (and this module's globals) when the class is
-            # decorated, so the middleware cannot share a variable with us: the replica's own
-            # environment is the one place both see.
-            os.environ[TOKEN_ENV] = api_token
 
     def _handle(self, model: str, endpoint: str) -> DeploymentHandle:
         if model not in self.models:

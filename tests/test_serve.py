@@ -329,13 +329,15 @@ def test_malformed_json_and_curl_style_bodies(client):
         "/v1/score", content=b"{not json", headers={"content-type": "application/json"}
     )
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_request"
-    # curl -d labels JSON as a form; it is still read as JSON
+    # A form body (what curl -d and any web page can send without a CORS preflight) is
+    # refused, never read as JSON (issue 14 item 2)
     form = client.post(
         "/v1/score",
         content=json.dumps({"model": "fnn", "text": "a lobster"}).encode(),
         headers={"content-type": "application/x-www-form-urlencoded"},
     )
-    assert form.status_code == 200, form.text
+    assert form.status_code == 415, form.text
+    assert form.json()["error"]["code"] == "unsupported_media_type"
 
 
 # ---------------------------------------------------------------- robustness

@@ -232,9 +232,13 @@ def test_killed_worker_restarts_from_checkpoint_then_resume(ray_local, shards, t
     assert not thread.is_alive() and "error" not in result, result.get("error")
     assert result["summary"]["step"] == 150
 
-    records = read_metrics(out)
+    records = read_metrics(out, every_attempt=True)  # the replayed steps of both attempts
     starts = [r for r in records if r.get("event") == "start"]
     assert len(starts) == 2
+    assert {r["attempt"] for r in records} == {1, 2}
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == sorted(
+        {r["step"] for r in records if "loss" in r}
+    )  # read plainly, each step once
     resumed = starts[1]["resumed_from_step"]
     assert resumed and resumed % 25 == 0 and killed not in [w["pid"] for w in starts[1]["workers"]]
     first = {r["step"]: r["loss"] for r in records[: records.index(starts[1])] if "loss" in r}

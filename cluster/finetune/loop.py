@@ -391,6 +391,6 @@ def _add(total: dict[str, float], part: dict[str, float]) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.rename(path)
+    from nlm.files import write_text
+
+    write_text(path, text)

@@ -263,6 +263,52 @@ def _sample_texts(cfg: PrepareConfig, units: list[Unit]) -> Iterator[str]:
                 return
 
 
+def check_training_text(cfg: PrepareConfig, units: list[Unit]) -> None:
+    """NLMError unless the training split will hold a document (one a tokenizer can learn from
+    when one is trained here). Reads units only until the first such document, so a real
+    corpus costs one unit; runs before anything is written.
+
+    Documents go to validation by content hash (`is_val`), so a tiny corpus can lose every
+    document to it; that gets its own message naming --val-fraction rather than a tokenizer
+    trainer's "no text" (or, with --tokenizer-from, a complete shard set with no rows).
+    """
+    inputs = ", ".join(cfg.input)
+    val = specials_only = 0
+    for unit in units:
+        for text, raw in read_documents(
+            unit,
+            line_docs=cfg.line_docs,
+            text_column=cfg.text_column,
+            max_doc_bytes=cfg.max_doc_bytes,
+            skips=Skips(cfg.skip_bad),
+        ):
+            if is_val(raw, cfg.val_fraction):
+                val += 1
+            elif not cfg.tokenizer_from and not _has_plain_text(text):
+                specials_only += 1
+            else:
+                return
+    if specials_only:
+        raise NLMError(
+            f"{inputs}: the training documents hold nothing but special tokens "
+            "(<unk>, [MASK], ...), so there is no text to train a tokenizer on; "
+            "use --tokenizer-from DIR or add text"
+        )
+    if val:
+        raise NLMError(
+            f"{inputs}: every document ({val}) went to the validation split "
+            f"(--val-fraction {cfg.val_fraction:g} picks documents by content hash); add text, "
+            "split it into more documents (--line-docs), or lower --val-fraction (0 keeps all)"
+        )
+    raise NLMError(f"{inputs}: no text (every document is empty or blank)")
+
+
+def _has_plain_text(text: str) -> bool:
+    from nlm.tokenizers.base import SPECIAL_IDS, split_specials
+
+    return any(part.strip() for part in split_specials(text) if part not in SPECIAL_IDS)
+
+
 def train_on_sample(cfg: PrepareConfig, units: list[Unit]) -> Tokenizer:
     return train_tokenizer(
         cfg.tokenizer,
@@ -296,7 +342,7 @@ def _prepare_output(cfg: PrepareConfig) -> tuple[pafs.FileSystem, str]:
 
 def _cleanup(fs: pafs.FileSystem, root: str) -> None:
     """Remove what this run wrote (the directory stays without a manifest either way)."""
-    for name in ("train", "val", "tokenizer", MANIFEST, f".{MANIFEST}.tmp"):
+    for name in ("train", "val", "tokenizer", MANIFEST):
         path = f"{root}/{name}"
         info = fs.get_file_info(path)
         try:
@@ -453,6 +499,7 @@ def prepare(cfg: PrepareConfig) -> tuple[Manifest, PrepareStats]:
         cfg = cfg.replace(tokenizer=tok.kind)
     elif cfg.tokenizer is None:
         cfg = cfg.replace(tokenizer="spm-bpe")
+    check_training_text(cfg, units)  # before _prepare_output: nothing written for bad input
     fs, root = _prepare_output(cfg)
     try:
         with tempfile.TemporaryDirectory(prefix="nlm-tokenizer-") as tmp:

@@ -6,6 +6,9 @@ nor a worker ever holds more than one unit of text, whatever the corpus size.
 
 Documents: a whole text file (default), one line of a text file (`line_docs`), one JSONL line
 (its `text` field), or one Parquet row (its text column). Blank documents are ignored.
+Every document is normalised (`nlm.tokenizers.base.normalize_text`: no byte order mark, LF
+line ends) before it is split or tokenized, so a file saved with a BOM and CRLF gives the same
+shards as the same text saved plainly; the bytes returned with it are the normalised text's.
 Every bad document is either an NLMError naming file and line, or, with skip_bad, a counted
 skip (`Skips`).
 """
@@ -26,10 +29,12 @@ import pyarrow.parquet as pq
 
 from nlm.errors import NLMError
 from nlm.shards import filesystem
+from nlm.tokenizers.base import normalize_text
 
 FORMATS = ("text", "jsonl", "parquet")
 _SUFFIX_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 _READ_CHUNK = 1 << 20
+_BOM_BYTES = "\ufeff".encode()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,13 +260,21 @@ def is_val(doc: bytes, val_fraction: float) -> bool:
 def read_documents(
     unit: Unit, *, line_docs: bool, text_column: str, max_doc_bytes: int, skips: Skips
 ) -> Iterator[tuple[str, bytes]]:
-    """(text, utf-8 bytes) of each non-blank document of the unit, in file order."""
+    """(text, utf-8 bytes) of each non-blank document of the unit, in file order, both
+    normalised (`normalize_text`)."""
     if unit.format == "parquet":
-        yield from _parquet_documents(unit, text_column, max_doc_bytes, skips)
+        docs = _parquet_documents(unit, text_column, max_doc_bytes, skips)
     elif unit.format == "text" and not line_docs:
-        yield from _file_documents(unit, skips)
+        docs = _file_documents(unit, skips)
     else:
-        yield from _line_documents(unit, text_column, max_doc_bytes, skips)
+        docs = _line_documents(unit, text_column, max_doc_bytes, skips)
+    for text, raw in docs:
+        clean = normalize_text(text)
+        if len(clean) != len(text):  # normalising only ever removes characters
+            if not clean.strip():
+                continue  # a byte order mark alone
+            text, raw = clean, clean.encode("utf-8")
+        yield text, raw
 
 
 def _line_number(data: bytes, offset: int) -> int:
@@ -370,6 +383,8 @@ def _line_documents(
     for index, line in enumerate(lines):
         if line.endswith(b"\r"):
             line = line[:-1]
+        if index == 0 and begin == 0 and line.startswith(_BOM_BYTES):
+            line = line[len(_BOM_BYTES) :]  # the file's byte order mark (json.loads refuses it)
         if len(line) > max_doc_bytes:
             skips.add(
                 "too_long", f"{where(index)}: document is over --max-doc-bytes {max_doc_bytes}"

@@ -273,6 +273,6 @@ def user_error(exc: BaseException) -> NLMError | None:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    tmp.rename(path)
+    from nlm.files import write_json
+
+    write_json(path, data)

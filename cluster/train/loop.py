@@ -55,6 +55,7 @@ from nlm.cluster.train.batches import (
     reset_state,
     state_to,
 )
+from nlm.cluster.train.checkpoint_digests import record_digests, verify_digests
 from nlm.cluster.train.distributed import all_reduce_sum, barrier, seed_everything
 from nlm.cluster.train.metrics import peak_flops
 from nlm.cluster.train.plan import CHECKPOINT_META, RunPlan, plan_run
@@ -335,6 +336,7 @@ class Trainer(TrainingLoop):
             directory = self.session.staging_dir(self.step)
             self.engine.save_checkpoint(str(directory), tag=DS_TAG)
             torch.save(self.rank_state(), directory / f"rank_{self.rank:05d}.pt")
+            record_digests(Path(self.plan.run_dir), self.step, directory)  # checked on resume
             barrier(self.device)
             if self.rank == 0:
                 meta = {
@@ -369,6 +371,7 @@ class Trainer(TrainingLoop):
         with self.session.latest_checkpoint() as directory:
             if directory is None:
                 return
+            verify_digests(Path(self.plan.run_dir), directory)  # DeepSpeed unpickles its files
             self.engine.load_checkpoint(str(directory), tag=DS_TAG)
             path = directory / f"rank_{self.rank:05d}.pt"
             if not path.is_file():

@@ -15,6 +15,7 @@ from typing import Any
 
 from nlm.cluster.train.config import TrainConfig
 from nlm.cluster.train.deepspeed_config import check_zero_stage
+from nlm.cluster.train.resume import check_same_run
 from nlm.config import Config
 from nlm.errors import NLMError
 
@@ -109,6 +110,7 @@ def plan_run(config: TrainConfig, device: str = "cpu") -> RunPlan:
             raise NLMError(f"{storage}/{CHECKPOINTS}: no checkpoint to resume from")
         resume_from = checkpoints[-1]
         _check_resumable(resume_from, config)
+        check_same_run(resume_from, config, model_config.to_dict(), run_dir)
     elif checkpoints or (run_dir / "metrics.jsonl").exists():
         raise NLMError(
             f"{run_dir}: already holds a run; pass --resume to continue it, or choose another --out"

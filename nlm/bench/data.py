@@ -148,10 +148,11 @@ def naive_ray_data(files: list[Path], tokenizer: Path, workers: int) -> dict[str
 
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from nlm.cluster.launch import ensure_ray
+
     os.environ["RAY_worker_niceness"] = "0"  # as in run_prepare
     logging.getLogger("ray._private.worker").setLevel(logging.WARNING)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ensure_ray(num_cpus=4)  # token and loopback, like every command's instance
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         start = time.perf_counter()

@@ -5,6 +5,8 @@ Each subcommand lives in its own module `nlm/cli/<name>.py` exposing
     run(args: argparse.Namespace) -> int | None
 Only the chosen subcommand's module is imported, so `nlm eval` never pays for importing Ray.
 User errors (`NLMError`) become one line on stderr and exit status 2, never a traceback.
+Before anything imports Ray, `nlm.cluster.local_ray.secure_environment()` sets up token
+authentication and loopback binding for the local Ray instance a command may start.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ COMMANDS: dict[str, str] = {
     "bench": "benchmarks (data, train, serve, gpu)",
     "demo": "run the project's main job end to end on the local machine",
 }
+# The commands that may start a local Ray instance (the others never import Ray).
+RAY_COMMANDS = ("prepare", "train", "finetune", "serve", "study", "bench", "demo")
 
 
 def command_parser(name: str) -> argparse.ArgumentParser:
@@ -58,6 +62,11 @@ def main(argv: list[str] | None = None) -> None:
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in COMMANDS:
         command = None
+    if command in RAY_COMMANDS:
+        # Before the subcommand imports Ray: a local instance gets a per-run token and loopback.
+        from nlm.cluster.local_ray import secure_environment
+
+        secure_environment()
     args = _parser(command).parse_args(argv)
     try:
         code = _module(args.command).run(args)

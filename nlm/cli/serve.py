@@ -30,6 +30,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="checkpoint or run directory, or name=path (default name: the directory's name)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    parser.add_argument(
+        "--allowed-host",
+        dest="allowed_hosts",
+        action="append",
+        metavar="NAME",
+        help="Host header value to accept (repeatable; '*' any). Default: the bind address, "
+        "plus localhost/127.0.0.1/::1 when it is loopback (guards against DNS rebinding)",
+    )
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     batching = parser.add_argument_group("batching")
     batching.add_argument(
@@ -123,7 +131,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def app_args(args: argparse.Namespace) -> dict:
     """The application builder's args (serve/config.yaml's `args`) for these flags."""
+    from nlm.serve.app import default_allowed_hosts
+
     return {
+        "allowed_hosts": list(getattr(args, "allowed_hosts", None) or [])
+        or default_allowed_hosts(args.host),
         "checkpoints": list(args.checkpoints),
         "max_batch_size": 1 if args.no_batching else args.max_batch_size,
         "batch_wait_timeout_s": args.batch_wait_ms / 1000.0,
@@ -190,11 +202,8 @@ def run(args: argparse.Namespace) -> int:
         from nlm.device import check_request
 
         check_request(args.device, args.dtype)
-    if not os.environ.get("RAY_ADDRESS"):
-        # Decide token auth before `import ray` caches the mode: the local instance that
-        # ensure_ray() starts runs without tokens (it binds to 127.0.0.1 and dies with the
-        # command), the same as every other local command. NLM_API_TOKEN guards the HTTP API.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # nlm.cli.main has set up the local Ray instance's token and loopback binding (see
+    # nlm.cluster.local_ray); --host binds only Serve's HTTP proxy. NLM_API_TOKEN guards the API.
     # Checkpoints and port first: bad input fails here, before Ray is imported or started.
     from nlm.serve import launch
     from nlm.serve.catalog import parse_checkpoints

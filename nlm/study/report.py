@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from nlm.files import write_text
 
 FIGURES = ("projection-pca.png", "overlap-heatmap.png")
 
@@ -43,9 +44,7 @@ def write_report(
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 # ---------------------------------------------------------------- markdown

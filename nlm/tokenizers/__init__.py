@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from nlm.errors import NLMError
-from nlm.tokenizers.base import Tokenizer, fingerprint, read_json
+from nlm.tokenizers.base import Tokenizer, fingerprint, normalize_text, read_json
 from nlm.tokenizers.spm import BPETokenizer, UnigramTokenizer
 from nlm.tokenizers.vocab import CharTokenizer, WordTokenizer
 
@@ -49,8 +49,10 @@ def train_tokenizer(
         tokenizer then drops that whitespace, word and SentencePiece split on it anyway.
     seed, sample_size: SentencePiece trains on a shuffled sample of at most sample_size texts.
     options: SentencePiece only: byte_fallback, character_coverage, num_threads.
+    Each text goes through `base.normalize_text` (no BOM, LF line ends) first.
     """
     cls = _check_kind(kind, "train_tokenizer")
+    texts = map(normalize_text, texts)  # a BOM or CRLF must not make its own tokens
     if kind.startswith("spm-"):
         if min_count is not None:
             raise NLMError(f"min_count applies to word and char tokenizers, not {kind}")
@@ -73,4 +75,11 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     return _check_kind(meta.get("kind"), str(directory / "tokenizer.json")).load(directory)
 
 
-__all__ = ["KINDS", "Tokenizer", "fingerprint", "load_tokenizer", "train_tokenizer"]
+__all__ = [
+    "KINDS",
+    "Tokenizer",
+    "fingerprint",
+    "load_tokenizer",
+    "normalize_text",
+    "train_tokenizer",
+]

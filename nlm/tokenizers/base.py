@@ -194,3 +194,20 @@ def read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise NLMError(f"{path}: corrupt tokenizer file (expected a JSON object)")
     return data
+
+
+BOM = "\ufeff"
+
+
+def normalize_text(text: str) -> str:
+    """A document as every tokenizer and the shard pipeline see it: without a leading UTF-8 byte
+    order mark and with Windows (CRLF) line ends as LF.
+
+    Editors on Windows save the same text with a BOM and CRLF; without this the BOM glues onto
+    the first word (a word "\ufefffor") and "\r" becomes a char token, so one corpus gave two
+    vocabularies. Only CRLF pairs change: a lone "\r" is left as it is (it is rare, and a
+    line-per-document file could not honour it as a line break anyway).
+    """
+    if text.startswith(BOM):
+        text = text[1:]
+    return text.replace("\r\n", "\n") if "\r" in text else text

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from nlm.errors import NLMError
+from nlm.files import write_json
 from nlm.models.learning_rates import DEMO_CLIP_NORM, DEMO_LEARNING_RATES
 from nlm.workflows.foundation_demo import (
     FAMILIES,
@@ -485,9 +486,7 @@ def _load(load: Any) -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.rename(path)
+    write_json(path, data, ensure_ascii=False)
 
 
 def _log(message: str) -> None:

@@ -27,6 +27,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from nlm.files import write_json
 from nlm.models import FAMILIES as REGISTRY
 from nlm.models.learning_rates import DEMO_CLIP_NORM, DEMO_DEFAULT_LR, DEMO_LEARNING_RATES
 
@@ -136,9 +137,7 @@ def run_foundation_demo(
         _log(
             f"{family}: {steps} steps in {elapsed:.0f} s, test {report['ppl_kind']} ppl {report['ppl']:.1f}"
         )
-    tmp = out_dir / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.rename(out_dir / "results.json")
+    write_json(out_dir / "results.json", results)
     return results
 
 
