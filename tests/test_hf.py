@@ -400,6 +400,7 @@ def hf_bert(root: Path, lines: list[str]) -> Path:
     tok = transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
         sep_token="[SEP]", mask_token="[MASK]",
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
     )  # fmt: skip
     config = transformers.BertConfig(vocab_size=len(tok) + 3, hidden_size=32, num_hidden_layers=2,
                                      num_attention_heads=2, intermediate_size=64,
