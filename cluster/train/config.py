@@ -29,6 +29,8 @@ class TrainConfig(Config):
     preset: str = "tiny"  # tiny | small | base (| notes for fnn/rnn/lstm)
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {dropout: 0.3}
     out: str = ""  # the run directory (RUN)
+    # start from this nlm checkpoint's weights and model config (e.g. `nlm import`'s); "": fresh
+    init_from: str = ""
 
     # scale
     workers: int = 2
