@@ -655,6 +655,13 @@ def process_group():
         port = s.getsockname()[1]
     env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    # The trainer's own extension cache (cluster/train/loop.py): DeepSpeed JIT-builds its CPU
+    # communication op on init_distributed, and the shared default cache may be locked.
+    from nlm.corpora import cache_dir
+
+    env["TORCH_EXTENSIONS_DIR"] = os.environ.get(
+        "TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions")
+    )
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     deepspeed.init_distributed(dist_backend="gloo")
