@@ -712,5 +712,5 @@ def test_train_init_from_an_imported_gpt2_under_zero3_then_export(process_group,
     other = write_shards(tmp_path / "other", corpus["wt2-train"][:400], seq_len=32)
     with pytest.raises(NLMError, match="--tokenizer-from"):
         plan_run(cfg.replace(data=str(other), out=str(tmp_path / "run2")))
-    with pytest.raises(NLMError, match="not bert"):
-        plan_run(cfg.replace(model="bert", out=str(tmp_path / "run3")))
+    with pytest.raises(NLMError, match="is a gpt checkpoint, not lstm"):
+        plan_run(cfg.replace(model="lstm", zero_stage=1, out=str(tmp_path / "run3")))
