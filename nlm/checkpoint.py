@@ -1,14 +1,21 @@
 """The serving checkpoint: one directory format for every model family.
 
     DIR/config.json        {"format": "nlm-checkpoint", "version": 1, "family": ...,
-                            "model": {model config}, "tokenizer": {"kind", "fingerprint"}, ...extra}
-    DIR/model.safetensors  weights (tied tensors stored once); loading never unpickles
+                            "model_type": "nlm-<family>", "model": {model config},
+                            "tokenizer": {"kind", "fingerprint"}, ...extra}
+    DIR/model.safetensors  weights (tied tensors stored once), metadata {"format": "pt"};
+                           loading never unpickles
     DIR/tokenizer/         the tokenizer's own files
     DIR/metrics.json       training/eval metrics (may be {})
 
 Written to a temporary sibling directory and renamed into place, so a reader never sees a
 half-written checkpoint. Training (DeepSpeed) checkpoints are a different thing: the trainer
 exports this format at the end of a run.
+
+`model_type` is there for Hugging Face tools: `transformers.AutoConfig` reads it and stops with
+"does not recognize this architecture" instead of guessing a model from the directory's name
+(a path containing "bert" used to give a full-size BERT-base config). `nlm export --format hf`
+(nlm/hf/) writes the Hugging Face format itself.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from nlm.tokenizers.base import Tokenizer, fingerprint
 
 FORMAT = "nlm-checkpoint"
 VERSION = 1
+# What `transformers` expects in a safetensors header (it refuses files marked otherwise).
+SAFETENSORS_METADATA = {"format": "pt"}
 
 
 @dataclasses.dataclass
@@ -87,12 +96,15 @@ def save_checkpoint(
             "format": FORMAT,
             "version": VERSION,
             "family": model.family,
+            "model_type": f"nlm-{model.family}",
             "model": model.config.to_dict(),
             "tokenizer": {"kind": tokenizer.kind, "fingerprint": fingerprint(tmp / "tokenizer")},
             **(extra or {}),
         }
         # save_model stores each shared (tied) tensor once; load_model restores the aliasing.
-        safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
+        safetensors.torch.save_model(
+            model, str(tmp / "model.safetensors"), metadata=SAFETENSORS_METADATA
+        )
         write_json(tmp / "metrics.json", metrics or {}, sort_keys=True)
         write_json(tmp / "config.json", config, sort_keys=True)
         # Swapped in by renames: the old model stays complete until the new one is in place

@@ -146,4 +146,4 @@ def test_worker_error_then_skip_bad(tmp_path, corpus):
     manifest = read_manifest(out)
     assert manifest.skipped["reasons"] == {"missing_text": 1}
     assert manifest.splits["train"]["documents"] + manifest.splits["val"]["documents"] == 302
-    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    assert (out / "tokenizer" / "nlm-tokenizer.json").is_file()

@@ -212,7 +212,7 @@ def test_saved_files_are_byte_deterministic(kind, pku_lines, tmp_path):
     two = {p.name: p.read_bytes() for p in (tmp_path / "two").iterdir()}
     assert one == two
     assert fingerprint(tmp_path / "one") == fingerprint(tmp_path / "two")
-    assert json.loads(one["tokenizer.json"])["kind"] == kind
+    assert json.loads(one["nlm-tokenizer.json"])["kind"] == kind
 
 
 def test_spm_seed_and_sample(wt2_lines):
@@ -245,10 +245,10 @@ def test_bad_kinds_and_bad_saved_tokenizers(tmp_path, wt2_lines):
     (tmp_path / "word" / "vocab.json").write_text('[["<pad>", 0], ["oops"', encoding="utf-8")
     with pytest.raises(NLMError, match="vocab.json: corrupt"):
         load_tokenizer(tmp_path / "word")
-    (tmp_path / "word" / "tokenizer.json").write_text('{"kind": "nope"}')
+    (tmp_path / "word" / "nlm-tokenizer.json").write_text('{"kind": "nope"}')
     with pytest.raises(NLMError, match="unknown tokenizer kind 'nope'"):
         load_tokenizer(tmp_path / "word")
-    (tmp_path / "word" / "tokenizer.json").write_text("{not json")
+    (tmp_path / "word" / "nlm-tokenizer.json").write_text("{not json")
     with pytest.raises(NLMError, match="tokenizer.json: corrupt"):
         load_tokenizer(tmp_path / "word")
 

@@ -21,7 +21,7 @@ from nlm.shards import (
     schema_for,
     write_manifest,
 )
-from nlm.tokenizers import train_tokenizer
+from nlm.tokenizers import Tokenizer, train_tokenizer
 from nlm.tokenizers.base import EOS_ID, fingerprint
 
 
@@ -42,9 +42,11 @@ def write_shards(
     vocab_size: int = 256,
     rows_per_file: int = 1024,
     val_every: int = 10,
+    tokenizer: Tokenizer | None = None,
 ) -> Path:
-    """Every val_every-th line goes to val; the rest to train. Returns `out`."""
-    tokenizer = train_tokenizer("word", lines, vocab_size=vocab_size)
+    """Every val_every-th line goes to val; the rest to train. Returns `out`. The tokenizer is
+    a word tokenizer trained on `lines` unless one is given."""
+    tokenizer = tokenizer or train_tokenizer("word", lines, vocab_size=vocab_size)
     tokenizer.save(out / "tokenizer")
     splits = {
         "train": [line for i, line in enumerate(lines) if i % val_every],
@@ -81,7 +83,7 @@ def write_shards(
         seq_len=seq_len,
         seed=0,
         tokenizer={
-            "kind": "word",
+            "kind": tokenizer.kind,
             "vocab_size": tokenizer.vocab_size,
             "fingerprint": fingerprint(out / "tokenizer"),
         },

@@ -30,6 +30,11 @@ class TrainConfig(Config):
         {}, "model config field, KEY=VALUE (repeatable), e.g. dropout=0.3", flag="--set"
     )
     out: str = option("", "run directory (config.yaml, metrics.jsonl, tb/, checkpoints/, model/)")
+    init_from: str = option(
+        "",
+        "start from this nlm checkpoint's weights and model config (e.g. from `nlm import`); "
+        "the shards must be prepared with its tokenizer (--tokenizer-from CKPT/tokenizer)",
+    )
 
     scale: ScaleConfig = section(ScaleConfig, "scale")
 

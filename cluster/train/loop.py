@@ -89,6 +89,8 @@ class Trainer(TrainingLoop):
         # Same seed on every rank for the weights; a rank-specific one for dropout/masking.
         seed_everything(config.seed)
         model = self.build_model()
+        if config.init_from:  # resuming overwrites these with the run's own checkpoint
+            _load_init_weights(model, config.init_from)
         self.num_params = model.num_parameters()
         self.flops_per_token = model.flops_per_token(plan.seq_len)
         seed_everything(config.seed + 1000 * (self.rank + 1))
@@ -462,6 +464,13 @@ class Trainer(TrainingLoop):
                 out = model(ids[:, :-1])
         model.train(was_training)
         return out.logits.float()
+
+
+def _load_init_weights(model: torch.nn.Module, checkpoint: str) -> None:
+    """`--init-from`: the weights of an nlm checkpoint (plan_run checked that they fit)."""
+    from nlm.checkpoint import load_checkpoint
+
+    model.load_state_dict(load_checkpoint(checkpoint).model.state_dict())
 
 
 def run_worker(plan: RunPlan, session: RaySession | LocalSession) -> Trainer:

@@ -57,6 +57,7 @@ def plan_run(config: TrainConfig, device: str = "cpu") -> RunPlan:
         data=_absolute(config.data),
         out=_absolute(config.out),
         storage=_absolute(config.storage) if config.storage else "",
+        init_from=_absolute(config.init_from) if config.init_from else "",
     ).check()
     check_zero_stage(config.scale.zero_stage, device)
 
@@ -71,8 +72,11 @@ def plan_run(config: TrainConfig, device: str = "cpu") -> RunPlan:
     check_tokenizer(manifest, tokenizer_dir)
     vocab_size = int(manifest.tokenizer["vocab_size"])
 
-    fields = preset_config(config.model, config.preset)  # NLMError naming the known presets
-    fields.update(vocab_size=vocab_size)
+    if config.init_from:  # the checkpoint's architecture; its tokenizer must be the shards'
+        fields = init_model_fields(config, manifest)
+    else:
+        fields = preset_config(config.model, config.preset)  # NLMError naming the known presets
+        fields.update(vocab_size=vocab_size)
     fields.update(config.model_overrides)
     cls = model_class(config.model)
     model_config = cls.config_class.from_dict(fields, source=f"model_overrides of {config.model}")
@@ -134,6 +138,26 @@ def plan_run(config: TrainConfig, device: str = "cpu") -> RunPlan:
         device=device,
         resume_from=resume_from,
     )
+
+
+def init_model_fields(config: TrainConfig, manifest: Any) -> dict[str, Any]:
+    """The model config of `config.init_from` (an nlm checkpoint), checked against the run: the
+    same family, and the tokenizer the shards were prepared with (same fingerprint)."""
+    from nlm.checkpoint import read_checkpoint_config
+
+    ckpt = read_checkpoint_config(config.init_from)
+    where = f"{config.init_from} (--init-from)"
+    if ckpt["family"] != config.model:
+        raise NLMError(f"{where}: is a {ckpt['family']} checkpoint, not {config.model}")
+    if ckpt.get("task"):
+        raise NLMError(f"{where}: a fine-tuned checkpoint; start from a pretrained one")
+    found = (ckpt.get("tokenizer") or {}).get("fingerprint")
+    if found != manifest.tokenizer["fingerprint"]:
+        raise NLMError(
+            f"{where}: its tokenizer is not the one {config.data} was prepared with (prepare "
+            f"the shards with --tokenizer-from {config.init_from}/tokenizer)"
+        )
+    return dict(ckpt["model"])
 
 
 def list_checkpoints(storage: str) -> list[dict[str, Any]]:

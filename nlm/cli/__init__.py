@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import keyword
 import sys
 
 from nlm.errors import NLMError
 
-# name -> one-line help. The module is nlm.cli.<name> (dashes become underscores).
+# name -> one-line help. The module is nlm.cli.<name> (dashes become underscores; a name that
+# is a Python keyword gets a trailing underscore: `import` is nlm/cli/import_.py).
 COMMANDS: dict[str, str] = {
     "prepare": "tokenize a corpus into Parquet shards with Ray Data",
     "train": "pretrain a model with Ray Train + DeepSpeed",
@@ -28,6 +30,8 @@ COMMANDS: dict[str, str] = {
     "compare": "compare the word vectors of several checkpoints",
     "study": "the word-vector study: prepare, train fnn/rnn/lstm, compare, report",
     "finetune": "fine-tune a pretrained gpt or bert checkpoint",
+    "export": "write a gpt/bert checkpoint as a Hugging Face transformers model",
+    "import": "read a Hugging Face GPT-2/BERT model into an nlm checkpoint",
     "bench": "benchmarks (data, train, serve, gpu)",
     "demo": "run the project's main job end to end on the local machine",
 }
@@ -54,7 +58,10 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
 
 
 def _module(name: str):
-    return importlib.import_module(f"nlm.cli.{name.replace('-', '_')}")
+    module = name.replace("-", "_")
+    if keyword.iskeyword(module):
+        module += "_"
+    return importlib.import_module(f"nlm.cli.{module}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,6 +4,7 @@
               --max-steps 2000 --out runs/gpt-small
     nlm train --config configs/gpt-small.yaml --max-steps 500     # flags override the file
     nlm train --out runs/gpt-small --resume --max-steps 4000       # RUN/config.yaml + flags
+    nlm train --data shards/x --model gpt --init-from runs/imported-gpt2 --out runs/gpt2-x
 
 Every TrainConfig field is a flag (--zero-stage for zero_stage, ...). The resolved config is
 written to RUN/config.yaml. Prints the final metrics as one JSON line.

@@ -40,6 +40,8 @@ class GPTConfig(Config):
     bias: bool = True
     tie_weights: bool = True
     positions: str = "learned"  # "learned" | "sinusoidal"
+    # "gelu" (exact, erf) | "gelu_tanh" (GPT-2's tanh approximation, for imported GPT-2 weights)
+    activation: str = "gelu"
 
 
 def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
@@ -166,7 +168,7 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.gelu = nn.GELU(approximate="tanh" if config.activation == "gelu_tanh" else "none")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -205,6 +207,10 @@ class GPT(CausalLanguageModel):
         if config.positions not in ("learned", "sinusoidal"):
             raise NLMError(
                 f"gpt config (field 'positions'): '{config.positions}' is not 'learned' or 'sinusoidal'"
+            )
+        if config.activation not in ("gelu", "gelu_tanh"):
+            raise NLMError(
+                f"gpt config (field 'activation'): '{config.activation}' is not 'gelu' or 'gelu_tanh'"
             )
         if config.positions == "sinusoidal" and config.n_embd % 2:
             raise NLMError(

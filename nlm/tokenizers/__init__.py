@@ -1,4 +1,5 @@
-"""Tokenizers by kind: "spm-bpe", "spm-unigram" (SentencePiece), "word", "char".
+"""Tokenizers by kind: "spm-bpe", "spm-unigram" (SentencePiece), "word", "char", and "hf" (a
+Hugging Face tokenizer that `nlm import` brought in; it loads but is never trained here).
 
     tok = train_tokenizer("word", lines, min_count=2)
     tok.save("runs/x/tokenizer"); tok = load_tokenizer("runs/x/tokenizer")
@@ -13,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from nlm.errors import NLMError
-from nlm.tokenizers.base import Tokenizer, fingerprint, normalize_text, read_json
+from nlm.tokenizers.base import Tokenizer, fingerprint, meta_path, normalize_text, read_json
+from nlm.tokenizers.hf import HFTokenizer
 from nlm.tokenizers.spm import BPETokenizer, UnigramTokenizer
 from nlm.tokenizers.vocab import CharTokenizer, WordTokenizer
 
@@ -23,12 +25,16 @@ KINDS: dict[str, type[Tokenizer]] = {
     "word": WordTokenizer,
     "char": CharTokenizer,
 }
+# What load_tokenizer reads: the trainable kinds plus imported Hugging Face tokenizers.
+LOADABLE: dict[str, type[Tokenizer]] = {**KINDS, "hf": HFTokenizer}
 
 
-def _check_kind(kind: object, source: str) -> type[Tokenizer]:
-    if kind not in KINDS:
-        raise NLMError(f"{source}: unknown tokenizer kind {kind!r} (known: {', '.join(KINDS)})")
-    return KINDS[kind]
+def _check_kind(
+    kind: object, source: str, known: dict[str, type[Tokenizer]] = KINDS
+) -> type[Tokenizer]:
+    if kind not in known:
+        raise NLMError(f"{source}: unknown tokenizer kind {kind!r} (known: {', '.join(known)})")
+    return known[kind]
 
 
 def train_tokenizer(
@@ -67,16 +73,18 @@ def train_tokenizer(
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:
-    """A saved tokenizer: reads DIR/tokenizer.json {"kind": ...} and the kind's own files."""
+    """A saved tokenizer: reads DIR/nlm-tokenizer.json {"kind": ...} (DIR/tokenizer.json in a
+    directory saved before the rename) and the kind's own files."""
     directory = Path(directory)
     if not directory.is_dir():
         raise NLMError(f"{directory}: no such tokenizer directory")
-    meta = read_json(directory / "tokenizer.json")
-    return _check_kind(meta.get("kind"), str(directory / "tokenizer.json")).load(directory)
+    path = meta_path(directory)
+    return _check_kind(read_json(path).get("kind"), str(path), LOADABLE).load(directory)
 
 
 __all__ = [
     "KINDS",
+    "LOADABLE",
     "Tokenizer",
     "fingerprint",
     "load_tokenizer",

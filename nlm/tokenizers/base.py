@@ -3,8 +3,10 @@
 Every tokenizer has the same special tokens, in this order, with these ids:
     0 <pad>   1 <unk>   2 <s>   3 </s>   4 [CLS]   5 [SEP]   6 [MASK]
 so models, objectives and collators can rely on fixed ids whatever the tokenizer kind.
-A saved tokenizer is a directory holding `tokenizer.json` ({"kind": ..., ...}) plus whatever
-files the kind needs (the SentencePiece model, the vocabulary).
+A saved tokenizer is a directory holding `nlm-tokenizer.json` ({"kind": ..., ...}) plus whatever
+files the kind needs (the SentencePiece model, the vocabulary). Directories saved before that file
+was renamed hold it as `tokenizer.json` (the Hugging Face `tokenizers` file name, which HF tools
+then failed to parse); they still load, and `fingerprint` hashes both layouts alike.
 
 Special tokens written literally in a text encode to their ids in every kind: WikiText's `<unk>`
 is the unknown token (not a new word), a fill-mask query's `[MASK]` is the mask token.
@@ -171,13 +173,31 @@ def write_json(path: Path, data: object) -> None:
     )
 
 
+META_FILE = "nlm-tokenizer.json"  # {"kind", "version", ...settings}
+LEGACY_META_FILE = "tokenizer.json"  # its name before: HF's `tokenizers` file name
+
+
+def meta_path(directory: str | Path) -> Path:
+    """The metadata file of a saved tokenizer: `nlm-tokenizer.json`, or in a directory saved
+    before the rename, `tokenizer.json` (the new name when neither exists, for the error)."""
+    directory = Path(directory)
+    new, old = directory / META_FILE, directory / LEGACY_META_FILE
+    return old if not new.is_file() and old.is_file() else new
+
+
 def fingerprint(directory: str | Path) -> str:
-    """sha256 over the files of a saved tokenizer directory (manifests and checkpoints record it)."""
+    """sha256 over the files of a saved tokenizer directory (manifests and checkpoints record it).
+
+    The metadata file is hashed under its old name `tokenizer.json` and in that name's sort
+    position, so a tokenizer saved today has the fingerprint the same tokenizer had when the
+    file was called so: shard manifests and checkpoints written before the rename stay valid.
+    """
     digest = hashlib.sha256()
-    for path in sorted(Path(directory).iterdir()):
-        if path.is_file():
-            digest.update(path.name.encode())
-            digest.update(path.read_bytes())
+    files = [p for p in Path(directory).iterdir() if p.is_file()]
+    named = sorted(((LEGACY_META_FILE if p.name == META_FILE else p.name), p) for p in files)
+    for name, path in named:
+        digest.update(name.encode())
+        digest.update(path.read_bytes())
     return digest.hexdigest()
 
 

@@ -8,8 +8,8 @@ cut out before SentencePiece sees it (in training and in encode), so WikiText's 
 the unknown id rather than the pieces "<", "unk", ">".
 
 Normalization is "identity": decode(encode(text)) gives the text back up to whitespace runs,
-for Chinese full-width punctuation too (NFKC would rewrite it). Saved as DIR/tokenizer.json and
-DIR/spm.model; the trainer is single-threaded and seeded, so the same texts and seed give the
+for Chinese full-width punctuation too (NFKC would rewrite it). Saved as DIR/nlm-tokenizer.json
+and DIR/spm.model; the trainer is single-threaded and seeded, so the same texts and seed give the
 same bytes.
 """
 
@@ -25,6 +25,7 @@ import sentencepiece as spm
 
 from nlm.errors import NLMError
 from nlm.tokenizers.base import (
+    META_FILE,
     SPECIAL_IDS,
     SPECIAL_TOKENS,
     Tokenizer,
@@ -185,7 +186,7 @@ class SentencePieceTokenizer(Tokenizer):
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        write_json(directory / "tokenizer.json", {"kind": self.kind, "version": VERSION})
+        write_json(directory / META_FILE, {"kind": self.kind, "version": VERSION})
         (directory / "spm.model").write_bytes(self.model_proto)
 
     @classmethod

@@ -8,7 +8,7 @@ a vocabulary by one of the three rules of the course notes:
 (min_count and vocab_size may be combined.) Ties break by count descending, then by the unit
 itself, so the same text always gives the same ids. Everything else encodes to <unk>.
 
-Saved as DIR/tokenizer.json {"kind", "version", ...settings} and DIR/vocab.json, one
+Saved as DIR/nlm-tokenizer.json {"kind", "version", ...settings} and DIR/vocab.json, one
 [token, training count] pair a line in id order (the counts feed unigram baselines and
 frequency-aware word-vector studies).
 """
@@ -23,11 +23,13 @@ from typing import Any
 
 from nlm.errors import NLMError
 from nlm.tokenizers.base import (
+    META_FILE,
     SPECIAL_IDS,
     SPECIAL_TOKENS,
     UNK_ID,
     Tokenizer,
     keep_in_decode,
+    meta_path,
     read_json,
     split_specials,
     write_json,
@@ -116,9 +118,7 @@ class VocabularyTokenizer(Tokenizer):
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        write_json(
-            directory / "tokenizer.json", {"kind": self.kind, "version": VERSION, **self.settings}
-        )
+        write_json(directory / META_FILE, {"kind": self.kind, "version": VERSION, **self.settings})
         # One pair a line: diffable, and still plain JSON.
         rows = (
             json.dumps([t, n], ensure_ascii=False)
@@ -129,7 +129,7 @@ class VocabularyTokenizer(Tokenizer):
     @classmethod
     def load(cls, directory: str | Path) -> VocabularyTokenizer:
         directory = Path(directory)
-        meta = read_json(directory / "tokenizer.json")
+        meta = read_json(meta_path(directory))
         path = directory / "vocab.json"
         try:
             rows = json.loads(path.read_text(encoding="utf-8"))
@@ -144,9 +144,7 @@ class VocabularyTokenizer(Tokenizer):
         try:
             return cls(pairs[len(SPECIAL_TOKENS) :], **settings)
         except TypeError:
-            raise NLMError(
-                f"{directory / 'tokenizer.json'}: unknown settings {sorted(settings)}"
-            ) from None
+            raise NLMError(f"{meta_path(directory)}: unknown settings {sorted(settings)}") from None
 
 
 class WordTokenizer(VocabularyTokenizer):
