@@ -267,7 +267,10 @@ def test_no_module_outside_nlm_models_branches_on_a_family_name():
     for top in PRODUCT:
         for path in sorted((ROOT / top).rglob("*.py")):
             relative = path.relative_to(ROOT).as_posix()
-            if relative.startswith("nlm/models/"):
+            # nlm/hf maps named families onto named transformers architectures (gpt -> GPT-2,
+            # bert -> BERT): naming them is its job, as it is nlm/models'. A new family with a
+            # transformers twin adds its mapping there; one without is refused by name there.
+            if relative.startswith(("nlm/models/", "nlm/hf/")):
                 continue
             for line, scope, what in family_name_uses(path):
                 if (relative, scope) not in ALLOWED:
