@@ -23,7 +23,8 @@ import torch.distributed as dist
 
 
 def barrier(device: torch.device) -> None:
-    """Wait for every rank; with NCCL, on this rank's GPU."""
+    """Wait for every rank; with NCCL, on this rank's GPU (a bare barrier() can hang there:
+    ray-project/ray PR #42751)."""
     if not dist.is_initialized():
         return
     if device.type == "cuda":

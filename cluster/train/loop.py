@@ -320,11 +320,9 @@ class Trainer(TrainingLoop):
 
     def read_val(self) -> Chunk:
         limit = self.config.eval_rows or None
-        pieces, have = [], 0
-        for chunk in self.session.chunks("val", 4096):
-            pieces.append(chunk)
-            have += chunk_rows(chunk)
-            # Keep reading to the end: every rank must drain its split (the reads are collective).
+        # Read to the end even past eval_rows: every rank must drain its split (the reads are
+        # collective).
+        pieces = list(self.session.chunks("val", 4096))
         chunk = _concat_chunks(pieces, self.kind)
         if limit is not None:
             chunk = {k: v[:limit] for k, v in chunk.items()}

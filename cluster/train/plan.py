@@ -195,9 +195,8 @@ def _check_resumable(meta: dict[str, Any], config: TrainConfig) -> None:
                 f"{field} (got {flat[field]!r}): DeepSpeed's sharded optimizer state "
                 "is laid out for it"
             )
-    if meta["step"] >= config.max_steps:
-        # Nothing left to train: the run re-evaluates and re-exports from the checkpoint.
-        pass
+    # A checkpoint at or past max_steps is resumable too: the run then only re-evaluates and
+    # re-exports from it.
 
 
 def _absolute(path: str) -> str:

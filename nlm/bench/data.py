@@ -129,7 +129,7 @@ def run_prepare(
 
 
 class _NaiveTokenize:
-    """The field notes' pipeline: rows of lines from read_text, the blank-line filter folded
+    """The usual Ray Data pipeline: rows of lines from read_text, the blank-line filter folded
     into the batch function, ids returned as Python lists (converted to Arrow per token)."""
 
     def __init__(self, tokenizer_dir: str) -> None:
@@ -240,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
             workers = worker_counts[-1]
             print(f"measuring: read_text + map_batches, {workers} workers", file=sys.stderr)
             r = naive_ray_data(by_size[sizes[0]], tok_dir, workers)
-            name = f"Ray Data read_text + map_batches (field notes' way), {workers} workers"
+            name = f"Ray Data read_text + map_batches (the usual way), {workers} workers"
             results.append({"name": name, "workers": workers, "size": r["bytes"], **r})
     finally:
         if not args.workdir:
