@@ -337,20 +337,40 @@ async def _result(response: Any) -> Any:
 class _TrustedHosts:
     """Starlette's TrustedHostMiddleware, its host list taken from the replica's environment
     (NLM_ALLOWED_HOSTS, set by Gateway.__init__): Serve freezes `api` when the ingress class is
-    decorated, before any application's arguments are known."""
+    decorated, before any application's arguments are known. A refused Host gets nlm's JSON
+    error shape (400 invalid_host) rather than Starlette's plain text."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
-        self.checker: TrustedHostMiddleware | None = None
+        self.allowed: list[str] | None = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if self.checker is None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        if self.allowed is None:
             hosts = [h.strip() for h in os.environ.get(ALLOWED_HOSTS_ENV, "").split(",")]
-            allowed = [h for h in hosts if h] or list(LOOPBACK_HOSTS)
-            self.checker = TrustedHostMiddleware(
-                self.app, allowed_hosts=allowed, www_redirect=False
-            )
-        await self.checker(scope, receive, send)
+            self.allowed = [h for h in hosts if h] or list(LOOPBACK_HOSTS)
+        passed = False
+
+        async def accept(*_: Any) -> None:
+            nonlocal passed
+            passed = True
+
+        async def discard(_: Any) -> None:
+            pass
+
+        # Starlette decides (its host matching, wildcards included); only its answer differs.
+        checker = TrustedHostMiddleware(accept, allowed_hosts=self.allowed, www_redirect=False)
+        await checker(scope, receive, discard)
+        if passed:
+            await self.app(scope, receive, send)
+            return
+        host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+        response = error_response(
+            400, "invalid_host", f"Host {host!r} is not a name of this server (--allowed-host)"
+        )
+        await response(scope, receive, send)
 
 
 api.add_middleware(_TrustedHosts)

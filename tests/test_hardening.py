@@ -668,6 +668,7 @@ def test_host_header_must_name_the_server(one_server):
         for host in (f"attacker.example:{port}", "rebind.attacker.example", f"192.0.2.7:{port}"):
             response = client.get("/v1/models", headers={"host": host})
             assert response.status_code == 400, (host, response.text)
+            assert response.json()["error"]["code"] == "invalid_host", response.text
             assert client.get("/healthz", headers={"host": host}).status_code == 400
 
 

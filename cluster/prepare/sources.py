@@ -412,7 +412,7 @@ def _json_text(line: bytes, column: str, where, index: int, skips: Skips) -> str
         skips.add("not_utf8", f"{where(index)}: not valid UTF-8 (byte {exc.start} of the line)")
         return None
     except json.JSONDecodeError as exc:
-        skips.add("invalid_json", f"{where(index)}: invalid JSON ({exc.msg} at column {exc.colno})")
+        skips.add("invalid_json", f"{where(index)}: invalid JSON ({exc.msg}, column {exc.colno})")
         return None
     if not isinstance(record, dict) or column not in record:
         skips.add("missing_text", f"{where(index)} (field '{column}'): missing")

@@ -450,25 +450,29 @@ def train_case(
     if not shards.exists():
         write_synthetic_shards(shards, objective, case.seq_len, rows, vocab)
     run_dir = work / "runs" / case.name
-    config = TrainConfig(
-        data=str(shards),
-        model=case.family,
-        preset=case.preset,
-        model_overrides={"vocab_size": vocab},
-        out=str(run_dir),
-        workers=1,
-        device="auto",
-        zero_stage=case.zero_stage,
-        micro_batch=case.micro_batch,
-        max_steps=sizes.steps,
-        shuffle=False,
-        warmup_steps=10,  # capped at a fifth of the run (effective_warmup)
-        lr_schedule="constant",
-        eval_every=sizes.steps,
-        eval_rows=case.micro_batch,
-        log_every=sizes.log_every,
-        keep_checkpoints=1,
-        compile=compile_model,
+    # Flat keys, as in a YAML config: the scale and optim sections take theirs.
+    config = TrainConfig.from_dict(
+        {
+            "data": str(shards),
+            "model": case.family,
+            "preset": case.preset,
+            "model_overrides": {"vocab_size": vocab},
+            "out": str(run_dir),
+            "workers": 1,
+            "device": "auto",
+            "zero_stage": case.zero_stage,
+            "micro_batch": case.micro_batch,
+            "max_steps": sizes.steps,
+            "shuffle": False,
+            "warmup_steps": 10,  # capped at a fifth of the run (effective_warmup)
+            "lr_schedule": "constant",
+            "eval_every": sizes.steps,
+            "eval_rows": case.micro_batch,
+            "log_every": sizes.log_every,
+            "keep_checkpoints": 1,
+            "compile": compile_model,
+        },
+        source="nlm bench gpu",
     ).check()
     config_path = work / f"{case.name}.yaml"
     config.save_yaml(config_path)

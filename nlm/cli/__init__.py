@@ -15,6 +15,7 @@ import argparse
 import importlib
 import keyword
 import sys
+from typing import NoReturn
 
 from nlm.errors import NLMError
 
@@ -42,13 +43,21 @@ RAY_COMMANDS = ("prepare", "train", "finetune", "serve", "study", "bench", "demo
 def command_parser(name: str) -> argparse.ArgumentParser:
     """The parser of `nlm <name>` on its own (its options bound by the command's module), for
     programs that turn other inputs into its flags (jobs/config_args.py)."""
-    parser = argparse.ArgumentParser(prog=f"nlm {name}", description=COMMANDS[name])
+    parser = _Parser(prog=f"nlm {name}", description=COMMANDS[name])
     _module(name).add_arguments(parser)
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with nlm's error convention: one line `nlm: error: ...` and exit 2 (argparse
+    prints the whole usage first). Sub-parsers are of the same class (add_subparsers)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"nlm: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _parser(command: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nlm", description="Neural language models on Ray.")
+    parser = _Parser(prog="nlm", description="Neural language models on Ray.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
