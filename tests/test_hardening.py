@@ -387,8 +387,9 @@ def _recorded_run(shards: Path, run: Path) -> dict[str, bytes]:
     from nlm.cluster.train.plan import CHECKPOINT_META, CHECKPOINTS, plan_run
     from nlm.files import write_json
 
-    config = TrainConfig(data=str(shards), model="gpt", preset="tiny", out=str(run), workers=2,
-                         model_overrides={"n_layer": 2}, max_steps=20)  # fmt: skip
+    config = TrainConfig.from_dict({"data": str(shards), "model": "gpt", "preset": "tiny",
+                                    "out": str(run), "workers": 2,
+                                    "model_overrides": {"n_layer": 2}, "max_steps": 20})  # fmt: skip
     plan = plan_run(config.check())
     run.mkdir()
     plan.train.save_yaml(run / "config.yaml")
@@ -756,4 +757,4 @@ def test_the_training_loop_checks_digests_before_deepspeed_loads():
     restore = source[source.index("def restore(") :]
     assert restore.index("verify_digests(") < restore.index("self.engine.load_checkpoint(")
     checkpoint = source[source.index("def checkpoint(") :]
-    assert checkpoint.index("record_digests(") < checkpoint.index("_barrier(")
+    assert checkpoint.index("record_digests(") < checkpoint.index("barrier(self.device)")

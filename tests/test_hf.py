@@ -687,10 +687,12 @@ def test_train_init_from_an_imported_gpt2_under_zero3_then_export(process_group,
     ckpt = load_checkpoint(imported["nlm-gpt2"])
     shards = write_shards(tmp_path / "shards", corpus["wt2-train"][:400], seq_len=32,
                           tokenizer=ckpt.tokenizer)  # fmt: skip
-    cfg = TrainConfig(data=str(shards), model="gpt", init_from=str(imported["nlm-gpt2"]),
-                      out=str(tmp_path / "run"), workers=1, micro_batch=4, max_steps=2,
-                      warmup_steps=0, eval_every=2, eval_rows=8, log_every=1, zero_stage=3)  # fmt: skip
-    plan = plan_run(cfg)
+    cfg = TrainConfig.from_dict({
+        "data": str(shards), "model": "gpt", "init_from": str(imported["nlm-gpt2"]),
+        "out": str(tmp_path / "run"), "workers": 1, "micro_batch": 4, "max_steps": 2,
+        "warmup_steps": 0, "eval_every": 2, "eval_rows": 8, "log_every": 1, "zero_stage": 3,
+    })  # fmt: skip
+    plan = plan_run(cfg.check())
     assert plan.model_config == ckpt.config["model"]  # the checkpoint's architecture
     trainer = run_worker(plan, LocalSession(plan))
     assert trainer.final["step"] == 2 and trainer.final["export_max_abs_logit_diff"] <= 1e-5

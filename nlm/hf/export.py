@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import torch
 
 from nlm.checkpoint import Checkpoint, load_checkpoint
 from nlm.errors import NLMError
+from nlm.files import replace_dir, temp_dir_for
 from nlm.hf import convert
 from nlm.hf.card import model_card
 from nlm.hf.tokenizer import fast_tokenizer
@@ -165,10 +165,8 @@ def export_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) 
     if not diff <= TOLERANCE:
         raise RuntimeError(f"the transformers model's logits differ from nlm's by {diff}")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temp_dir_for(out)  # built beside `out`, swapped in by renames when complete
     try:
-        tmp.mkdir()
         hf.save_pretrained(tmp, safe_serialization=True)
         if ckpt.family == "gpt":
             ids = special_ids(ckpt)
@@ -186,9 +184,9 @@ def export_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) 
         diff = max(diff, compare_logits(ckpt, reloaded))
         if not diff <= TOLERANCE:
             raise RuntimeError(f"{tmp}: the saved model's logits differ from nlm's by {diff}")
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.rename(out)
+        if out.is_file():
+            out.unlink()
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

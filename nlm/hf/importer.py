@@ -197,10 +197,9 @@ def import_hf(source: str | Path, out: str | Path, overwrite: bool = False) -> d
             "max_abs_logit_diff": diff,
         }
     }
-    if out.exists() and overwrite:
-        import shutil
-
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    if out.is_file() and overwrite:
+        out.unlink()
+    # save_checkpoint swaps the new directory in by renames: an old one stays until then.
     save_checkpoint(out, model, tokenizer, metrics={"params": model.num_parameters()}, extra=extra)
     return {"out": str(out), "family": family, **extra["imported"], "vocab_size": config.vocab_size}
 
