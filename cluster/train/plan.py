@@ -113,7 +113,6 @@ def plan_run(config: TrainConfig, device: str = "cpu") -> RunPlan:
         if not checkpoints:
             raise NLMError(f"{storage}/{CHECKPOINTS}: no checkpoint to resume from")
         resume_from = checkpoints[-1]
-        _check_resumable(resume_from, config)
         check_same_run(resume_from, config, model_config.to_dict(), run_dir)
     elif checkpoints or (run_dir / "metrics.jsonl").exists():
         raise NLMError(
@@ -183,20 +182,6 @@ def list_checkpoints(storage: str) -> list[dict[str, Any]]:
         )
         metas.append(meta)
     return sorted(metas, key=lambda m: m["step"])
-
-
-def _check_resumable(meta: dict[str, Any], config: TrainConfig) -> None:
-    where = meta["path"]
-    flat = config.flat_dict()
-    for field in ("model", "preset", "workers", "zero_stage"):
-        if meta.get(field) != flat[field]:
-            raise NLMError(
-                f"{where}: was written with {field}={meta.get(field)!r}; resuming needs the same "
-                f"{field} (got {flat[field]!r}): DeepSpeed's sharded optimizer state "
-                "is laid out for it"
-            )
-    # A checkpoint at or past max_steps is resumable too: the run then only re-evaluates and
-    # re-exports from it.
 
 
 def _absolute(path: str) -> str:

@@ -42,6 +42,7 @@ MAY_CHANGE = frozenset(
         "torch_threads",
         "materialize_mb",
         "device",
+        "compile",
     }
 )
 # Recorded in every checkpoint's meta.json (older runs may lack config.yaml / plan.json).
@@ -55,14 +56,14 @@ def check_same_run(
     filled in) or the resolved `model_config` differs from the run that wrote the checkpoint
     described by `meta` (its meta.json, with "path")."""
     where = meta["path"]
+    wanted = config.flat_dict()  # the flat keys of RUN/config.yaml (sections unfolded)
     for field in META_FIELDS:
-        if meta.get(field) != getattr(config, field):
-            raise _differs(where, field, meta.get(field), getattr(config, field))
+        if meta.get(field) != wanted[field]:
+            raise _differs(where, field, meta.get(field), wanted[field])
     recorded_config = run_dir / "config.yaml"
     if recorded_config.is_file():
         recorded = TrainConfig.load_yaml(recorded_config).check(str(recorded_config))
-        wanted = config.to_dict()
-        for field, value in recorded.to_dict().items():
+        for field, value in recorded.flat_dict().items():
             if field not in MAY_CHANGE and _normal(value) != _normal(wanted.get(field)):
                 raise _differs(str(recorded_config), field, value, wanted.get(field))
     recorded_plan = run_dir / "plan.json"
