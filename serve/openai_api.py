@@ -242,7 +242,9 @@ class OpenAIRoutes:
     `started` (unix time) on the gateway."""
 
     def _model(self, name: str | None, endpoint: str) -> Any:
-        _model_of_request.set(str(name)[:128])
+        # Metric labels name served models only: a label per made-up name would let any client
+        # grow the metric without bound (and a non-ASCII one failed the exporter: a 500).
+        _model_of_request.set(name if name in self.models else "unknown")
         if name not in self.models:
             raise OpenAIError(
                 404,

@@ -519,5 +519,8 @@ def test_playground_streams_a_completion(server, browser):
     final = int(output.get_attribute("data-chunks") or 0)
     assert final >= MIN_CHUNKS, final
     assert len(output.text.split()) >= MIN_CHUNKS // 2
-    # Tokens appeared over time: the page showed partial counts before the last one.
-    assert any(0 < c < final for c in seen), seen[-10:]
+    # Tokens appeared over time: the page saw partial counts before the last one, or (when the
+    # browser's first look came after the end, on a loaded machine) its reader got the stream
+    # in several network reads, where an unstreamed answer arrives in one.
+    reads = int(output.get_attribute("data-reads") or 0)
+    assert any(0 < c < final for c in seen) or reads >= 2, (seen[-10:], reads)
