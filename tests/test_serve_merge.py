@@ -76,7 +76,14 @@ def test_a_generation_joins_a_running_one_and_leaves_first(tmp_path, data_mirror
 
     [[short_answer]], [[long_answer]], long_was_running = asyncio.run(scenario())
     assert long_was_running
-    assert short_answer == engine.generate([short_job])[0]
+    alone = engine.generate([short_job])[0]
+    # The same tokens and text; the log-probs to float32 rounding: the joined row's attention
+    # sums over a left-padded cache of another shape, and PyTorch's kernels do not promise
+    # bit-identical reductions across shapes (seen: 1 ulp, ~5e-7, on this machine kind).
+    assert {k: v for k, v in short_answer.items() if k != "logprobs"} == {
+        k: v for k, v in alone.items() if k != "logprobs"
+    }
+    assert short_answer["logprobs"] == pytest.approx(alone["logprobs"], abs=1e-5)
     assert long_answer["token_ids"] == engine.generate([long_job])[0]["token_ids"]
     stats = server.stats["generate"]
     assert stats["requests"] == 2 and stats["batches"] == 2  # two joins ...
