@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,38 @@ def ray_local():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def process_group():
+    """A one-rank gloo group in the test process, as torchrun would set it up.
+
+    One per session, never torn down between modules: DeepSpeed caches its groups in module
+    globals (deepspeed.utils.groups), so a second init_process_group after a destroy leaves it
+    holding the first world's group ("Group ... is not registered").
+    """
+    import deepspeed
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    # The trainer's own extension cache (cluster/train/loop.py): DeepSpeed JIT-builds its CPU
+    # communication op on init_distributed, and the shared default cache may be locked.
+    from nlm.corpora import cache_dir
+
+    env["TORCH_EXTENSIONS_DIR"] = os.environ.get(
+        "TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions")
+    )
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    deepspeed.init_distributed(dist_backend="gloo")
+    yield
+    dist.destroy_process_group()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

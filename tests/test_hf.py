@@ -645,35 +645,6 @@ def test_imported_gpt2_finetunes_one_step(imported, corpus, tmp_path):
     assert (tmp_path / "ft" / "model" / "config.json").is_file()
 
 
-@pytest.fixture(scope="module")
-def process_group():
-    import deepspeed
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
-    # The trainer's own extension cache (cluster/train/loop.py): DeepSpeed JIT-builds its CPU
-    # communication op on init_distributed, and the shared default cache may be locked.
-    from nlm.corpora import cache_dir
-
-    env["TORCH_EXTENSIONS_DIR"] = os.environ.get(
-        "TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions")
-    )
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    deepspeed.init_distributed(dist_backend="gloo")
-    yield
-    dist.destroy_process_group()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
 def test_train_init_from_an_imported_gpt2_under_zero3_then_export(process_group, imported, corpus,
                                                                  tmp_path):  # fmt: skip
     import transformers
