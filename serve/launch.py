@@ -6,9 +6,9 @@
     shutdown(how)
 
 `app_args` is the application builder's `args` (`nlm.serve.app.AppArgs`, the `args` of
-serve/config.yaml). `LOCAL_DEFAULTS` are the sizes `nlm serve` uses on one machine (a quarter of
-a CPU per replica, so the demo's six models fit on two cores); a cluster's serve/config.yaml sets
-its own. Ray is imported inside the functions so that importing this module stays cheap.
+serve/config.yaml). `local_defaults()` are the sizes `nlm serve` uses on one machine (AppArgs'
+defaults with `LOCAL_OVERRIDES`); a cluster's serve/config.yaml sets its own. Ray is imported
+inside the functions so that importing this module stays cheap.
 """
 
 from __future__ import annotations
@@ -21,30 +21,28 @@ from nlm.errors import NLMError
 
 APP_NAME = "nlm"
 
-# `nlm serve`'s flag defaults, in AppArgs terms.
-LOCAL_DEFAULTS: dict[str, Any] = {
-    "max_batch_size": 32,
-    "batch_wait_timeout_s": 0.010,
-    "num_cpus": 0.25,
-    "torch_threads": None,
-    "num_replicas": 1,
-    "limits": {
-        "max_input_tokens": 512,
-        "max_new_tokens": 256,
-        "max_items": 64,
-        "max_request_cost": 2**17,
-        "max_slice_cost": 2**14,
-        "max_cache_bytes": 2**31,
-    },
-    "max_body_bytes": 4 * 1024 * 1024,
-    "request_timeout_s": 300.0,
-    "max_queued_requests": 256,
-}
+# Where one machine's `nlm serve` differs from the application's defaults (AppArgs, Limits):
+# a quarter of a CPU per replica, so the demo's six models fit on two cores.
+LOCAL_OVERRIDES: dict[str, Any] = {"num_cpus": 0.25, "num_replicas": 1}
+
+
+def local_defaults() -> dict[str, Any]:
+    """`nlm serve`'s flag defaults, in AppArgs terms: AppArgs' and Limits' own defaults (one
+    place each) with `LOCAL_OVERRIDES` on top. Imports the application (and Ray)."""
+    import dataclasses
+
+    from nlm.inference import Limits
+    from nlm.serve.app import AppArgs
+
+    fields = {f.name: getattr(AppArgs(), f.name) for f in dataclasses.fields(AppArgs)}
+    limits = Limits()
+    fields["limits"] = {f.name: getattr(limits, f.name) for f in dataclasses.fields(Limits)}
+    return {**fields, **LOCAL_OVERRIDES}
 
 
 def local_app_args(checkpoints: list[str], **overrides: Any) -> dict[str, Any]:
-    """`LOCAL_DEFAULTS` for these checkpoints ("path" or "name=path"), with `overrides` on top."""
-    return {**LOCAL_DEFAULTS, "checkpoints": list(checkpoints), **overrides}
+    """`local_defaults()` for these checkpoints ("path" or "name=path"), `overrides` on top."""
+    return {**local_defaults(), "checkpoints": list(checkpoints), **overrides}
 
 
 def check_port_free(host: str, port: int) -> None:

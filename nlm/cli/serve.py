@@ -21,7 +21,9 @@ from nlm.device import add_device_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from nlm.serve.launch import LOCAL_DEFAULTS as D
+    from nlm.serve.launch import local_defaults
+
+    D = local_defaults()
 
     parser.add_argument(
         "checkpoints",
