@@ -64,7 +64,7 @@ from nlm.serve.deployments import (
     ModelServer,
     endpoint_method,
 )
-from nlm.serve.openai_api import OpenAIRoutes, openai_error, openai_paths, router
+from nlm.serve.openai_api import OpenAIRoutes, add_body_schemas, openai_error, openai_paths, router
 from nlm.serve.placement import check_device_args, gpus_per_replica
 from nlm.serve.schemas import (
     ERROR_RESPONSES,
@@ -382,6 +382,7 @@ api.add_middleware(_TrustedHosts)
 
 
 api.include_router(router)  # the OpenAI-compatible routes and the playground (openai_api.py)
+add_body_schemas(api)  # their request bodies in /openapi.json
 
 
 def _count(inputs: str | list[str]) -> int:

@@ -176,6 +176,9 @@ class DetokenizeRequest(_Body):
     model: str | None = None
 
 
+BODIES = (CompletionRequest, EmbeddingRequest, TokenizeRequest, DetokenizeRequest)
+
+
 def _first_error(exc: ValidationError) -> OpenAIError:
     err = exc.errors()[0]
     loc = [str(p) for p in err.get("loc", ())]
@@ -202,6 +205,33 @@ async def _read(request: Request, schema: type[BaseModel]) -> Any:
         return schema.model_validate(raw)
     except ValidationError as exc:
         raise _first_error(exc) from None
+
+
+def _body(schema: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` declaring a route's JSON body as `schema` (in components/schemas, added by
+    `add_body_schemas`). The routes read the body themselves (`_read`) so that a bad one gets
+    OpenAI's error shape, which FastAPI's own body parameters would not give."""
+    ref = {"$ref": f"#/components/schemas/{schema.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def add_body_schemas(app: Any) -> None:
+    """Put the request bodies that `_body` refers to into `app`'s OpenAPI document."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        document = generate()
+        components = document.setdefault("components", {}).setdefault("schemas", {})
+        for schema in BODIES:
+            body = schema.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[schema.__name__] = body
+        app.openapi_schema = document
+        return document
+
+    app.openapi = openapi
 
 
 def _answer(answer: dict[str, Any]) -> dict[str, Any]:
@@ -394,12 +424,14 @@ class OpenAIRoutes:
             events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
 
-    @router.post("/v1/completions", tags=["openai"])
+    @router.post("/v1/completions", tags=["openai"], openapi_extra=_body(CompletionRequest))
     async def completions(self, request: Request) -> Any:
         """Complete prompts (text or token ids); `stream: true` answers Server-Sent Events."""
         return await self._guard(self._completions(request, None), "/v1/completions")
 
-    @router.post("/models/{name}/v1/completions", tags=["openai"])
+    @router.post(
+        "/models/{name}/v1/completions", tags=["openai"], openapi_extra=_body(CompletionRequest)
+    )
     async def model_completions(self, name: str, request: Request) -> Any:
         return await self._guard(self._completions(request, name), "/models/{name}/v1/completions")
 
@@ -412,12 +444,14 @@ class OpenAIRoutes:
         args = {**body.model_dump(), "model_name": body.model}
         return _answer(await handle.embeddings.remote(args))
 
-    @router.post("/v1/embeddings", tags=["openai"])
+    @router.post("/v1/embeddings", tags=["openai"], openapi_extra=_body(EmbeddingRequest))
     async def embeddings(self, request: Request) -> Any:
         """A vector per input: the mean of the final hidden states over the input's tokens."""
         return await self._guard(self._embeddings(request, None), "/v1/embeddings")
 
-    @router.post("/models/{name}/v1/embeddings", tags=["openai"])
+    @router.post(
+        "/models/{name}/v1/embeddings", tags=["openai"], openapi_extra=_body(EmbeddingRequest)
+    )
     async def model_embeddings(self, name: str, request: Request) -> Any:
         return await self._guard(self._embeddings(request, name), "/models/{name}/v1/embeddings")
 
@@ -442,11 +476,11 @@ class OpenAIRoutes:
         """The tokenizer's special tokens (one served model; else /models/<name>/...)."""
         return await self._guard(self._tokenizer_info(None), "/tokenizer_info")
 
-    @router.post("/tokenize", tags=["tokenizer"])
+    @router.post("/tokenize", tags=["tokenizer"], openapi_extra=_body(TokenizeRequest))
     async def tokenize(self, request: Request) -> Any:
         return await self._guard(self._tokenize(request, None), "/tokenize")
 
-    @router.post("/detokenize", tags=["tokenizer"])
+    @router.post("/detokenize", tags=["tokenizer"], openapi_extra=_body(DetokenizeRequest))
     async def detokenize(self, request: Request) -> Any:
         return await self._guard(self._detokenize(request, None), "/detokenize")
 
@@ -454,11 +488,15 @@ class OpenAIRoutes:
     async def model_tokenizer_info(self, name: str) -> Any:
         return await self._guard(self._tokenizer_info(name), "/models/{name}/tokenizer_info")
 
-    @router.post("/models/{name}/tokenize", tags=["tokenizer"])
+    @router.post(
+        "/models/{name}/tokenize", tags=["tokenizer"], openapi_extra=_body(TokenizeRequest)
+    )
     async def model_tokenize(self, name: str, request: Request) -> Any:
         return await self._guard(self._tokenize(request, name), "/models/{name}/tokenize")
 
-    @router.post("/models/{name}/detokenize", tags=["tokenizer"])
+    @router.post(
+        "/models/{name}/detokenize", tags=["tokenizer"], openapi_extra=_body(DetokenizeRequest)
+    )
     async def model_detokenize(self, name: str, request: Request) -> Any:
         return await self._guard(self._detokenize(request, name), "/models/{name}/detokenize")
 

@@ -105,6 +105,22 @@ def test_models_list(client, http):
     assert [m["id"] for m in one["data"]] == ["lstm"]
 
 
+def test_openapi_declares_the_openai_bodies(http):
+    # The routes read their bodies themselves (for OpenAI's error shape); /openapi.json still
+    # says what they take, so generated clients and the fuzz test (test_serve.py) see them.
+    document = http.get("/openapi.json").json()
+    schemas = document["components"]["schemas"]
+    for path, name in [("/v1/completions", "CompletionRequest"),
+                       ("/models/{name}/v1/embeddings", "EmbeddingRequest"),
+                       ("/tokenize", "TokenizeRequest"), ("/detokenize", "DetokenizeRequest")]:  # fmt: skip
+        body = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        assert body["schema"] == {"$ref": f"#/components/schemas/{name}"}
+        assert schemas[name]["additionalProperties"] is False
+    completion = schemas["CompletionRequest"]
+    assert {"prompt", "max_tokens", "stream", "logprobs", "echo"} <= set(completion["properties"])
+    assert completion["required"] == ["model", "prompt"]
+
+
 def test_completions_single_list_ids_seed(client, http):
     one = client.completions.create(model="gpt", prompt="The lobster", max_tokens=12, seed=1)
     assert one.object == "text_completion" and one.id and one.model == "gpt"
