@@ -29,15 +29,10 @@ LOCAL_OVERRIDES: dict[str, Any] = {"num_cpus": 0.25, "num_replicas": 1}
 def local_defaults() -> dict[str, Any]:
     """`nlm serve`'s flag defaults, in AppArgs terms: AppArgs' and Limits' own defaults (one
     place each) with `LOCAL_OVERRIDES` on top. Imports the application (and Ray)."""
-    import dataclasses
-
     from nlm.inference import Limits
     from nlm.serve.app import AppArgs
 
-    fields = {f.name: getattr(AppArgs(), f.name) for f in dataclasses.fields(AppArgs)}
-    limits = Limits()
-    fields["limits"] = {f.name: getattr(limits, f.name) for f in dataclasses.fields(Limits)}
-    return {**fields, **LOCAL_OVERRIDES}
+    return {**AppArgs().to_dict(), "limits": Limits().to_dict(), **LOCAL_OVERRIDES}
 
 
 def local_app_args(checkpoints: list[str], **overrides: Any) -> dict[str, Any]:

@@ -176,9 +176,6 @@ class DetokenizeRequest(_Body):
     model: str | None = None
 
 
-BODIES = (CompletionRequest, EmbeddingRequest, TokenizeRequest, DetokenizeRequest)
-
-
 def _first_error(exc: ValidationError) -> OpenAIError:
     err = exc.errors()[0]
     loc = [str(p) for p in err.get("loc", ())]
@@ -207,10 +204,14 @@ async def _read(request: Request, schema: type[BaseModel]) -> Any:
         raise _first_error(exc) from None
 
 
+_DECLARED_BODIES: set[type[BaseModel]] = set()  # every schema a route names through `_body`
+
+
 def _body(schema: type[BaseModel]) -> dict[str, Any]:
     """`openapi_extra` declaring a route's JSON body as `schema` (in components/schemas, added by
     `add_body_schemas`). The routes read the body themselves (`_read`) so that a bad one gets
     OpenAI's error shape, which FastAPI's own body parameters would not give."""
+    _DECLARED_BODIES.add(schema)
     ref = {"$ref": f"#/components/schemas/{schema.__name__}"}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
@@ -224,7 +225,7 @@ def add_body_schemas(app: Any) -> None:
             return app.openapi_schema
         document = generate()
         components = document.setdefault("components", {}).setdefault("schemas", {})
-        for schema in BODIES:
+        for schema in _DECLARED_BODIES:
             body = schema.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(body.pop("$defs", {}))
             components[schema.__name__] = body
