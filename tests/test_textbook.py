@@ -169,6 +169,33 @@ def test_lstm_example(peephole):
     torch.testing.assert_close(h1, torch.tensor([0.1 * math.tanh(0.01 + 0.1 * c_tilde), 0.0]))
 
 
+def test_lstm_peephole_equations_with_diagonal_v():
+    """Section 5's improved gates, f_t = sigma(W_f x_t + U_f h_{t-1} + V_f c_{t-1} + b_f), the
+    same for i_t, and o_t = sigma(W_o x_t + U_o h_{t-1} + V_o c_t + b_o), with nlm's diagonal
+    V = diag(p) (nlm/models/lstm.py): two steps by hand against the peephole layer."""
+    torch.manual_seed(0)
+    model = build_model("lstm", "notes", vocab_size=3, embed_dim=2, hidden_size=2, n_layer=1,
+                        peephole=True).eval()  # fmt: skip
+    layer = model.core.layers[0]
+    set_(layer.peep, [[0.5, -0.3], [0.8, 0.2], [-0.6, 0.4]])  # p_i, p_f, p_o
+    w = layer.ih.weight.detach().view(4, 2, 2)  # torch's gate order: i, f, c~, o
+    u = layer.hh.weight.detach().view(4, 2, 2)
+    b = layer.ih.bias.detach().view(4, 2)
+    v_i, v_f, v_o = (torch.diag(p) for p in layer.peep.detach())
+    ids = torch.tensor([[0, 2]])
+    h, c = torch.zeros(2), torch.tensor([0.1, 0.1])  # the section's c_0
+    for x in model.embedding.weight.detach()[ids[0]]:
+        f = torch.sigmoid(w[1] @ x + u[1] @ h + v_f @ c + b[1])
+        i = torch.sigmoid(w[0] @ x + u[0] @ h + v_i @ c + b[0])
+        c = f * c + i * torch.tanh(w[2] @ x + u[2] @ h + b[2])
+        o = torch.sigmoid(w[3] @ x + u[3] @ h + v_o @ c + b[3])
+        h = o * torch.tanh(c)
+    with torch.no_grad():
+        out = model(ids, state=(torch.zeros(1, 1, 2), torch.tensor([[[0.1, 0.1]]])))
+    torch.testing.assert_close(out.state[1][0, 0], c)
+    torch.testing.assert_close(out.state[0][0, 0], h)
+
+
 # --- Section 6 (self-attention): sinusoidal positions and multi-head attention -----------------
 def test_sinusoidal_positions_rotate_by_offset():
     # The notes' example uses d = 500 and pos = 1..6 ("桌子 上 有 一 本 书"); PE(pos + k) is
