@@ -73,10 +73,14 @@ def test_every_family_trains_and_exports(process_group, shards, tmp_path, model,
     from nlm.cluster.train.loop import LocalSession, run_worker
 
     lr = 1.0 if optimizer == "sgd" else 3e-3
+    l2 = 1e-4 if optimizer == "sgd" else 0.0  # the notes' eq. 6-4 penalty, through the loop
     cfg = tiny(shards, tmp_path / model, model, zero_stage=stage, optimizer=optimizer, lr=lr,
-               grad_clip=0.5)  # fmt: skip
+               grad_clip=0.5, l2=l2)  # fmt: skip
     plan = plan_run(cfg)
     trainer = run_worker(plan, LocalSession(plan))
+    if optimizer == "sgd":  # matrices penalised, biases not, in the engine's optimizer
+        decays = [g["weight_decay"] for g in trainer.engine.optimizer.param_groups]
+        assert decays == [l2, 0.0]
 
     losses = [r["loss"] for r in read_metrics(cfg.out) if "loss" in r]
     assert len(losses) == 4 and losses[-1] < losses[0]
