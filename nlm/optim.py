@@ -145,7 +145,9 @@ def make_optimizer(
     params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
     if config.lr is None:
         raise ValueError("make_optimizer needs lr resolved (check the config first)")
-    decay = [p for p in params if p.dim() >= 2]  # the notes' W: weight matrices, embeddings
+    # The notes' W are the layers' weight matrices; the embedding table, a matrix too (and the
+    # output layer's W when tied), is penalised with them.
+    decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]  # the notes' b: biases (and norms' gains)
     if config.optimizer == "sgd":
         if not config.l2:  # one group, as before `l2` existed: older runs' state still resumes
