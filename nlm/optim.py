@@ -5,6 +5,18 @@
 optimizer from it and `Schedule.at(step)` gives the learning rate of a step. The rate is a pure
 function of the step, set on the optimizer before each step, so a resumed run needs no scheduler
 state. The one-process demo (nlm.workflows.foundation_demo) uses the same `Schedule`.
+
+Regularisation differs by optimizer, and each has its own field:
+- AdamW: `weight_decay`, decoupled from the gradient (Loshchilov & Hutter 2019).
+- SGD: `l2`, the course notes' regularised risk (section 3, eqs. 6-2 to 6-5)
+      R(W, b) = 1/N sum_n L(y_n, y^_n) + eps/2 ||W||_F^2
+  whose gradient step, with learning rate l (`lr`) and eps (`l2`), is
+      W <- W - l (dL/dW + eps W)        (6-4; dL/dW is the mean loss's gradient)
+      b <- b - l dL/db                  (6-5: the penalty leaves biases alone)
+  i.e. L2 added to the gradient, which is exactly PyTorch SGD's `weight_decay` (coupled: with
+  `momentum` the decayed gradient goes into the momentum buffer). It is a separate field because
+  AdamW's default decay of 0.1 would, at SGD's learning rates (20 for the LSTM), flip a matrix's
+  sign in one step.
 """
 
 from __future__ import annotations
@@ -39,7 +51,14 @@ class OptimConfig(Config):
         0.0, "fraction of the steps in linear warm-up (when set, instead of warmup_steps)"
     )
     lr_schedule: str = option("cosine", "cosine | constant (after warm-up)")
-    weight_decay: float = option(0.1, "AdamW weight decay (matrices only)")
+    weight_decay: float = option(
+        0.1, "AdamW's decoupled weight decay (matrices only; SGD uses --l2)"
+    )
+    l2: float = option(
+        0.0,
+        "SGD's L2 penalty eps of the regularised risk L + eps/2 ||W||^2: "
+        "W <- W - lr (dL/dW + eps W), matrices only (torch SGD weight_decay)",
+    )
     betas: list[float] = option([0.9, 0.95], "AdamW betas, e.g. 0.9,0.95")
     momentum: float = option(0.0, "SGD momentum")
     grad_clip: float = option(1.0, "gradient norm clipping (0: off)")
@@ -57,10 +76,12 @@ class OptimConfig(Config):
             raise bad("lr_schedule", f"{self.lr_schedule!r} is not one of {', '.join(SCHEDULES)}")
         if len(self.betas) != 2:
             raise bad("betas", "two numbers, e.g. [0.9, 0.95]")
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "momentum", "min_lr"):
+        for name in ("warmup_steps", "weight_decay", "l2", "grad_clip", "momentum", "min_lr"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise bad(name, f"must not be negative, got {value}")
+        if self.l2 and self.optimizer != "sgd":
+            raise bad("l2", "the L2 penalty of --optimizer sgd; AdamW decays by weight_decay")
         if self.lr is not None and not self.lr > 0:
             raise bad("lr", f"must be positive, got {self.lr}")
         if not 0 <= self.warmup_fraction < 1:
@@ -108,7 +129,13 @@ def make_optimizer(
     model: torch.nn.Module, config: OptimConfig, fused: bool = False
 ) -> torch.optim.Optimizer:
     """AdamW with decay on matrices only (nanoGPT's rule: never on biases, norms, embeddings'
-    vectors of rank 1), or plain SGD (the classic RNN recipe). Shared parameters count once.
+    vectors of rank 1), or SGD (the classic RNN recipe) with the notes' L2 penalty `l2` (eps of
+    eq. 6-4, torch SGD's `weight_decay`) on the same matrices: W <- W - lr (dL/dW + eps W), and
+    b <- b - lr dL/db for every parameter of rank 1 (eq. 6-5). Shared parameters count once.
+
+    Under DeepSpeed (nlm.cluster.train) this optimizer is the client optimizer given to
+    `deepspeed.initialize`; ZeRO keeps its param groups, so each group's weight_decay applies.
+    Gradient clipping (`grad_clip`) acts on dL/dW before the penalty is added.
 
     `fused`: PyTorch's fused AdamW kernel (one launch for every tensor; GPU runs), a client
     optimizer DeepSpeed accepts under zero_allow_untested_optimizer, so its own FusedAdam op is
@@ -118,10 +145,19 @@ def make_optimizer(
     params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
     if config.lr is None:
         raise ValueError("make_optimizer needs lr resolved (check the config first)")
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
+    # The notes' W are the layers' weight matrices; the embedding table, a matrix too (and the
+    # output layer's W when tied), is penalised with them.
     decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    no_decay = [p for p in params if p.dim() < 2]  # the notes' b: biases (and norms' gains)
+    if config.optimizer == "sgd":
+        if not config.l2:  # one group, as before `l2` existed: older runs' state still resumes
+            return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
+        groups = [
+            {"params": decay, "weight_decay": config.l2},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        groups = [group for group in groups if group["params"]]  # ZeRO flattens each group
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
     groups = [
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

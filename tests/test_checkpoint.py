@@ -148,3 +148,17 @@ def test_loading_never_unpickles(lstm_checkpoint, monkeypatch):
     monkeypatch.setattr(pickle, "Unpickler", refuse)
     monkeypatch.setattr(torch, "load", refuse)
     assert load_checkpoint(lstm_checkpoint).family == "lstm"
+
+
+def test_an_fnn_saved_before_combine_and_activation_loads(tokenizer, tmp_path):
+    """fnn's `combine` and `activation` came later: a config.json without them is the model
+    every fnn was then (concatenation, tanh), and loads as that."""
+    model = _model("fnn", tokenizer.vocab_size)
+    path = save_checkpoint(tmp_path / "fnn", model, tokenizer)
+    config = json.loads((path / "config.json").read_text())
+    assert (config["model"].pop("combine"), config["model"].pop("activation")) == ("concat", "tanh")
+    (path / "config.json").write_text(json.dumps(config))
+    loaded = load_checkpoint(path).model
+    assert (loaded.config.combine, loaded.config.activation) == ("concat", "tanh")
+    ids = torch.tensor([tokenizer.encode("the game was released in the United States")])
+    torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), rtol=0, atol=0)

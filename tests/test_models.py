@@ -21,6 +21,7 @@ CAUSAL = ["fnn", "rnn", "lstm", "gpt"]
 CAUSAL_VARIANTS = [
     ("fnn", {}),
     ("fnn", {"direct": True, "hidden_size": 24}),
+    ("fnn", {"combine": "mean", "activation": "relu"}),
     ("rnn", {"n_layer": 2}),
     ("lstm", {"n_layer": 2}),
     ("lstm", {"peephole": True, "n_layer": 2}),

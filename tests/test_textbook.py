@@ -12,8 +12,10 @@ import math
 import pytest
 import torch
 
-from nlm.models import build_model
+from nlm.errors import NLMError
+from nlm.models import IGNORE_INDEX, build_model
 from nlm.models.gpt import CausalSelfAttention, GPTConfig
+from nlm.optim import OptimConfig, make_optimizer
 
 
 def set_(param: torch.nn.Parameter, values) -> None:
@@ -167,6 +169,33 @@ def test_lstm_example(peephole):
     torch.testing.assert_close(h1, torch.tensor([0.1 * math.tanh(0.01 + 0.1 * c_tilde), 0.0]))
 
 
+def test_lstm_peephole_equations_with_diagonal_v():
+    """Section 5's improved gates, f_t = sigma(W_f x_t + U_f h_{t-1} + V_f c_{t-1} + b_f), the
+    same for i_t, and o_t = sigma(W_o x_t + U_o h_{t-1} + V_o c_t + b_o), with nlm's diagonal
+    V = diag(p) (nlm/models/lstm.py): two steps by hand against the peephole layer."""
+    torch.manual_seed(0)
+    model = build_model("lstm", "notes", vocab_size=3, embed_dim=2, hidden_size=2, n_layer=1,
+                        peephole=True).eval()  # fmt: skip
+    layer = model.core.layers[0]
+    set_(layer.peep, [[0.5, -0.3], [0.8, 0.2], [-0.6, 0.4]])  # p_i, p_f, p_o
+    w = layer.ih.weight.detach().view(4, 2, 2)  # torch's gate order: i, f, c~, o
+    u = layer.hh.weight.detach().view(4, 2, 2)
+    b = layer.ih.bias.detach().view(4, 2)
+    v_i, v_f, v_o = (torch.diag(p) for p in layer.peep.detach())
+    ids = torch.tensor([[0, 2]])
+    h, c = torch.zeros(2), torch.tensor([0.1, 0.1])  # the section's c_0
+    for x in model.embedding.weight.detach()[ids[0]]:
+        f = torch.sigmoid(w[1] @ x + u[1] @ h + v_f @ c + b[1])
+        i = torch.sigmoid(w[0] @ x + u[0] @ h + v_i @ c + b[0])
+        c = f * c + i * torch.tanh(w[2] @ x + u[2] @ h + b[2])
+        o = torch.sigmoid(w[3] @ x + u[3] @ h + v_o @ c + b[3])
+        h = o * torch.tanh(c)
+    with torch.no_grad():
+        out = model(ids, state=(torch.zeros(1, 1, 2), torch.tensor([[[0.1, 0.1]]])))
+    torch.testing.assert_close(out.state[1][0, 0], c)
+    torch.testing.assert_close(out.state[0][0, 0], h)
+
+
 # --- Section 6 (self-attention): sinusoidal positions and multi-head attention -----------------
 def test_sinusoidal_positions_rotate_by_offset():
     # The notes' example uses d = 500 and pos = 1..6 ("桌子 上 有 一 本 书"); PE(pos + k) is
@@ -209,3 +238,212 @@ def test_multi_head_attention_steps():
         torch.testing.assert_close(out[-1, head], c)
     # Causal: the first position only attends to itself.
     torch.testing.assert_close(out[0], x[0, 0])
+
+
+# --- Appendix (8. 附录): back-propagation through the section-3 FNN, eqs. 6-8 to 6-17 ------------
+# The network of the worked example above, as the appendix's layers: alpha^(0) = x (the
+# concatenated context), z^(1) = W^(1) alpha^(0) + b^(1), alpha^(1) = tanh(z^(1)),
+# z^(2) = W^(2) alpha^(1) + b^(2) with W^(2) = L_T^T, y^ = softmax(z^(2)), L = -y^T log y^ for
+# y = one-hot(乏味). The notes set b aside ("暂不考虑偏置 b"); here b^(1) = b^(2) = 0 so that the
+# forward pass is theirs and dL/db (6-17) still has a value to check.
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_fnn_backprop_recursion_equals_autograd(tie_weights):
+    model = build_model("fnn", "notes", vocab_size=5, n=5, embed_dim=2, hidden_size=2,
+                        tie_weights=tie_weights, bias=True)  # fmt: skip
+    set_(model.embedding.weight, L_T_COLUMNS)
+    if not tie_weights:  # the same numbers in a separate output matrix
+        set_(model.decoder.weight, L_T_COLUMNS)
+    set_(model.hidden.weight, W1)
+    set_(model.hidden.bias, [0.0, 0.0])
+    set_(model.decoder.bias, [0.0] * 5)
+    model.eval()
+    context = torch.tensor([[ZHE, BEN, SHU, HEN]])
+    targets = torch.tensor([[IGNORE_INDEX] * 3 + [FAWEI]])  # only the last position's loss
+
+    # Autograd on the model, with the net activations z^(l) kept.
+    z = {}
+    model.hidden.register_forward_hook(lambda m, i, out: z.setdefault(1, out))
+    model.decoder.register_forward_hook(lambda m, i, out: z.setdefault(2, out))
+    loss = model(context, targets=targets).loss
+    for out in z.values():
+        out.retain_grad()
+    loss.backward()
+
+    # (a) the forward pass by hand, (b) the error terms by the recursion, (c) the gradients.
+    w1 = torch.tensor(W1)
+    w2 = torch.tensor(L_T_COLUMNS)  # W^(2) = L_T^T: one row per vocabulary word
+    alpha0 = torch.tensor([0.2, 0.1, 0.1, 0.3, 0.4, 0.2, 0.5, 0.4])
+    z1 = w1 @ alpha0
+    alpha1 = torch.tanh(z1)
+    z2 = w2 @ alpha1
+    y_hat = torch.exp(z2) / torch.exp(z2).sum()
+    y = torch.zeros(5)
+    y[FAWEI] = 1.0
+    assert loss.item() == pytest.approx(-math.log(y_hat[FAWEI].item()), abs=1e-6)
+
+    # Output layer: softmax with cross-entropy gives delta^(2) = dL/dz^(2) = y^ - y; with the
+    # example's numbers (0.181, 0.190, 0.203, 0.229, 0.196 - 1).
+    delta2 = y_hat - y
+    assert [round(v, 3) for v in delta2.tolist()] == [0.181, 0.190, 0.203, 0.229, -0.804]
+    # (6-13) delta^(l) = f_l'(z^(l)) (.) ((W^(l+1))^T delta^(l+1)), f = tanh, f' = 1 - tanh^2.
+    delta1 = (1 - torch.tanh(z1) ** 2) * (w2.T @ delta2)
+    # (6-10) delta^(l) is dL/dz^(l): autograd's gradient at the layers' outputs.
+    torch.testing.assert_close(z[2].grad[0, -1], delta2)
+    torch.testing.assert_close(z[1].grad[0, -1], delta1)
+    assert z[1].grad[0, :-1].abs().max() == 0  # the ignored positions get no error
+
+    # (6-16) dL/dW^(l) = delta^(l) (alpha^(l-1))^T and (6-17) dL/db^(l) = delta^(l).
+    torch.testing.assert_close(model.hidden.weight.grad, torch.outer(delta1, alpha0))
+    torch.testing.assert_close(model.hidden.bias.grad, delta1)
+    torch.testing.assert_close(model.decoder.bias.grad, delta2)
+    # One step further, to the word vectors (section 3, step 6 trains them by back-propagation
+    # too): dL/dalpha^(0) = (W^(1))^T delta^(1) (6-11), split back onto the four context words;
+    # tied, L_T also receives W^(2)'s gradient delta^(2) (alpha^(1))^T.
+    dw2 = torch.outer(delta2, alpha1)
+    d_vectors = torch.zeros(5, 2)
+    d_vectors[[ZHE, BEN, SHU, HEN]] = (w1.T @ delta1).view(4, 2)
+    if tie_weights:
+        torch.testing.assert_close(model.embedding.weight.grad, d_vectors + dw2)
+    else:
+        torch.testing.assert_close(model.decoder.weight.grad, dw2)
+        torch.testing.assert_close(model.embedding.weight.grad, d_vectors)
+
+
+def test_fnn_layer_partial_derivatives():
+    """(6-8) dz/dw_ij = Delta_i(alpha_j): zero but for alpha_j in row i; (6-9) dz/db = I;
+    (6-11) dz/dalpha = W (here as torch's (M_l, M_{l-1}) Jacobian, the notes' (W)^T laid out
+    the other way); (6-12) dalpha/dz = diag(f'(z)) for the hidden layer's tanh."""
+    model = build_model("fnn", "notes", vocab_size=5, n=5, embed_dim=2, hidden_size=2, bias=True)
+    layer = model.hidden
+    set_(layer.weight, W1)
+    set_(layer.bias, [0.1, -0.2])
+    alpha = torch.tensor([0.2, 0.1, 0.1, 0.3, 0.4, 0.2, 0.5, 0.4])
+
+    def z(weight, bias, a):
+        return torch.func.functional_call(layer, {"weight": weight, "bias": bias}, (a,))
+
+    weight, bias = layer.weight.detach(), layer.bias.detach()
+    dz_dw, dz_db, dz_da = torch.autograd.functional.jacobian(z, (weight, bias, alpha))
+    assert dz_dw.shape == (2, 2, 8)  # [k, i, j] = dz_k / dw_ij
+    for i in range(2):
+        for j in range(8):
+            expected = torch.zeros(2)
+            expected[i] = alpha[j]
+            torch.testing.assert_close(dz_dw[:, i, j], expected)
+    torch.testing.assert_close(dz_db, torch.eye(2))
+    torch.testing.assert_close(dz_da, torch.tensor(W1))
+    z1 = z(weight, bias, alpha)
+    dalpha_dz = torch.autograd.functional.jacobian(model.activation, z1)
+    torch.testing.assert_close(dalpha_dz, torch.diag(1 - torch.tanh(z1) ** 2))
+
+
+# --- Section 3, eqs. 6-2 to 6-5: the regularised risk and its SGD step (OptimConfig.l2) ---------
+def test_sgd_l2_step_by_hand():
+    # z = W x + b with W = (0.5, -1.0), b = 0.2, x = (1, 2) and L = z: dL/dW = (1, 2), dL/db = 1.
+    # lr = 0.1, eps = 0.5:  W <- W - 0.1 ((1, 2) + 0.5 (0.5, -1.0)) = (0.375, -1.15)   (6-4)
+    #                       b <- b - 0.1 * 1 = 0.1 (no penalty on b)                     (6-5)
+    layer = torch.nn.Linear(2, 1)
+    set_(layer.weight, [[0.5, -1.0]])
+    set_(layer.bias, [0.2])
+    optimizer = make_optimizer(layer, OptimConfig(optimizer="sgd", lr=0.1, l2=0.5).check())
+    layer(torch.tensor([1.0, 2.0])).sum().backward()
+    optimizer.step()
+    torch.testing.assert_close(layer.weight.detach(), torch.tensor([[0.375, -1.15]]))
+    torch.testing.assert_close(layer.bias.detach(), torch.tensor([0.1]))
+
+
+def test_sgd_l2_minimises_the_regularised_risk():
+    """One step of SGD with l2 = eps on L equals one plain SGD step on (6-2)'s
+    R = L + eps/2 ||W||_F^2, the sum (6-3) over every weight matrix and no bias."""
+    eps, lr = 0.3, 0.5
+    context = torch.tensor([[ZHE, BEN, SHU, HEN, FAWEI]])
+    targets = torch.tensor([[BEN, SHU, HEN, FAWEI, ZHE]])
+    models = []
+    for l2 in (eps, 0.0):
+        torch.manual_seed(0)
+        model = build_model("fnn", "notes", vocab_size=5, n=3, embed_dim=2, hidden_size=3,
+                            tie_weights=False, direct=True)  # fmt: skip
+        with torch.no_grad():
+            model.direct.weight.uniform_(-0.1, 0.1)  # not zero, so its penalty shows
+        optimizer = make_optimizer(model, OptimConfig(optimizer="sgd", lr=lr, l2=l2).check())
+        risk = model(context, targets=targets).loss
+        if not l2:
+            matrices = [p for p in model.parameters() if p.dim() == 2]
+            assert len(matrices) == 4  # L_T, W^(1), the output matrix and the direct W
+            risk = risk + eps / 2 * sum((p**2).sum() for p in matrices)
+        risk.backward()
+        optimizer.step()
+        models.append(model)
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_l2_is_sgds_only():
+    with pytest.raises(NLMError, match=r"field 'l2'.*sgd") as error:
+        OptimConfig(optimizer="adamw", l2=0.01).check("train.yaml")
+    assert "\n" not in str(error.value)
+    with pytest.raises(NLMError, match="field 'l2'"):
+        OptimConfig(optimizer="sgd", l2=-0.1).check()
+
+
+# --- Section 3, step 2: "拼接所有的条件词的向量 ... 或者加和, 取平均"; step 3's activation ---------------
+@pytest.mark.parametrize(
+    ("combine", "x"),
+    [
+        ("concat", [0.2, 0.1, 0.1, 0.3, 0.4, 0.2, 0.5, 0.4]),  # the notes' x
+        ("sum", [1.2, 1.0]),  # 这 + 本 + 书 + 很
+        ("mean", [0.3, 0.25]),  # the sum / 4
+    ],
+)
+def test_fnn_context_combination(combine, x):
+    width = 8 if combine == "concat" else 2
+    model = build_model("fnn", "notes", vocab_size=5, n=5, embed_dim=2, hidden_size=2,
+                        bias=False, combine=combine)  # fmt: skip
+    assert model.hidden.weight.shape == (2, width)
+    set_(model.embedding.weight, L_T_COLUMNS)
+    w1 = W1 if combine == "concat" else [[0.1, 0.4], [-0.5, 0.2]]
+    set_(model.hidden.weight, w1)
+    window = torch.tensor([ZHE, BEN, SHU, HEN])
+    torch.testing.assert_close(model.combined(window), torch.tensor(x))
+    # h = tanh(W^1 x), scores L_T^T h (tied), at the last position of the sentence.
+    h = torch.tanh(torch.tensor(w1) @ torch.tensor(x))
+    with torch.no_grad():
+        out = model(window[None])
+    torch.testing.assert_close(out.hidden[0, -1], h)
+    torch.testing.assert_close(out.logits[0, -1], torch.tensor(L_T_COLUMNS) @ h)
+    if combine != "concat":  # a bag of words: the order of the context does not matter
+        with torch.no_grad():
+            shuffled = model(torch.tensor([[HEN, SHU, ZHE, BEN]]))
+        torch.testing.assert_close(shuffled.logits[0, -1], out.logits[0, -1])
+
+
+@pytest.mark.parametrize(
+    ("activation", "f"),
+    [
+        ("tanh", math.tanh),
+        ("relu", lambda v: max(v, 0.0)),
+        ("sigmoid", lambda v: 1 / (1 + math.exp(-v))),
+        ("gelu", lambda v: 0.5 * v * (1 + math.erf(v / math.sqrt(2)))),
+    ],
+)
+def test_fnn_activation(activation, f):
+    model = build_model("fnn", "notes", vocab_size=5, n=5, embed_dim=2, hidden_size=2,
+                        bias=True, activation=activation)  # fmt: skip
+    set_(model.embedding.weight, L_T_COLUMNS)
+    set_(model.hidden.weight, W1)
+    set_(model.hidden.bias, [-0.5, 0.1])  # z = (0.38 - 0.5, 0.44 + 0.1): one negative entry
+    with torch.no_grad():
+        h = model(torch.tensor([[ZHE, BEN, SHU, HEN]])).hidden[0, -1]
+    torch.testing.assert_close(h, torch.tensor([f(-0.12), f(0.54)]))
+
+
+def test_fnn_defaults_are_bengios_and_bad_values_are_one_line_errors():
+    from nlm.models.presets import PRESETS
+
+    for preset in PRESETS["fnn"]:
+        config = build_model("fnn", preset, vocab_size=64).config
+        assert (config.combine, config.activation) == ("concat", "tanh")
+    for field, value in (("combine", "max"), ("activation", "softplus")):
+        with pytest.raises(NLMError, match=f"field '{field}'.*'{value}' is not one of") as error:
+            build_model("fnn", "tiny", **{field: value})
+        assert "\n" not in str(error.value)

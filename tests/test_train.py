@@ -73,10 +73,14 @@ def test_every_family_trains_and_exports(process_group, shards, tmp_path, model,
     from nlm.cluster.train.loop import LocalSession, run_worker
 
     lr = 1.0 if optimizer == "sgd" else 3e-3
+    l2 = 1e-4 if optimizer == "sgd" else 0.0  # the notes' eq. 6-4 penalty, through the loop
     cfg = tiny(shards, tmp_path / model, model, zero_stage=stage, optimizer=optimizer, lr=lr,
-               grad_clip=0.5)  # fmt: skip
+               grad_clip=0.5, l2=l2)  # fmt: skip
     plan = plan_run(cfg)
     trainer = run_worker(plan, LocalSession(plan))
+    if optimizer == "sgd":  # matrices penalised, biases not, in the engine's optimizer
+        decays = [g["weight_decay"] for g in trainer.engine.optimizer.param_groups]
+        assert decays == [l2, 0.0]
 
     losses = [r["loss"] for r in read_metrics(cfg.out) if "loss" in r]
     assert len(losses) == 4 and losses[-1] < losses[0]
@@ -114,6 +118,39 @@ def test_zero3_export_gives_the_engines_logits(process_group, shards, tmp_path):
     # and it has really trained: not the initial weights
     fresh = trainer.build_model()
     assert not torch.allclose(fresh(ids).logits, got)
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])  # ZeRO-1 steps through ZeRO-2's optimizer class
+def test_sgd_l2_step_under_deepspeed(process_group, stage):
+    """`--optimizer sgd --l2 eps` through deepspeed.initialize (the client optimizer nlm passes
+    it) and ZeRO's flattened param groups: one step is still the notes' eq. 6-4 on the weight
+    matrix, W <- W - lr (dL/dW + eps W), and eq. 6-5 (no penalty) on the bias."""
+    import deepspeed
+
+    from nlm.cluster.train.deepspeed_config import deepspeed_config
+    from nlm.optim import make_optimizer
+
+    lr, eps = 0.1, 0.5
+    cfg = TrainConfig.from_dict(dict(micro_batch=1, zero_stage=stage, optimizer="sgd", lr=lr,
+                                     l2=eps, grad_clip=0.0))  # fmt: skip
+    layer = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.5, -1.0]]))
+        layer.bias.copy_(torch.tensor([0.2]))
+    engine, *_ = deepspeed.initialize(
+        model=layer,
+        optimizer=make_optimizer(layer, cfg.optim.check()),
+        config=deepspeed_config(cfg, "cpu", world_size=1),
+    )
+    loss = engine(torch.tensor([[1.0, 2.0]])).sum()  # dL/dW = (1, 2), dL/db = 1
+    engine.backward(loss)
+    engine.step()
+    with deepspeed.zero.GatheredParameters(list(layer.parameters()), enabled=stage == 3):
+        weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+    # W = (0.5, -1) - 0.1 ((1, 2) + 0.5 (0.5, -1)) = (0.375, -1.15); b = 0.2 - 0.1 = 0.1
+    torch.testing.assert_close(weight, torch.tensor([[0.375, -1.15]]))
+    torch.testing.assert_close(bias, torch.tensor([0.1]))
+    engine.destroy()
 
 
 def math_finite(x: float) -> bool:

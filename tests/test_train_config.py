@@ -267,3 +267,43 @@ def test_learning_rate_defaults_follow_family_preset_and_optimizer():
     given = resolved(model="gpt", lr=5e-3)
     assert (given.lr, given.min_lr) == (5e-3, 5e-4)
     assert resolved(model="gpt", lr=5e-3, min_lr=0.0).min_lr == 0.0
+
+
+def test_resume_of_a_run_recorded_before_a_model_field_existed(tmp_path, shards):
+    """An fnn run whose plan.json predates fnn's `combine` / `activation` resumes: it ran with
+    their defaults. Asking for another value is still a different run."""
+    import json
+
+    from nlm.files import write_json
+
+    cfg = config(shards, tmp_path, model="fnn", workers=1)
+    plan = plan_run(cfg.check())
+    run = Path(cfg.out)
+    run.mkdir()
+    plan.train.save_yaml(run / "config.yaml")
+    recorded = plan.to_dict()
+    assert recorded["model_config"].pop("combine") == "concat"
+    assert recorded["model_config"].pop("activation") == "tanh"
+    write_json(run / "plan.json", recorded)
+    (run / "metrics.jsonl").write_text('{"event": "start", "step": 0}\n')
+    step = run / "checkpoints" / "step_00000010"
+    step.mkdir(parents=True)
+    meta = {"step": 10, "model": "fnn", "preset": "tiny", "workers": 1, "zero_stage": 1}
+    (step / "meta.json").write_text(json.dumps(meta))
+
+    assert plan_run(cfg.replace(resume=True).check()).resume_from["step"] == 10
+    other = cfg.replace(resume=True, model_overrides={"combine": "mean"}).check()
+    with pytest.raises(NLMError, match=r"field 'model_overrides'.*\{'combine': 'mean'\}"):
+        plan_run(other)
+
+
+def test_sgd_l2_is_a_train_flag_and_an_error_with_adamw(tmp_path, shards):
+    from nlm.cli.train import add_arguments, resolve_config
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = ["--data", str(shards), "--out", str(tmp_path / "run"), "--model", "lstm"]
+    args = parser.parse_args([*base, "--optimizer", "sgd", "--l2", "1e-4"])
+    assert resolve_config(args).optim.l2 == 1e-4
+    with pytest.raises(NLMError, match="field 'l2'"):
+        resolve_config(parser.parse_args([*base, "--l2", "1e-4"]))  # adamw, the default

@@ -73,6 +73,15 @@ def check_same_run(
             recorded_model = plan["model_config"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise NLMError(f"{recorded_plan}: unreadable ({exc})") from None
+        if isinstance(recorded_model, dict):
+            # A field added to the model's config since (fnn's `combine`, `activation`) is
+            # absent from an older plan: it ran with the field's default, so compare with that.
+            from nlm.models import model_class
+
+            defaults = model_class(config.model).config_class.from_dict(
+                recorded_model, source=f"{recorded_plan} (field 'model_config')"
+            )
+            recorded_model = {**defaults.to_dict(), **recorded_model}
         for field in sorted(set(recorded_model) | set(model_config)):
             old, new = recorded_model.get(field), model_config.get(field)
             if _normal(old) != _normal(new):

@@ -11,6 +11,13 @@ Context before the first token is filled with <pad> (id 0): its embedding is lea
 as a start-of-text marker. Left-padding in a batch uses the same id, which is why a padded
 prompt generates exactly what it would alone.
 
+`combine` says how the n-1 context vectors become x (the course notes, section 3, step 2:
+"拼接所有的条件词的向量, 形成一个向量 ... 或者加和, 取平均"): `concat` (the default, Bengio's;
+x has (n-1) * embed_dim entries and keeps word order), `sum` or `mean` (x has embed_dim entries;
+the order of the context words is lost, as in a bag of words). `activation` is the hidden
+layer's nonlinearity f in h = f(d + H x): `tanh` (the default, Bengio's and the notes'), `relu`,
+`sigmoid` or `gelu`.
+
 With `tie_weights`, U is the embedding table (the notes' L_T^T x h); if hidden_size differs
 from embed_dim a bias-free projection hidden -> embed comes first (nlm/models/base.py).
 """
@@ -29,6 +36,8 @@ from nlm.models.base import CausalLanguageModel, ModelOutput, output_layer
 from nlm.objectives import causal_lm_loss
 
 PAD_ID = 0
+COMBINES = ("concat", "sum", "mean")
+ACTIVATIONS = {"tanh": torch.tanh, "relu": F.relu, "sigmoid": torch.sigmoid, "gelu": F.gelu}
 
 
 @dataclasses.dataclass
@@ -41,6 +50,10 @@ class FNNConfig(Config):
     tie_weights: bool = True
     bias: bool = True
     dropout: float = 0.0  # on the hidden layer
+    # Added later: a checkpoint written before them has neither key and loads as concat + tanh,
+    # which is what every fnn computed then.
+    combine: str = "concat"  # concat | sum | mean: how the n-1 context vectors make x
+    activation: str = "tanh"  # tanh | relu | sigmoid | gelu: f in h = f(d + H x)
 
 
 class FNNLanguageModel(CausalLanguageModel):
@@ -56,20 +69,26 @@ class FNNLanguageModel(CausalLanguageModel):
         super().__init__(config)
         if config.n < 2:
             raise NLMError(f"fnn config (field 'n'): must be >= 2, got {config.n}")
+        if config.combine not in COMBINES:
+            raise NLMError(
+                f"fnn config (field 'combine'): {config.combine!r} is not one of "
+                f"{', '.join(COMBINES)}"
+            )
+        if config.activation not in ACTIVATIONS:
+            raise NLMError(
+                f"fnn config (field 'activation'): {config.activation!r} is not one of "
+                f"{', '.join(ACTIVATIONS)}"
+            )
         self.context = config.n - 1
+        self.activation = ACTIVATIONS[config.activation]
+        x_size = config.embed_dim * (self.context if config.combine == "concat" else 1)
         self.embedding = nn.Embedding(config.vocab_size, config.embed_dim)
-        self.hidden = nn.Linear(
-            self.context * config.embed_dim, config.hidden_size, bias=config.bias
-        )
+        self.hidden = nn.Linear(x_size, config.hidden_size, bias=config.bias)
         self.drop = nn.Dropout(config.dropout)
         self.proj, self.decoder = output_layer(
             self.embedding, config.hidden_size, config.tie_weights, config.bias
         )
-        self.direct = (
-            nn.Linear(self.context * config.embed_dim, config.vocab_size, bias=False)
-            if config.direct
-            else None
-        )
+        self.direct = nn.Linear(x_size, config.vocab_size, bias=False) if config.direct else None
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
         if not config.tie_weights:
             nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
@@ -98,10 +117,20 @@ class FNNLanguageModel(CausalLanguageModel):
         padded = F.pad(input_ids, (self.context - 1, 0), value=PAD_ID)
         return padded.unfold(1, self.context, 1)
 
+    def combined(self, windows: torch.Tensor) -> torch.Tensor:
+        """(..., n-1) windows -> x: (..., (n-1) * E) for `concat` (oldest token first), (..., E)
+        for `sum` and `mean` over the n-1 context vectors."""
+        vectors = self.embedding(windows)  # (..., n-1, E)
+        if self.config.combine == "sum":
+            return vectors.sum(-2)
+        if self.config.combine == "mean":
+            return vectors.mean(-2)
+        return vectors.flatten(-2)
+
     def _from_windows(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(..., n-1) windows -> (logits (..., V), hidden (..., H))."""
-        x = self.embedding(windows).flatten(-2)  # concatenation, oldest token first
-        h = torch.tanh(self.hidden(x))
+        x = self.combined(windows)
+        h = self.activation(self.hidden(x))
         out = self.drop(h)
         logits = self.decoder(self.proj(out) if self.proj is not None else out)
         if self.direct is not None:

@@ -9,6 +9,14 @@
 `peephole=True` is Gers & Schmidhuber's (2000) variant: the input and forget gates also see
 c_{t-1} and the output gate sees c_t, each through a diagonal (per-unit) weight p:
     i_t = sigma(... + p_i * c_{t-1}),  f_t = sigma(... + p_f * c_{t-1}),  o_t = sigma(... + p_o * c_t)
+The course notes (section 5) write these terms as matrices, V_f c_{t-1}, V_i c_{t-1}, V_o c_t,
+which would let every gate look at every cell. nlm's peepholes are diagonal, V = diag(p): a
+unit's gates see only that unit's cell. That is the peephole LSTM of its sources, where a cell
+feeds only the gates of its own memory block (Gers & Schmidhuber 2000, "Recurrent nets that time
+and count"; Gers, Schraudolph & Schmidhuber 2002, "Learning precise timing with LSTM recurrent
+networks", JMLR 3: 115-143) and a block has one cell here, as in the vector peephole weights
+p_i, p_f, p_o of Greff et al. 2017 ("LSTM: a search space odyssey"). Which gates peek, and at
+which time step (c_{t-1} for i and f, c_t for o), is as in the notes.
 The plain variant is torch.nn.LSTM (one fused kernel); the peephole one is written out with a
 loop over time (the input projections of all steps are still one matmul). Both use torch's
 gate order (i, f, c~, o), so a plain layer's weights copy straight into a peephole layer.
