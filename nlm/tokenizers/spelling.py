@@ -3,23 +3,30 @@
 
 A closed-vocabulary model predicts every word outside its vocabulary as one `<unk>` token, so
 its bits/byte leaves out the cost of saying *which* word it was, while a character or byte-level
-model pays for every letter. The open-vocabulary convention (Mielke & Eisner 2019, "Spell Once,
-Summon Anywhere", sec. 2: a closed-vocabulary model becomes a proper distribution over strings
-when `<unk>` is followed by a spelling; also Cotterell et al. 2018 and Mielke et al. 2019, who
-compare models by bits per character of the raw text) charges each `<unk>` its spelling:
+model pays for every letter. The open-vocabulary convention (Mielke & Eisner, "Spell Once,
+Summon Anywhere: A Two-Level Open-Vocabulary Language Model", AAAI 2019, arXiv:1804.08205,
+sec. 4: a closed-vocabulary model becomes a distribution over all strings when the `<unk>` it
+predicts is followed by a spelling from a character-level speller; their WikiText-2 table
+compares word, BPE and char models in bits per character for this reason, as Cotterell et al.
+2018, "Are All Languages Equally Hard to Language-Model?", do across languages) charges each
+`<unk>` its spelling:
 
     p(unknown word w | context) = p_model(<unk> | context) * p_spell(w)
 
 `p_spell` here is a character bigram model over the spelling followed by an end-of-word symbol,
-with Witten-Bell interpolation (Witten & Bell 1991; Chen & Goodman 1998, sec. 2.3) down to an
+with Witten-Bell interpolation (Witten & Bell 1991, as Chen & Goodman 1998 state it) down to an
 add-one unigram over the characters seen in training plus the end symbol plus an escape. A
 character never seen costs the escape plus 8 bits per UTF-8 byte (a uniform byte model), so
 every string has a positive probability and the probabilities of all strings sum to at most 1.
 
 It is estimated on the training text of the tokenizer: on the units the tokenizer leaves out
 (the words that a word vocabulary maps to `<unk>`, each weighted by its training count: the
-text `<unk>` stands for in training), or on every unit when the vocabulary keeps them all.
-Saved next to the tokenizer as DIR/spelling.json.
+text `<unk>` stands for in training), or on every unit when the vocabulary keeps them all. The
+tokenizer's training text is what `train_tokenizer` read: for `nlm prepare`, the sample of the
+training split it trains the tokenizer on. A SentencePiece tokenizer has one only when trained
+without byte fallback (estimated on the sampled characters it has no piece for). Saved with the
+tokenizer as DIR/spelling.json, so a checkpoint and a serving replica carry it; a tokenizer
+saved before it existed loads without one (evaluation then reports the closed figure only).
 """
 
 from __future__ import annotations
