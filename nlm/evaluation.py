@@ -67,6 +67,7 @@ from nlm.tokenizers.base import (
 )
 
 DEFAULT_SEQ_LEN = 128
+DEFAULT_BATCH_SIZE = 8  # windows (rnn/lstm: parallel streams) per batch; `nlm eval`'s default
 
 
 # --- the text ---------------------------------------------------------------------------------
@@ -346,7 +347,7 @@ def evaluate_documents(
     model: LanguageModel,
     tokenizer: Tokenizer,
     documents: list[str],
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     seq_len: int | None = None,
     stride: int | None = None,
     max_pll_tokens: int = 2000,
