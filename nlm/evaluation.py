@@ -25,9 +25,13 @@ every tokenizer reads it as one token, so it is not counted there nor charged a 
 
 Scoring, by the model's family facts (nlm/models/base.py):
 - causal, not recurrent (gpt, fnn): windows of `seq_len` tokens; consecutive windows overlap so
-  every scored token keeps context (`stride` = seq_len/2 by default; a model with a bounded
-  `context_size`, the fnn's n-1 words, overlaps by exactly that, which makes the score exact).
-  Each prediction is scored in exactly one window.
+  every scored token keeps context; a model with a bounded `context_size`, the fnn's n-1 words,
+  overlaps by exactly that, which makes the score exact. Unbounded (gpt): `stride` defaults to
+  3/4 of seq_len, so every scored token after the first window sees at least seq_len/4 tokens
+  of context (the context floor: 32 at the default 128) and the text costs seq_len/stride = 4/3
+  forward passes per token; seq_len/2 (a floor of half the window) cost twice the work for a
+  small gain. Pass `stride` for another trade. Each prediction is scored in exactly one window.
+  Evaluation is forward only (torch.inference_mode), batch by batch, with no per-token Python.
 - recurrent (rnn, lstm): the stream is cut into `batch_size` contiguous streams scored in
   parallel (as in PyTorch's word_language_model example), the hidden state carried across
   consecutive windows. Each stream starts with an empty state, so the first tokens of streams
@@ -395,11 +399,12 @@ def evaluate_documents(
                 )
             step = length - overlap
         else:
-            step = stride or max(1, length // 2)
+            step = stride or max(1, (3 * length) // 4)  # context floor: length - step
             if not 1 <= step <= length:
                 raise NLMError(f"--stride {step}: must be between 1 and --seq-len {length}")
         total, count = score_windows(model, stream, length, step, batch_size, progress)
         result["stride"] = step
+        result["context_floor"] = length - step
     nll = total / count
     return {
         **result,

@@ -122,6 +122,8 @@ def test_bits_per_byte_is_open_vocabulary(documents, tokenizer, tmp_path):
     by_char = evaluate_documents(_model("gpt", char.vocab_size), char, documents)
     assert by_word["bytes"] == by_char["bytes"] == text_bytes(documents)
     assert by_char["tokens"] > 3 * by_word["tokens"]
+    # gpt's default windows: 3/4 of the 64 tiny positions, a context floor of a quarter
+    assert (by_word["seq_len"], by_word["stride"], by_word["context_floor"]) == (64, 48, 16)
     for r in (by_word, by_char):
         assert r["bits_per_byte_closed_vocab"] == pytest.approx(
             r["nll"] * r["tokens"] / math.log(2) / r["bytes"]
