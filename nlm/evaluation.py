@@ -327,9 +327,9 @@ def score_bert(
         rows = pll_rows[b : b + batch_size]
         ids, attention = _pad([sequences[s] for s, _ in rows])
         labels = torch.full_like(ids, IGNORE_INDEX)
-        for i, (_, p) in enumerate(rows):
-            labels[i, p] = ids[i, p]
-            ids[i, p] = MASK_ID
+        at = (torch.arange(len(rows)), torch.tensor([p for _, p in rows]))
+        labels[at] = ids[at]
+        ids[at] = MASK_ID
         logits = _masked_logits(model, ids, attention, labels)
         pll_nll += F.cross_entropy(
             logits.float(), labels[labels != IGNORE_INDEX], reduction="sum"
