@@ -5,6 +5,7 @@ it from the model's own FLOPs per token, and evaluation tokens/s next to trainin
 from __future__ import annotations
 
 import argparse
+import math
 
 import pytest
 
@@ -59,3 +60,38 @@ def test_mfu_against_the_measured_peak_and_eval_ratio(shards):
         {"model": "lstm", "preset": "tiny", "evaluation": evaluation, "results": results}
     )
     assert "MFU vs measured peak" in table and f"{results[0]['mfu_vs_measured_peak']} %" in table
+
+
+def test_quality_reference_recipe_scores_nlms_tokens(tmp_path, data_mirror):
+    """`nlm bench quality`'s reference (word_language_model's loop) on a tiny budget: trained on
+    the shards' own train stream, scored on exactly the predictions nlm.evaluation scores, with
+    the same open-vocabulary bits/byte; the table puts an nlm row against its reference."""
+    from nlm.bench.quality import add_ratios, markdown, reference_run, split_stream
+    from nlm.evaluation import evaluate_documents, read_documents, token_stream
+    from nlm.tokenizers import load_tokenizer, train_tokenizer
+
+    lines = corpus_lines(data_mirror, 200)
+    tokenizer = train_tokenizer("word", lines, min_count=2)
+    shards = write_shards(tmp_path / "s", lines, seq_len=35, tokenizer=tokenizer)
+    rows = load_tokenizer(shards / "tokenizer").encode_batch(lines)
+    train = split_stream(shards, "train")
+    first = [*rows[1], 3, *rows[2], 3]  # line 0 is val (every 10th), each line then </s>
+    assert train[: len(first)].tolist() == first
+
+    documents = read_documents(data_mirror / "wikitext-2" / "test.txt")[:3]
+    ref = reference_run("lstm", shards, documents, epochs=1, max_batches=2)
+    assert ref["steps"] == 2 and ref["tokens"] == len(token_stream(tokenizer, documents)) - 1
+    # same tokens, same accounting as nlm's own evaluation of any model
+    nlm_like = evaluate_documents(
+        build_model("lstm", "tiny", vocab_size=tokenizer.vocab_size), tokenizer, documents
+    )
+    assert nlm_like["tokens"] == ref["tokens"] and nlm_like["unk_bytes"] == ref["unk_bytes"] > 0
+    assert ref["bits_per_byte"] > ref["bits_per_byte_closed_vocab"] > 0
+    transformer = reference_run("transformer", shards, documents, epochs=1, max_batches=1)
+    assert transformer["tokens"] == ref["tokens"] and math.isfinite(transformer["ppl"])
+
+    ours = {**ref, "model": "nlm lstm", "kind": "lstm", "ppl": ref["ppl"] / 2}
+    table = [ref, transformer, ours]
+    add_ratios(table)
+    assert ours["ppl_vs_reference"] == 0.5 and ref["ppl_vs_reference"] is None
+    assert "| nlm lstm |" in markdown(table)
