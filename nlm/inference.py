@@ -573,6 +573,8 @@ class Engine:
         self._require("score")
         ids = self._encode(text)
         ids = [EOS_ID, *ids] if self.model.causal else [CLS_ID, *ids, SEP_ID]
+        if UNK_ID not in ids:  # nothing to spell (the common case): no second pass over the text
+            return ScoreJob(ids, len(text.encode("utf-8")), 0, 0.0)
         unknown = unknown_text(self.tokenizer, [text])
         return ScoreJob(
             ids, len(text.encode("utf-8")), unknown["unk_bytes"], unknown["spelling_bits"]

@@ -300,3 +300,9 @@ def test_word_tokenizer_spelling_model_is_saved(wt2_lines, tmp_path):
     (tmp_path / "w" / "spelling.json").write_text("{", encoding="utf-8")
     with pytest.raises(NLMError, match="spelling.json: corrupt spelling model"):
         load_tokenizer(tmp_path / "w")
+
+
+def test_too_small_a_vocabulary_for_byte_fallback_is_one_clear_error(wt2_lines):
+    with pytest.raises(NLMError, match=r"vocab_size=300: too small .* 256 byte pieces"):
+        train_tokenizer("spm-bpe", wt2_lines[:300], vocab_size=300)
+    train_tokenizer("spm-bpe", wt2_lines[:300], vocab_size=300, byte_fallback=False)  # fits

@@ -132,8 +132,9 @@ class SentencePieceTokenizer(Tokenizer):
                 raise NLMError(
                     f"vocab_size={too_small[1]}: too small for a {cls.kind} tokenizer with byte "
                     f"fallback, which needs the 7 special tokens, 256 byte pieces and the text's "
-                    f"common characters ({too_small[2]} in all); ask for more, or train with "
-                    "byte_fallback=False (a closed vocabulary: rare characters become <unk>)"
+                    f"common characters ({too_small[2]} in all); ask for a larger vocabulary "
+                    "(--vocab-size), or from Python train with byte_fallback=False (a closed "
+                    "vocabulary: rare characters become <unk>)"
                 ) from None
             raise NLMError(f"cannot train a {cls.kind} tokenizer: {exc}") from None
         tokenizer = cls(model.getvalue())
