@@ -13,8 +13,8 @@ with the one newline its `</s>` stands for. A closed vocabulary predicts an unkn
 `<unk>` for the price of one prediction, while a char or byte-fallback subword model spells it
 out; charging each `<unk>` its spelling under the tokenizer's character model
 (nlm/tokenizers/spelling.py, estimated on the tokenizer's training text; the open-vocabulary
-convention of Mielke & Eisner 2019, sec. 4) makes word, char and subword models comparable on the same
-text. The closed-vocabulary figure (NLL bits / bytes, `<unk>` at the price of one token) is
+convention of Mielke & Eisner 2019, sec. 4) makes word, char and subword models comparable on
+the same text. The closed-vocabulary figure (NLL bits / bytes, `<unk>` at the price of one token) is
 reported separately as `bits_per_byte_closed_vocab`, never under the plain name. A tokenizer
 saved without a spelling model (before it existed) gets `bits_per_byte: null` and a
 `bits_per_byte_note` when the text has unknown pieces; with none the two figures are equal.
