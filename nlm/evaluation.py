@@ -7,15 +7,31 @@ end is predicted once:
 
     </s> doc1 </s> doc2 </s> ... docN </s>        tokens = len(stream) - 1 predictions
 
-`bits_per_byte` = total NLL in bits / UTF-8 bytes of the documents, each counted with the one
-newline its `</s>` stands for. It does not depend on the tokenizer, so word-, char- and
-subword-level models compare on the same text (per-token ppl does not).
+Bits per byte is open-vocabulary: `bits_per_byte` = (total NLL in bits + the spelling bits of
+every piece of text the tokenizer maps to `<unk>`) / UTF-8 bytes of the documents, each counted
+with the one newline its `</s>` stands for. A closed vocabulary predicts an unknown word as one
+`<unk>` for the price of one prediction, while a char or byte-fallback subword model spells it
+out; charging each `<unk>` its spelling under the tokenizer's character model
+(nlm/tokenizers/spelling.py, estimated on the tokenizer's training text; the open-vocabulary
+convention of Mielke & Eisner 2019, sec. 4) makes word, char and subword models comparable on
+the same text. The closed-vocabulary figure (NLL bits / bytes, `<unk>` at the price of one token) is
+reported separately as `bits_per_byte_closed_vocab`, never under the plain name. A tokenizer
+saved without a spelling model (before it existed) gets `bits_per_byte: null` and a
+`bits_per_byte_note` when the text has unknown pieces; with none the two figures are equal.
+Every result also reports `unk_tokens`, `unk_rate` (share of the scored tokens that are
+`<unk>`, literal `<unk>` markers in the text included) and `unk_bytes` / `unk_byte_share` (the
+text's bytes the tokenizer could not spell; a literal `<unk>` marker is the text's own and
+every tokenizer reads it as one token, so it is not counted there nor charged a spelling).
 
 Scoring, by the model's family facts (nlm/models/base.py):
 - causal, not recurrent (gpt, fnn): windows of `seq_len` tokens; consecutive windows overlap so
-  every scored token keeps context (`stride` = seq_len/2 by default; a model with a bounded
-  `context_size`, the fnn's n-1 words, overlaps by exactly that, which makes the score exact).
-  Each prediction is scored in exactly one window.
+  every scored token keeps context; a model with a bounded `context_size`, the fnn's n-1 words,
+  overlaps by exactly that, which makes the score exact. Unbounded (gpt): `stride` defaults to
+  3/4 of seq_len, so every scored token after the first window sees at least seq_len/4 tokens
+  of context (the context floor: 32 at the default 128) and the text costs seq_len/stride = 4/3
+  forward passes per token; seq_len/2 (a floor of half the window) cost twice the work for a
+  small gain. Pass `stride` for another trade. Each prediction is scored in exactly one window.
+  Evaluation is forward only (torch.inference_mode), batch by batch, with no per-token Python.
 - recurrent (rnn, lstm): the stream is cut into `batch_size` contiguous streams scored in
   parallel (as in PyTorch's word_language_model example), the hidden state carried across
   consecutive windows. Each stream starts with an empty state, so the first tokens of streams
@@ -43,9 +59,19 @@ from tqdm import tqdm
 from nlm.device import model_device
 from nlm.errors import NLMError
 from nlm.models.base import IGNORE_INDEX, LanguageModel
-from nlm.tokenizers.base import CLS_ID, EOS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, Tokenizer
+from nlm.tokenizers.base import (
+    CLS_ID,
+    EOS_ID,
+    MASK_ID,
+    PAD_ID,
+    SEP_ID,
+    SPECIAL_TOKENS,
+    UNK_ID,
+    Tokenizer,
+)
 
 DEFAULT_SEQ_LEN = 128
+DEFAULT_BATCH_SIZE = 8  # windows (rnn/lstm: parallel streams) per batch; `nlm eval`'s default
 
 
 # --- the text ---------------------------------------------------------------------------------
@@ -81,6 +107,58 @@ def token_stream(tokenizer: Tokenizer, documents: list[str]) -> torch.Tensor:
         ids.extend(doc)
         ids.append(EOS_ID)
     return torch.tensor(ids, dtype=torch.long)
+
+
+# --- open vocabulary ------------------------------------------------------------------------
+def unknown_text(tokenizer: Tokenizer, documents: list[str]) -> dict[str, Any]:
+    """The text the tokenizer maps to `<unk>`: its UTF-8 bytes and its spelling cost in bits
+    under the tokenizer's spelling model (None without one, or when the kind cannot tell)."""
+    spans = tokenizer.unknown_spans(documents)
+    if spans is None:
+        return {"unk_bytes": None, "spelling_bits": None, "spans": None}
+    flat = [piece for doc in spans for piece in doc]
+    n_bytes = sum(len(piece.encode("utf-8")) for piece in flat)
+    speller = tokenizer.spelling
+    bits = speller.total_bits(flat) if speller is not None else None
+    return {"unk_bytes": n_bytes, "spelling_bits": 0.0 if not flat else bits, "spans": len(flat)}
+
+
+def open_vocabulary(
+    tokenizer: Tokenizer,
+    documents: list[str],
+    targets: torch.Tensor,
+    nll_nats: float | None,
+    n_bytes: int,
+) -> dict[str, Any]:
+    """unk_rate, unk bytes and the open- and closed-vocabulary bits/byte of a scored text.
+
+    targets: the scored token ids (any shape); nll_nats: their total NLL (None for a
+    pseudo-likelihood, which is no probability of the text: no bits/byte at all)."""
+    unk_tokens = int((targets == UNK_ID).sum())
+    unknown = unknown_text(tokenizer, documents)
+    out: dict[str, Any] = {
+        "unk_tokens": unk_tokens,
+        "unk_rate": unk_tokens / max(int(targets.numel()), 1),
+        "unk_bytes": unknown["unk_bytes"],
+        "unk_byte_share": None if unknown["unk_bytes"] is None else unknown["unk_bytes"] / n_bytes,
+    }
+    if nll_nats is None:
+        return {**out, "bits_per_byte": None, "bits_per_byte_closed_vocab": None}
+    closed = nll_nats / math.log(2) / n_bytes
+    out["bits_per_byte_closed_vocab"] = closed
+    if unknown["spelling_bits"] is not None:
+        out["bits_per_byte"] = closed + unknown["spelling_bits"] / n_bytes
+        out["spelling_bits"] = unknown["spelling_bits"]
+    elif unk_tokens == 0 and unknown["unk_bytes"] in (0, None):
+        out["bits_per_byte"] = closed  # nothing to spell: open and closed are one figure
+    else:
+        out["bits_per_byte"] = None
+        out["bits_per_byte_note"] = (
+            "the tokenizer has no spelling model (saved before nlm priced <unk>) and maps "
+            f"{out['unk_bytes'] if out['unk_bytes'] is not None else 'some'} bytes of this text "
+            "to <unk>: only bits_per_byte_closed_vocab, which leaves out their cost"
+        )
+    return out
 
 
 # --- the model's context --------------------------------------------------------------------
@@ -249,9 +327,9 @@ def score_bert(
         rows = pll_rows[b : b + batch_size]
         ids, attention = _pad([sequences[s] for s, _ in rows])
         labels = torch.full_like(ids, IGNORE_INDEX)
-        for i, (_, p) in enumerate(rows):
-            labels[i, p] = ids[i, p]
-            ids[i, p] = MASK_ID
+        at = (torch.arange(len(rows)), torch.tensor([p for _, p in rows]))
+        labels[at] = ids[at]
+        ids[at] = MASK_ID
         logits = _masked_logits(model, ids, attention, labels)
         pll_nll += F.cross_entropy(
             logits.float(), labels[labels != IGNORE_INDEX], reduction="sum"
@@ -273,7 +351,7 @@ def evaluate_documents(
     model: LanguageModel,
     tokenizer: Tokenizer,
     documents: list[str],
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     seq_len: int | None = None,
     stride: int | None = None,
     max_pll_tokens: int = 2000,
@@ -306,7 +384,7 @@ def evaluate_documents(
             "nll": scores["pll_nll"],
             "ppl": scores["pseudo_ppl"],
             "ppl_kind": "pseudo",
-            "bits_per_byte": None,
+            **open_vocabulary(tokenizer, documents, torch.tensor(stream), None, n_bytes),
             **scores,
         }
     stream = token_stream(tokenizer, documents)
@@ -321,11 +399,12 @@ def evaluate_documents(
                 )
             step = length - overlap
         else:
-            step = stride or max(1, length // 2)
+            step = stride or max(1, (3 * length) // 4)  # context floor: length - step
             if not 1 <= step <= length:
                 raise NLMError(f"--stride {step}: must be between 1 and --seq-len {length}")
         total, count = score_windows(model, stream, length, step, batch_size, progress)
         result["stride"] = step
+        result["context_floor"] = length - step
     nll = total / count
     return {
         **result,
@@ -333,7 +412,7 @@ def evaluate_documents(
         "nll": nll,
         "ppl": math.exp(nll),
         "ppl_kind": "causal",
-        "bits_per_byte": total / math.log(2) / n_bytes,
+        **open_vocabulary(tokenizer, documents, stream[1:], total, n_bytes),
     }
 
 
@@ -359,10 +438,12 @@ def evaluate_file(
 def metrics_to_record(result: dict[str, Any]) -> dict[str, Any]:
     """What a test evaluation adds to the checkpoint's metrics.json (`nlm eval --record`, the
     demo): `test_ppl` for causal models, `test_pseudo_ppl` for bert (not comparable to a ppl),
-    `test_bits_per_byte` and `test_mlm_accuracy` when measured, `test_tokens`."""
+    `test_bits_per_byte` (open vocabulary), `test_bits_per_byte_closed_vocab`,
+    `test_unk_rate` and `test_mlm_accuracy` when measured, `test_tokens`."""
     key = "test_pseudo_ppl" if result.get("ppl_kind") == "pseudo" else "test_ppl"
     metrics = {key: result["ppl"]}
-    for name in ("bits_per_byte", "mlm_accuracy", "tokens"):
+    names = ("bits_per_byte", "bits_per_byte_closed_vocab", "unk_rate", "mlm_accuracy", "tokens")
+    for name in names:
         if result.get(name) is not None:
             metrics[f"test_{name}"] = result[name]
     return metrics

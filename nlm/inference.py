@@ -29,9 +29,10 @@ from nlm.checkpoint import Checkpoint
 from nlm.config import Config
 from nlm.device import describe, model_device
 from nlm.errors import NLMError
+from nlm.evaluation import unknown_text
 from nlm.models.base import IncrementalDecoder, LanguageModel
 from nlm.sampling import check_sampling_args, sample_next
-from nlm.tokenizers.base import CLS_ID, EOS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS
+from nlm.tokenizers.base import CLS_ID, EOS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, UNK_ID
 
 NUM_SPECIAL = len(SPECIAL_TOKENS)
 MIN_TEMPERATURE = 1e-4  # colder than this samples greedily
@@ -96,6 +97,8 @@ class RequestError(NLMError):
 class ScoreJob:
     ids: list[int]  # causal: [</s>] + text tokens; bert: [CLS] + text tokens + [SEP]
     num_bytes: int
+    unk_bytes: int | None = None  # bytes of the text the tokenizer maps to <unk>
+    spelling_bits: float | None = None  # their spelling cost (nlm.tokenizers.spelling)
 
 
 @dataclasses.dataclass
@@ -467,6 +470,36 @@ def _metric(metrics: dict[str, Any], *names: str) -> float | None:
     return None
 
 
+def _score_answer(job: ScoreJob, logp: torch.Tensor, measure: str) -> dict[str, Any]:
+    """One /v1/score result. bits/byte only for a log-likelihood (a pseudo-log-likelihood is no
+    probability of the text): `bits_per_byte` open-vocabulary (each <unk> also pays its
+    spelling, nlm/evaluation.py), `bits_per_byte_closed_vocab` without that; the open figure is
+    null when the tokenizer has no spelling model and the text has <unk>."""
+    total, n = float(logp.double().sum()), int(logp.numel())
+    num_bytes = max(job.num_bytes, 1)
+    unk = sum(1 for i in job.ids if i == UNK_ID)
+    answer = {
+        "measure": measure,
+        "num_tokens": n,
+        "num_bytes": job.num_bytes,
+        "logprob": total,
+        "ppl": math.exp(min(-total / n, 700.0)),
+        "unk_tokens": unk,
+        "unk_bytes": job.unk_bytes,
+        "bits_per_byte": None,
+        "bits_per_byte_closed_vocab": None,
+    }
+    if measure != "log-likelihood":
+        return answer
+    closed = -total / math.log(2) / num_bytes
+    answer["bits_per_byte_closed_vocab"] = closed
+    if job.spelling_bits is not None:
+        answer["bits_per_byte"] = closed + job.spelling_bits / num_bytes
+    elif unk == 0:
+        answer["bits_per_byte"] = closed
+    return answer
+
+
 class Engine:
     """A loaded checkpoint answering batches of text requests (what a serving replica holds)."""
 
@@ -540,7 +573,12 @@ class Engine:
         self._require("score")
         ids = self._encode(text)
         ids = [EOS_ID, *ids] if self.model.causal else [CLS_ID, *ids, SEP_ID]
-        return ScoreJob(ids, len(text.encode("utf-8")))
+        if UNK_ID not in ids:  # nothing to spell (the common case): no second pass over the text
+            return ScoreJob(ids, len(text.encode("utf-8")), 0, 0.0)
+        unknown = unknown_text(self.tokenizer, [text])
+        return ScoreJob(
+            ids, len(text.encode("utf-8")), unknown["unk_bytes"], unknown["spelling_bits"]
+        )
 
     def generation_job(
         self,
@@ -625,20 +663,9 @@ class Engine:
                 self.model, [j.ids for j in jobs], self.limits
             )
             measure = "pseudo-log-likelihood"
-        out = []
-        for job, logp in zip(jobs, per_token, strict=True):
-            total, n = float(logp.double().sum()), int(logp.numel())
-            out.append(
-                {
-                    "measure": measure,
-                    "num_tokens": n,
-                    "num_bytes": job.num_bytes,
-                    "logprob": total,
-                    "ppl": math.exp(min(-total / n, 700.0)),
-                    "bits_per_byte": -total / math.log(2) / max(job.num_bytes, 1),
-                }
-            )
-        return out
+        return [
+            _score_answer(job, logp, measure) for job, logp in zip(jobs, per_token, strict=True)
+        ]
 
     def embed(self, jobs: Sequence[EmbedJob]) -> list[list[float]]:
         return run_all(self.embed_slices(jobs))

@@ -155,7 +155,9 @@ class ModelInfo(BaseModel):
         default=None, description="validation perplexity at the end of training, if recorded"
     )
     bits_per_byte: float | None = Field(
-        description="from the checkpoint's metrics.json, if recorded"
+        description="test bits/byte from the checkpoint's metrics.json, if recorded (open "
+        "vocabulary since nlm prices <unk>; metrics.json says which: "
+        "test_bits_per_byte_closed_vocab is the closed figure)"
     )
     metrics: dict[str, Any] = Field(description="the checkpoint's metrics.json as saved")
     replica: ReplicaInfo = Field(
@@ -216,8 +218,23 @@ class Score(BaseModel):
     num_tokens: int
     num_bytes: int
     logprob: float = Field(description="total natural-log probability of the text's tokens")
-    ppl: float = Field(description="per-token perplexity, exp(-logprob / num_tokens)")
-    bits_per_byte: float = Field(description="-logprob / ln 2 / UTF-8 bytes")
+    ppl: float = Field(
+        description="per-token perplexity, exp(-logprob / num_tokens); a pseudo-perplexity for "
+        "a pseudo-log-likelihood"
+    )
+    unk_tokens: int = Field(description="tokens of the text that are <unk>")
+    unk_bytes: int | None = Field(
+        description="UTF-8 bytes of the text the tokenizer maps to <unk> (null: it cannot tell)"
+    )
+    bits_per_byte: float | None = Field(
+        description="open vocabulary: (-logprob / ln 2 + the spelling bits of each <unk>) / "
+        "UTF-8 bytes; null for a pseudo-log-likelihood (no probability of the text) and when "
+        "the tokenizer has no spelling model but the text has <unk>"
+    )
+    bits_per_byte_closed_vocab: float | None = Field(
+        description="-logprob / ln 2 / UTF-8 bytes (<unk> at the price of one token); null for "
+        "a pseudo-log-likelihood"
+    )
 
 
 class ScoreResponse(Score):

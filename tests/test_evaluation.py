@@ -1,8 +1,9 @@
-"""Evaluation: windowed/stateful scoring equals a brute-force score, bits/byte is tokenizer
-independent, bert's pseudo-perplexity and MLM accuracy, and bad text is a clear NLMError."""
+"""Evaluation: windowed/stateful scoring equals a brute-force score, bits/byte is open-vocabulary
+(each <unk> pays its spelling), bert's pseudo-perplexity and MLM accuracy, and bad text is a clear NLMError."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -18,7 +19,9 @@ from nlm.evaluation import (
     token_stream,
 )
 from nlm.models import build_model
-from nlm.tokenizers import train_tokenizer
+from nlm.tokenizers import load_tokenizer, train_tokenizer
+from nlm.tokenizers.base import UNK_ID
+from nlm.tokenizers.spelling import SpellingModel
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +99,7 @@ def test_causal_score_equals_brute_force(family, documents, tokenizer):
     assert result["tokens"] == n
     assert result["nll"] == pytest.approx(expected / n, rel=1e-5)
     assert result["ppl"] == pytest.approx(math.exp(expected / n), rel=1e-5)
-    assert result["bits_per_byte"] == pytest.approx(
+    assert result["bits_per_byte_closed_vocab"] == pytest.approx(
         expected / math.log(2) / text_bytes(docs), rel=1e-5
     )
 
@@ -111,24 +114,75 @@ def test_recurrent_parallel_streams_score_every_token(documents, tokenizer):
     assert many["nll"] == pytest.approx(one["nll"], rel=0.05)
 
 
-def test_bits_per_byte_is_tokenizer_independent(documents, tokenizer):
+def test_bits_per_byte_is_open_vocabulary(documents, tokenizer, tmp_path):
+    """A 400-word vocabulary maps many test words to <unk>: the open-vocabulary bits/byte adds
+    each one's spelling to the closed figure, and reports how much of the text that was."""
     char = train_tokenizer("char", documents)
     by_word = evaluate_documents(_model("gpt", tokenizer.vocab_size), tokenizer, documents)
     by_char = evaluate_documents(_model("gpt", char.vocab_size), char, documents)
     assert by_word["bytes"] == by_char["bytes"] == text_bytes(documents)
     assert by_char["tokens"] > 3 * by_word["tokens"]
+    # gpt's default windows: 3/4 of the 64 tiny positions, a context floor of a quarter
+    assert (by_word["seq_len"], by_word["stride"], by_word["context_floor"]) == (64, 48, 16)
     for r in (by_word, by_char):
-        assert r["bits_per_byte"] == pytest.approx(
+        assert r["bits_per_byte_closed_vocab"] == pytest.approx(
             r["nll"] * r["tokens"] / math.log(2) / r["bytes"]
         )
+    # the char tokenizer was trained on this text: nothing to spell, one figure; the text's
+    # own literal <unk> markers are <unk> tokens for every tokenizer, but no bytes to spell
+    literal = sum(doc.count("<unk>") for doc in documents)
+    assert by_char["unk_tokens"] == literal > 0 and by_char["unk_bytes"] == 0
+    assert by_char["bits_per_byte"] == by_char["bits_per_byte_closed_vocab"]
     # an untrained model is near-uniform: about log2(V) bits per token
     assert by_char["nll"] == pytest.approx(math.log(char.vocab_size), rel=0.1)
+
+    words = [w for doc in documents for part in doc.split("<unk>") for w in part.split()]
+    unknown = [w for w in words if tokenizer.token_to_id(w) is None]
+    stream = token_stream(tokenizer, documents)
+    assert by_word["unk_tokens"] == int((stream[1:] == UNK_ID).sum()) > len(unknown) > 0
+    assert by_word["unk_rate"] == by_word["unk_tokens"] / by_word["tokens"]
+    assert by_word["unk_bytes"] == sum(len(w.encode()) for w in unknown)
+    assert by_word["unk_byte_share"] == by_word["unk_bytes"] / by_word["bytes"]
+    spelling = sum(tokenizer.spelling.bits(w) for w in unknown)
+    assert by_word["spelling_bits"] == pytest.approx(spelling)
+    assert by_word["bits_per_byte"] == pytest.approx(
+        by_word["bits_per_byte_closed_vocab"] + spelling / by_word["bytes"]
+    )
+    assert spelling / by_word["bytes"] > 0.5  # a large part of this text is out of vocabulary
+
+    # a tokenizer saved before spelling models existed: the closed figure only, and a note
+    tokenizer.save(tmp_path / "old")
+    (tmp_path / "old" / "spelling.json").unlink()
+    old = load_tokenizer(tmp_path / "old")
+    assert old.spelling is None
+    result = evaluate_documents(_model("gpt", old.vocab_size), old, documents)
+    assert result["bits_per_byte"] is None and "no spelling model" in result["bits_per_byte_note"]
+    assert result["bits_per_byte_closed_vocab"] == pytest.approx(
+        by_word["bits_per_byte_closed_vocab"]
+    )
+    assert metrics_to_record(result)["test_bits_per_byte_closed_vocab"] == pytest.approx(
+        result["bits_per_byte_closed_vocab"]
+    )
+    assert "test_bits_per_byte" not in metrics_to_record(result)
+
+
+def test_spelling_model_is_a_distribution():
+    """p_spell sums to at most 1 over all strings (the escape's share goes to unseen
+    characters); seen, common spellings are cheaper than unseen characters."""
+    speller = SpellingModel.estimate({"ab": 3, "ba": 1, "abc": 2})
+    mass = sum(
+        2 ** -speller.bits("".join(t)) for n in range(9) for t in itertools.product("abc", repeat=n)
+    )
+    assert 0.9 < mass < 1.0
+    assert speller.bits("ab") < speller.bits("cc") < speller.bits("xy")
+    assert speller.bits("日") > 3 * 8  # escape + three UTF-8 bytes at 8 bits
 
 
 def test_bert_pseudo_perplexity_and_mlm(documents, tokenizer):
     model = _model("bert", tokenizer.vocab_size)
     result = evaluate_documents(model, tokenizer, documents, max_pll_tokens=5, seq_len=32, seed=1)
     assert result["ppl_kind"] == "pseudo" and result["bits_per_byte"] is None
+    assert result["bits_per_byte_closed_vocab"] is None and result["unk_tokens"] > 0
     assert result["pll_tokens"] == 5 and result["mlm_masked"] > 0
     assert 0.0 <= result["mlm_accuracy"] <= 1.0
     assert result == evaluate_documents(

@@ -85,7 +85,7 @@ def _unit_tables(path: Path, tokenizer: str, line_docs: bool, objective: str = "
 
     cfg = PrepareConfig(
         input=[str(path)], output="unused", tokenizer=tokenizer, line_docs=line_docs,
-        objective=objective, seq_len=32, vocab_size=300 if tokenizer.startswith("spm") else None,
+        objective=objective, seq_len=32, vocab_size=400 if tokenizer.startswith("spm") else None,
     )  # fmt: skip
     units = plan_units(
         find_sources(cfg.input),

@@ -165,7 +165,7 @@ def old_fingerprint(directory: Path) -> str:
 @pytest.mark.parametrize("kind", ["word", "char", "spm-bpe"])
 def test_renamed_tokenizer_file_keeps_old_directories_and_fingerprints(kind, corpus, tmp_path):
     tok = train_tokenizer(
-        kind, corpus["wt2-train"][:300], vocab_size=300 if kind != "word" else None
+        kind, corpus["wt2-train"][:300], vocab_size={"char": 300, "spm-bpe": 600}.get(kind)
     )
     tok.save(tmp_path / "new")
     assert (tmp_path / "new" / "nlm-tokenizer.json").is_file()
@@ -571,12 +571,19 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(exported, imported, cor
     assert transformers.AutoConfig.from_pretrained(exported["word"]["gpt-hf"]).model_type == "gpt2"
 
 
-def test_spm_with_byte_fallback_is_refused(corpus, tmp_path):
+@pytest.mark.parametrize("kind", ["spm-bpe", "spm-unigram"])
+def test_spm_byte_fallback_exports_exactly(kind, corpus):
+    """nlm's SentencePiece tokenizers have byte fallback (the default): the `tokenizers` backend
+    gives the same ids, byte pieces of unseen characters included, and decodes them back."""
     from nlm.hf.tokenizer import backend_tokenizer
 
-    tok = train_tokenizer("spm-bpe", corpus["wt2-train"][:500], vocab_size=400, byte_fallback=True)
-    with pytest.raises(NLMError, match="byte fallback"):
-        backend_tokenizer(tok)
+    tok = train_tokenizer(kind, corpus["wt2-train"][:500], vocab_size=400)
+    backend = backend_tokenizer(tok)
+    texts = [*corpus["wt2-train"][500:540], "the 日本語 text ☃ ends", "naïve  café "]
+    for text in texts:
+        assert backend.encode(text, add_special_tokens=False).ids == tok.encode(text), text
+    ids = tok.encode("the 日本語 text ☃ ends")
+    assert 1 not in ids and backend.decode(ids) == "the 日本語 text ☃ ends"
 
 
 # --- the imported GPT-2 in the rest of nlm: serve, finetune, train --init-from -----------------

@@ -57,9 +57,33 @@ def test_score_batched_equals_one_at_a_time(engines, family):
         assert a["num_tokens"] == b["num_tokens"] > 0
         assert abs(a["logprob"] - b["logprob"]) < 1e-3
         assert a["ppl"] == pytest.approx(math.exp(-a["logprob"] / a["num_tokens"]))
-        assert a["bits_per_byte"] == pytest.approx(-a["logprob"] / math.log(2) / a["num_bytes"])
+        if family == "bert":  # a pseudo-log-likelihood is no probability of the text
+            assert a["bits_per_byte"] is None and a["bits_per_byte_closed_vocab"] is None
+            continue
+        closed = -a["logprob"] / math.log(2) / a["num_bytes"]
+        assert a["bits_per_byte_closed_vocab"] == pytest.approx(closed)
+        assert a["bits_per_byte"] == pytest.approx(b["bits_per_byte"])
     expected = "pseudo-log-likelihood" if family == "bert" else "log-likelihood"
     assert {r["measure"] for r in together} == {expected}
+
+
+def test_score_charges_each_unk_its_spelling(engines):
+    """A word outside the 256-word vocabulary is one <unk> for the model; the open-vocabulary
+    bits/byte adds its spelling under the tokenizer's character model, the closed one not."""
+    engine = engines["gpt"]
+    tokenizer = engine.tokenizer
+    text = "the lobster is blue"
+    unknown = [w for w in text.split() if tokenizer.token_to_id(w) is None]
+    assert unknown and "the" not in unknown
+    job = engine.score_job(text)
+    answer = engine.score([job])[0]
+    assert answer["unk_tokens"] == len(unknown)
+    assert answer["unk_bytes"] == sum(len(w.encode()) for w in unknown)
+    spelling = sum(tokenizer.spelling.bits(w) for w in unknown)
+    assert spelling > 8 * len(unknown)  # several letters each: bits, not a token's price
+    assert answer["bits_per_byte"] == pytest.approx(
+        answer["bits_per_byte_closed_vocab"] + spelling / answer["num_bytes"]
+    )
 
 
 def test_causal_score_is_the_models_own_log_likelihood(engines):

@@ -179,6 +179,15 @@ def test_score(client, family):
     many = post_ok(client, "/v1/score", {"model": family, "text": TEXTS})
     assert [r["num_tokens"] for r in many["results"]] == [4, 12, 7]
     assert many["results"][0]["logprob"] == pytest.approx(one["logprob"], abs=1e-3)
+    # bits/byte: none for bert's pseudo-log-likelihood; else open vocabulary, each <unk> (the
+    # 256-word vocabulary lacks "blue") paying its spelling on top of the closed figure
+    assert one["unk_tokens"] == 1 and one["unk_bytes"] == len("blue")
+    if family == "bert":
+        assert one["bits_per_byte"] is None and one["bits_per_byte_closed_vocab"] is None
+    else:
+        closed = -one["logprob"] / math.log(2) / one["num_bytes"]
+        assert one["bits_per_byte_closed_vocab"] == pytest.approx(closed, rel=1e-6)
+        assert one["bits_per_byte"] > closed + 8 / one["num_bytes"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

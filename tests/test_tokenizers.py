@@ -257,3 +257,52 @@ def test_bad_kinds_and_bad_saved_tokenizers(tmp_path, wt2_lines):
     model.write_bytes(model.read_bytes()[:100])
     with pytest.raises(NLMError, match="corrupt SentencePiece model"):
         load_tokenizer(tmp_path / "spm")
+
+
+@pytest.mark.parametrize("kind", ["spm-bpe", "spm-unigram"])
+def test_sentencepiece_is_open_vocabulary_by_default(kind, wt2_lines, tmp_path):
+    """Byte fallback is on by default: characters never seen in training (CJK in an English
+    tokenizer, a snowman) become byte pieces, not <unk>, and decode gives them back; with it
+    off they are <unk>, and the saved spelling model prices them."""
+    text = "the 日本語 text ☃ ends"
+    tok = train_tokenizer(kind, wt2_lines[:300], vocab_size=600)
+    ids = tok.encode(text)
+    assert UNK_ID not in ids and tok.decode(ids) == text
+    assert tok.unknown_spans([text]) == [[]] and tok.spelling is None
+    assert any(tok.id_to_token(i).startswith("<0x") for i in ids)
+
+    closed = train_tokenizer(kind, wt2_lines[:300], vocab_size=600, byte_fallback=False)
+    assert UNK_ID in closed.encode(text)
+    spans = closed.unknown_spans([text, "a <unk> b"])  # a literal <unk> is the text's own
+    assert [p for p in spans[0]] == ["日本語", "☃"] and spans[1] == []
+    closed.save(tmp_path / "closed")
+    again = load_tokenizer(tmp_path / "closed")
+    assert again.spelling.bits("日本語") == closed.spelling.bits("日本語") > 3 * 3 * 8
+
+
+def test_word_tokenizer_spelling_model_is_saved(wt2_lines, tmp_path):
+    tok = train_tokenizer("word", wt2_lines, min_count=3)
+    assert tok.unknown_spans(["the zyzzyva <unk> of"]) == [["zyzzyva"]]
+    tok.save(tmp_path / "w")
+    again = load_tokenizer(tmp_path / "w")
+    assert again.spelling.bits("zyzzyva") == tok.spelling.bits("zyzzyva")
+    # estimated on the training words the vocabulary leaves out (what <unk> stands for), each
+    # character and the end of each word counted once per occurrence
+    counts = Counter(
+        w
+        for line in wt2_lines
+        for p in split_specials(line)
+        if p not in SPECIAL_IDS
+        for w in p.split()
+    )
+    left_out = {w: n for w, n in counts.items() if n < 3}
+    assert sum(tok.spelling.unigrams.values()) == sum((len(w) + 1) * n for w, n in left_out.items())
+    (tmp_path / "w" / "spelling.json").write_text("{", encoding="utf-8")
+    with pytest.raises(NLMError, match="spelling.json: corrupt spelling model"):
+        load_tokenizer(tmp_path / "w")
+
+
+def test_too_small_a_vocabulary_for_byte_fallback_is_one_clear_error(wt2_lines):
+    with pytest.raises(NLMError, match=r"vocab_size=300: too small .* 256 byte pieces"):
+        train_tokenizer("spm-bpe", wt2_lines[:300], vocab_size=300)
+    train_tokenizer("spm-bpe", wt2_lines[:300], vocab_size=300, byte_fallback=False)  # fits

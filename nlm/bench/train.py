@@ -12,6 +12,16 @@ Throughput is tokens/s over the steps after warm-up (the first `--warmup` steps 
 around evaluations are left out), from each run's own timing (metrics.jsonl for nlm train).
 Start-up (Ray, the worker group, DeepSpeed) is reported separately: it is paid once per run.
 The data: wt2-mini at word level, prepared once into `--work`/shards (or `--data SHARDS`).
+
+Efficiency, in the same invocation:
+  - model FLOPs/s = the model's training FLOPs per token (`flops_per_token`: 6N plus attention,
+    Kaplan et al. 2020) x tokens/s, against the fp32 matmul peak measured here on the same
+    number of threads (`matmul_peak`: the best of a few timed large `torch.matmul`s), as a
+    percentage: MFU against the measured peak, not against a datasheet;
+  - evaluation: `nlm.evaluation.evaluate_documents` (what `nlm eval` runs, at its defaults) on
+    the first `--eval-tokens` words of wt2-mini's test text with an untrained model of the
+    same preset (the speed does not depend on the weights), on the plain loop's threads; as tokens/s
+    and as a ratio to each run's training tokens/s (the goal: at least 3).
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch threads of the plain loop and of 1 worker (0: every core); 1 measures the "
         "work per step with no thread spinning, what to use on a busy machine",
     )  # fmt: skip
+    parser.add_argument(
+        "--eval-tokens", type=int, default=20_000,
+        help="words of the test text scored to time evaluation (0: skip)",
+    )  # fmt: skip
     parser.add_argument("--output", help="also write the results as JSON here")
 
 
@@ -68,9 +83,9 @@ def run(args: argparse.Namespace) -> int:
         per_worker = max(1, threads // workers) if args.threads else 0  # 0: the trainer decides
         results.append(nlm_train(args, data, work / f"run-{workers}w", workers, per_worker))
 
-    base = results[0]["tokens_per_s"]
-    for r in results:
-        r["vs_plain"] = round(r["tokens_per_s"] / base, 3)
+    flops = train_flops_per_token(args, data)
+    evaluation = eval_throughput(args, data, threads) if args.eval_tokens > 0 else None
+    add_efficiency(results, flops, evaluation)
     report = {
         "model": args.model,
         "preset": args.preset,
@@ -83,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
         "cores": cores,
         "torch": torch.__version__,
         "load_average": os.getloadavg(),
+        "train_flops_per_token": flops,
+        "evaluation": evaluation,
         "results": results,
     }
     print(markdown(report))
@@ -174,6 +191,100 @@ def _read_rows(paths: list[str]) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(pieces))
 
 
+# --- efficiency: the measured matmul peak, the model's FLOPs, evaluation speed -----------------
+
+
+def add_efficiency(
+    results: list[dict[str, Any]],
+    flops_per_token: float,
+    evaluation: dict[str, Any] | None,
+    peak: Callable[[int], float] | None = None,
+) -> None:
+    """Add to each run: vs_plain (tokens/s against the first run's), model GFLOP/s, the matmul
+    peak measured on the threads the run used (workers x threads per worker), MFU against it
+    (%), and evaluation tokens/s over the run's training tokens/s."""
+    peak = peak or matmul_peak
+    peaks: dict[int, float] = {}
+    base = results[0]["tokens_per_s"]
+    for r in results:
+        r["vs_plain"] = round(r["tokens_per_s"] / base, 3)
+        threads_used = r["workers"] * r["threads_per_worker"]
+        if threads_used not in peaks:
+            peaks[threads_used] = peak(threads_used)
+        model_flops = flops_per_token * r["tokens_per_s"]
+        r["model_gflops_per_s"] = round(model_flops / 1e9, 2)
+        r["matmul_peak_gflops_per_s"] = round(peaks[threads_used] / 1e9, 2)
+        r["mfu_vs_measured_peak"] = round(100 * model_flops / peaks[threads_used], 1)
+        r["eval_vs_train"] = (
+            round(evaluation["tokens_per_s"] / r["tokens_per_s"], 2) if evaluation else None
+        )
+
+
+def matmul_peak(threads: int, size: int = 1536, repeats: int = 5) -> float:
+    """fp32 FLOP/s of a large square `torch.matmul` on `threads` threads: the best of `repeats`
+    timed products (2 n^3 FLOPs each) after one warm-up. What this machine's BLAS reaches now,
+    under whatever else runs on it: the denominator of MFU-vs-measured-peak."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        torch.matmul(a, b)  # warm-up: thread pool, caches
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            torch.matmul(a, b)
+            best = min(best, time.perf_counter() - started)
+        return 2.0 * size**3 / best
+    finally:
+        torch.set_num_threads(previous)
+
+
+def train_flops_per_token(args: argparse.Namespace, data: Path) -> float:
+    """Training FLOPs per token of the benchmarked model (`LanguageModel.flops_per_token`)."""
+    from nlm.models import build_model
+    from nlm.shards import read_manifest
+
+    manifest = read_manifest(data)
+    model = build_model(args.model, args.preset, vocab_size=manifest.tokenizer["vocab_size"])
+    return float(model.flops_per_token(manifest.seq_len))
+
+
+def eval_throughput(args: argparse.Namespace, data: Path, threads: int) -> dict[str, Any]:
+    """tokens/s of `evaluate_documents` (nlm eval's defaults) on the test text's first
+    `--eval-tokens` words, with an untrained model of the preset and the shards' tokenizer."""
+    from nlm.corpora import resolve_corpus
+    from nlm.evaluation import DEFAULT_BATCH_SIZE, evaluate_documents, read_documents
+    from nlm.models import build_model
+    from nlm.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer(data / "tokenizer")
+    documents, words = [], 0
+    for doc in read_documents(resolve_corpus("wt2-mini").test):
+        documents.append(doc)
+        words += len(doc.split())
+        if words >= args.eval_tokens:
+            break
+    torch.manual_seed(0)
+    model = build_model(args.model, args.preset, vocab_size=tokenizer.vocab_size)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        started = time.perf_counter()
+        result = evaluate_documents(model, tokenizer, documents, batch_size=DEFAULT_BATCH_SIZE)
+        seconds = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(previous)
+    return {
+        "threads": threads,
+        "tokens": result["tokens"],
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(result["tokens"] / seconds, 1),
+        "batch_size": DEFAULT_BATCH_SIZE,
+        "seq_len": result["seq_len"],
+        "stride": result.get("stride"),
+    }
+
+
 # --- 2, 3. nlm train ---------------------------------------------------------------------------
 
 
@@ -236,15 +347,28 @@ def _seq_len(data: Path) -> int:
 
 
 def markdown(report: dict[str, Any]) -> str:
+    evaluation = report.get("evaluation")
     lines = [
         "| run | workers x threads | step (ms) | rank-0 CPU per step (ms) | tokens/s | vs plain "
-        "| start-up (s) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| start-up (s) | model GFLOP/s | matmul peak GFLOP/s | MFU vs measured peak "
+        "| eval / train tokens/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["results"]:
+        ratio = r.get("eval_vs_train")
         lines.append(
             f"| {r['run']} | {r['workers']} x {r['threads_per_worker']} | {r['step_ms']} | "
             f"{r['step_cpu_ms']} | "
-            f"{r['tokens_per_s']:.0f} | {r['vs_plain']:.2f} | {r['startup_s']} |"
+            f"{r['tokens_per_s']:.0f} | {r['vs_plain']:.2f} | {r['startup_s']} | "
+            f"{r['model_gflops_per_s']} | {r['matmul_peak_gflops_per_s']} | "
+            f"{r['mfu_vs_measured_peak']} % | {'-' if ratio is None else ratio} |"
+        )
+    if evaluation:
+        lines.append(
+            f"\nnlm eval ({report['model']} {report['preset']}, batch {evaluation['batch_size']}, "
+            f"seq_len {evaluation['seq_len']}"
+            + (f", stride {evaluation['stride']}" if evaluation["stride"] else "")
+            + f", {evaluation['threads']} threads): {evaluation['tokens_per_s']:.0f} tokens/s "
+            f"over {evaluation['tokens']} tokens"
         )
     return "\n".join(lines)

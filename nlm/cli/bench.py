@@ -4,6 +4,7 @@
     nlm bench train    nlm.bench.train  nlm train (1 and 2 workers) vs a plain PyTorch loop
     nlm bench serve    nlm.bench.serve          Ray Serve with/without batching vs plain FastAPI
     nlm bench gpu      nlm.bench.gpu    one GPU, no Ray: training MFU, generation, CPU agreement
+    nlm bench quality  nlm.bench.quality  nlm's models vs word_language_model's recipe, equal terms
 
 A benchmark module exposes `add_arguments(parser)` and `run(args) -> int | None` (like the
 subcommand modules), or else `main(argv: list[str])`, which gets the remaining arguments.
@@ -24,6 +25,10 @@ TARGETS: dict[str, tuple[str, str]] = {
     "train": ("nlm.bench.train", "training throughput: plain PyTorch vs 1 and 2 workers"),
     "serve": ("nlm.bench.serve", "serving throughput and latency, batched vs unbatched"),
     "gpu": ("nlm.bench.gpu", "the one-shot GPU check: training MFU, generation, agreement"),
+    "quality": (
+        "nlm.bench.quality",
+        "test ppl and bits/byte: nlm train vs the word_language_model recipe, equal terms",
+    ),
 }
 
 

@@ -24,7 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seq-len", type=int, default=None, help="window length (default: min(128, model context))"
     )
     parser.add_argument(
-        "--stride", type=int, default=None, help="gpt: window step (default: seq-len/2)"
+        "--stride",
+        type=int,
+        default=None,
+        help="gpt: window step (default: 3/4 of seq-len, so each scored token keeps at least "
+        "seq-len/4 tokens of context)",
     )
     parser.add_argument(
         "--max-pll-tokens", type=int, default=2000, help="bert: tokens scored for pseudo-perplexity"

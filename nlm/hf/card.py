@@ -16,7 +16,9 @@ from nlm.checkpoint import Checkpoint
 # metrics.json keys worth a line in the card, with how to show them
 FIGURES = {
     "test_ppl": "test perplexity",
-    "test_bits_per_byte": "test bits/byte",
+    "test_bits_per_byte": "test bits/byte (open vocabulary: <unk> pays its spelling)",
+    "test_bits_per_byte_closed_vocab": "test bits/byte, closed vocabulary (<unk> is one token)",
+    "test_unk_rate": "test <unk> rate",
     "test_pseudo_ppl": "test pseudo-perplexity",
     "test_mlm_accuracy": "test MLM accuracy",
     "val_loss": "validation loss",

@@ -8,12 +8,15 @@ Each kind becomes the `tokenizers` pipeline that gives nlm's ids, special ids in
   the tokenizer is `segmented`); the decoder fuses the characters back together.
 - spm-bpe / spm-unigram: BPE (merges from the SentencePiece model, as `transformers` converts
   it) / Unigram (pieces and scores) with SentencePiece's whitespace handling: runs of spaces
-  collapse to one, the ends are stripped, "▁" marks a space and starts every piece of text.
+  collapse to one, the ends are stripped, "▁" marks a space and starts every piece of text;
+  byte fallback (nlm's default) as `tokenizers`' own (a character without a piece is its UTF-8
+  byte pieces <0xE6>..., which the decoder turns back into the character), as `transformers`
+  converts Llama's SentencePiece model.
 - hf (imported): the Hugging Face tokenizer it came from.
 
 The seven special tokens are added as special tokens, so a literal "[MASK]" or "<unk>" in a text
 is one id, as in nlm. What cannot be made exact is refused with a one-line NLMError (a
-SentencePiece model with a normalization rule nlm never trains, or with byte fallback).
+SentencePiece model with a normalization rule or whitespace handling nlm never trains).
 """
 
 from __future__ import annotations
@@ -77,8 +80,6 @@ def _sentencepiece_backend(tokenizer: Any) -> Any:
     refuse = None
     if norm.precompiled_charsmap or norm.name not in ("identity", ""):
         refuse = f"normalization rule '{norm.name}'"
-    elif spec.byte_fallback:
-        refuse = "byte fallback"
     elif spec.treat_whitespace_as_suffix or not spec.split_by_whitespace:
         refuse = "non-default whitespace handling"
     elif not norm.add_dummy_prefix or not norm.escape_whitespaces:
@@ -89,12 +90,18 @@ def _sentencepiece_backend(tokenizer: Any) -> Any:
             "not exported"
         )
     pieces = [(p.piece, p.score) for p in proto.pieces]
+    byte_fallback = bool(spec.byte_fallback)
     if tokenizer.kind == "spm-unigram":
-        model = models.Unigram(pieces, unk_id=1, byte_fallback=False)
+        model = models.Unigram(pieces, unk_id=1, byte_fallback=byte_fallback)
     else:
         vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
+        normal = {p.piece: i for i, p in enumerate(proto.pieces) if p.type == p.NORMAL}
         model = models.BPE(
-            vocab, _bpe_merges(vocab), unk_token="<unk>", fuse_unk=True, byte_fallback=False
+            vocab,
+            _bpe_merges(normal),  # byte pieces never merge
+            unk_token="<unk>",
+            fuse_unk=True,
+            byte_fallback=byte_fallback,
         )
     backend = Backend(model)
     steps = []
@@ -106,7 +113,17 @@ def _sentencepiece_backend(tokenizer: Any) -> Any:
     if steps:
         backend.normalizer = normalizers.Sequence(steps)
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    if byte_fallback:  # bytes back to characters before the spaces: transformers' Llama decoder
+        backend.decoder = decoders.Sequence(
+            [
+                decoders.Replace("▁", " "),
+                decoders.ByteFallback(),
+                decoders.Fuse(),
+                decoders.Strip(content=" ", left=1, right=0),
+            ]
+        )
+    else:
+        backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     return backend
 
 

@@ -54,7 +54,8 @@ def train_tokenizer(
         text is pre-segmented (whitespace marks word boundaries, e.g. PKU Chinese); the char
         tokenizer then drops that whitespace, word and SentencePiece split on it anyway.
     seed, sample_size: SentencePiece trains on a shuffled sample of at most sample_size texts.
-    options: SentencePiece only: byte_fallback, character_coverage, num_threads.
+    options: SentencePiece only: byte_fallback (default True: characters without a piece
+        become byte pieces, never <unk>), character_coverage, num_threads.
     Each text goes through `base.normalize_text` (no BOM, LF line ends) first.
     """
     cls = _check_kind(kind, "train_tokenizer")

@@ -24,9 +24,12 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from nlm.tokenizers.spelling import SpellingModel
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "[CLS]", "[SEP]", "[MASK]")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
@@ -50,6 +53,10 @@ class Tokenizer(abc.ABC):
     cls_id = CLS_ID
     sep_id = SEP_ID
     mask_id = MASK_ID
+
+    # What an open-vocabulary bits/byte charges for text this tokenizer maps to <unk>
+    # (nlm/tokenizers/spelling.py); None for a tokenizer saved without one.
+    spelling: SpellingModel | None = None
 
     @property
     @abc.abstractmethod
@@ -85,6 +92,13 @@ class Tokenizer(abc.ABC):
 
     def is_special(self, token_id: int) -> bool:
         return token_id < len(SPECIAL_TOKENS)
+
+    def unknown_spans(self, texts: Sequence[str]) -> list[list[str]] | None:
+        """For each text, the pieces of it that encode to `<unk>` (a word, a character, a run
+        of characters SentencePiece has no piece for), in order; a literal `<unk>` written in
+        the text is the text's own marker, not a piece this tokenizer failed to spell, and is
+        left out. None when the kind cannot tell (an imported Hugging Face tokenizer)."""
+        return None
 
 
 def keep_in_decode(token_id: int, skip_special: bool) -> bool:

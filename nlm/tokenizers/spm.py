@@ -7,6 +7,13 @@ symbols (they fill the next free ids in order). Special tokens written literally
 cut out before SentencePiece sees it (in training and in encode), so WikiText's `<unk>` becomes
 the unknown id rather than the pieces "<", "unk", ">".
 
+Byte fallback is on by default: a character with no piece of its own (an unseen CJK character,
+an emoji) becomes its UTF-8 byte pieces `<0xE6>...`, never `<unk>`, so the tokenizer is
+open-vocabulary on any text and decode gives the character back. Trained with
+byte_fallback=False, such characters are `<unk>`; the tokenizer then saves a spelling model
+(DIR/spelling.json, nlm/tokenizers/spelling.py: estimated on the sampled training characters it
+has no piece for, or on all of them) for the open-vocabulary bits/byte.
+
 Normalization is "identity": decode(encode(text)) gives the text back up to whitespace runs,
 for Chinese full-width punctuation too (NFKC would rewrite it). Saved as DIR/nlm-tokenizer.json
 and DIR/spm.model; the trainer is single-threaded and seeded, so the same texts and seed give the
@@ -17,6 +24,8 @@ from __future__ import annotations
 
 import io
 import random
+import re
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -24,10 +33,12 @@ import numpy as np
 import sentencepiece as spm
 
 from nlm.errors import NLMError
+from nlm.tokenizers import spelling
 from nlm.tokenizers.base import (
     META_FILE,
     SPECIAL_IDS,
     SPECIAL_TOKENS,
+    UNK_ID,
     Tokenizer,
     cut_specials,
     flatten_ids,
@@ -84,7 +95,7 @@ class SentencePieceTokenizer(Tokenizer):
         vocab_size: int | None = None,
         seed: int = 0,
         sample_size: int = 100_000,
-        byte_fallback: bool = False,
+        byte_fallback: bool = True,
         character_coverage: float = 0.9995,
         num_threads: int = 1,
     ) -> SentencePieceTokenizer:
@@ -116,8 +127,33 @@ class SentencePieceTokenizer(Tokenizer):
                 minloglevel=2,
             )  # fmt: skip
         except RuntimeError as exc:
+            too_small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(exc))
+            if too_small and byte_fallback:
+                raise NLMError(
+                    f"vocab_size={too_small[1]}: too small for a {cls.kind} tokenizer with byte "
+                    f"fallback, which needs the 7 special tokens, 256 byte pieces and the text's "
+                    f"common characters ({too_small[2]} in all); ask for a larger vocabulary "
+                    "(--vocab-size), or from Python train with byte_fallback=False (a closed "
+                    "vocabulary: rare characters become <unk>)"
+                ) from None
             raise NLMError(f"cannot train a {cls.kind} tokenizer: {exc}") from None
-        return cls(model.getvalue())
+        tokenizer = cls(model.getvalue())
+        if not byte_fallback:  # characters without a piece become <unk>: price their spelling
+            chars = Counter(c for text in sample for c in text if not c.isspace())
+            kept = {c for c in chars if UNK_ID not in tokenizer.sp.encode(c)}
+            tokenizer.spelling = spelling.estimate_left_out(chars, kept)
+        return tokenizer
+
+    def unknown_spans(self, texts: Sequence[str]) -> list[list[str]]:
+        out = []
+        for text in texts:
+            spans = []
+            for part in split_specials(text):
+                if part not in SPECIAL_IDS:
+                    proto = self.sp.encode(part, return_type="proto")
+                    spans += [p.surface for p in proto.pieces if p.id == UNK_ID]
+            out.append(spans)
+        return out
 
     @property
     def vocab_size(self) -> int:
@@ -188,13 +224,17 @@ class SentencePieceTokenizer(Tokenizer):
         directory.mkdir(parents=True, exist_ok=True)
         write_json(directory / META_FILE, {"kind": self.kind, "version": VERSION})
         (directory / "spm.model").write_bytes(self.model_proto)
+        if self.spelling is not None:
+            self.spelling.save(directory)
 
     @classmethod
     def load(cls, directory: str | Path) -> SentencePieceTokenizer:
         path = Path(directory) / "spm.model"
         if not path.is_file():
             raise NLMError(f"{path}: missing (not a saved {cls.kind} tokenizer?)")
-        return cls(path.read_bytes(), source=str(path))
+        tokenizer = cls(path.read_bytes(), source=str(path))
+        tokenizer.spelling = spelling.SpellingModel.load(directory)
+        return tokenizer
 
 
 class BPETokenizer(SentencePieceTokenizer):

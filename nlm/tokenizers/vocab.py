@@ -10,18 +10,21 @@ itself, so the same text always gives the same ids. Everything else encodes to <
 
 Saved as DIR/nlm-tokenizer.json {"kind", "version", ...settings} and DIR/vocab.json, one
 [token, training count] pair a line in id order (the counts feed unigram baselines and
-frequency-aware word-vector studies).
+frequency-aware word-vector studies), and DIR/spelling.json, the spelling model that an
+open-vocabulary bits/byte charges each `<unk>` with (nlm/tokenizers/spelling.py: estimated here
+on the training units the vocabulary leaves out; a directory saved without it still loads).
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from nlm.errors import NLMError
+from nlm.tokenizers import spelling
 from nlm.tokenizers.base import (
     META_FILE,
     SPECIAL_IDS,
@@ -90,7 +93,10 @@ class VocabularyTokenizer(Tokenizer):
                     counts.update(probe.split(part))
         if not counts:
             raise NLMError(f"no text to train a {cls.kind} tokenizer on")
-        return cls(select_vocabulary(counts, vocab_size, min_count), **settings)
+        kept = select_vocabulary(counts, vocab_size, min_count)
+        tokenizer = cls(kept, **settings)
+        tokenizer.spelling = spelling.estimate_left_out(counts, {unit for unit, _ in kept})
+        return tokenizer
 
     # --- the interface -------------------------------------------------------------------
     @property
@@ -105,6 +111,18 @@ class VocabularyTokenizer(Tokenizer):
             else:
                 ids.extend(self.ids.get(unit, UNK_ID) for unit in self.split(part))
         return ids
+
+    def unknown_spans(self, texts: Sequence[str]) -> list[list[str]]:
+        return [
+            [
+                unit
+                for part in split_specials(text)
+                if part not in SPECIAL_IDS
+                for unit in self.split(part)
+                if unit not in self.ids
+            ]
+            for text in texts
+        ]
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self.join([self.tokens[i] for i in ids if keep_in_decode(i, skip_special)])
@@ -125,6 +143,8 @@ class VocabularyTokenizer(Tokenizer):
             for t, n in zip(self.tokens, self.counts, strict=True)
         )
         (directory / "vocab.json").write_text("[\n" + ",\n".join(rows) + "\n]\n", encoding="utf-8")
+        if self.spelling is not None:
+            self.spelling.save(directory)
 
     @classmethod
     def load(cls, directory: str | Path) -> VocabularyTokenizer:
@@ -142,9 +162,11 @@ class VocabularyTokenizer(Tokenizer):
             raise NLMError(f"{path}: corrupt vocabulary (the special tokens must come first)")
         settings = {k: v for k, v in meta.items() if k not in ("kind", "version")}
         try:
-            return cls(pairs[len(SPECIAL_TOKENS) :], **settings)
+            tokenizer = cls(pairs[len(SPECIAL_TOKENS) :], **settings)
         except TypeError:
             raise NLMError(f"{meta_path(directory)}: unknown settings {sorted(settings)}") from None
+        tokenizer.spelling = spelling.SpellingModel.load(directory)
+        return tokenizer
 
 
 class WordTokenizer(VocabularyTokenizer):

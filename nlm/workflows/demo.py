@@ -271,7 +271,9 @@ def train_and_evaluate(
         "test_tokens": scored["tokens"],
         "ppl": scored["ppl"],
         "ppl_kind": scored["ppl_kind"],
-        "bits_per_byte": scored["bits_per_byte"],
+        "bits_per_byte": scored["bits_per_byte"],  # open vocabulary: <unk> pays its spelling
+        "bits_per_byte_closed_vocab": scored["bits_per_byte_closed_vocab"],
+        "unk_rate": scored["unk_rate"],
         "mlm_accuracy": scored.get("mlm_accuracy"),
         "eval_s": round(time.monotonic() - t1, 1),
     }
@@ -295,7 +297,7 @@ def record_test_metrics(model_dir: Path, row: dict[str, Any]) -> None:
 def baseline_row(shards: Path, config: DemoConfig) -> dict[str, Any]:
     """The unigram floor on wt2-mini test with the shards' own tokenizer."""
     from nlm.corpora import resolve_corpus
-    from nlm.evaluation import read_documents, text_bytes, token_stream
+    from nlm.evaluation import read_documents, text_bytes, token_stream, unknown_text
     from nlm.tokenizers import load_tokenizer
 
     files = resolve_corpus("wt2-mini")
@@ -306,6 +308,7 @@ def baseline_row(shards: Path, config: DemoConfig) -> dict[str, Any]:
         token_stream(tokenizer, test_docs),
         text_bytes(test_docs),
         tokenizer.vocab_size,
+        unknown_text(tokenizer, test_docs)["spelling_bits"],
     )
     return {**row, "family": "unigram", "corpus": "wt2-mini", "wall_s": None, "tokens_per_s": None}
 
@@ -383,9 +386,12 @@ def summarize(endpoint: str, status: int, answer: dict[str, Any]) -> str:
     if endpoint == "generate":
         return f"-> {answer['text']!r}"
     if endpoint == "score":
+        bits = answer.get("bits_per_byte")
         return (
             f"{answer['measure']} {answer['logprob']:.1f} over {answer['num_tokens']} tokens, "
-            f"ppl {answer['ppl']:.1f}, {answer['bits_per_byte']:.2f} bits/byte"
+            f"ppl {answer['ppl']:.1f}, "
+            + ("no bits/byte" if bits is None else f"{bits:.2f} bits/byte")
+            + (f", {answer['unk_tokens']} <unk>" if answer.get("unk_tokens") else "")
         )
     if endpoint == "fill-mask":
         candidates = answer["masks"][0]["candidates"]

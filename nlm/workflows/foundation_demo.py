@@ -59,7 +59,13 @@ def run_foundation_demo(
     from nlm.checkpoint import save_checkpoint
     from nlm.corpora import resolve_corpus
     from nlm.errors import NLMError
-    from nlm.evaluation import evaluate_documents, read_documents, text_bytes, token_stream
+    from nlm.evaluation import (
+        evaluate_documents,
+        read_documents,
+        text_bytes,
+        token_stream,
+        unknown_text,
+    )
     from nlm.models import build_model
     from nlm.tokenizers import train_tokenizer
 
@@ -83,7 +89,11 @@ def run_foundation_demo(
 
     results = [
         unigram_baseline(
-            stream, token_stream(tokenizer, test_docs), text_bytes(test_docs), tokenizer.vocab_size
+            stream,
+            token_stream(tokenizer, test_docs),
+            text_bytes(test_docs),
+            tokenizer.vocab_size,
+            unknown_text(tokenizer, test_docs)["spelling_bits"],
         )
     ]
     for family in families:
@@ -123,7 +133,17 @@ def run_foundation_demo(
             "steps": steps,
             "seconds": round(elapsed, 1),
             "train_loss": loss,
-            **{k: report[k] for k in ("tokens", "ppl", "ppl_kind", "bits_per_byte")},
+            **{
+                k: report[k]
+                for k in (
+                    "tokens",
+                    "ppl",
+                    "ppl_kind",
+                    "bits_per_byte",
+                    "bits_per_byte_closed_vocab",
+                    "unk_rate",
+                )
+            },
             **({"mlm_accuracy": report["mlm_accuracy"]} if masked else {}),
         }
         save_checkpoint(
@@ -141,8 +161,12 @@ def run_foundation_demo(
     return results
 
 
-def unigram_baseline(train: Any, test: Any, n_bytes: int, vocab_size: int) -> dict[str, Any]:
-    """Test ppl of add-one smoothed unigram counts from the train stream (predictions only)."""
+def unigram_baseline(
+    train: Any, test: Any, n_bytes: int, vocab_size: int, spelling_bits: float | None = None
+) -> dict[str, Any]:
+    """Test ppl of add-one smoothed unigram counts from the train stream (predictions only).
+    spelling_bits: what the test text's <unk> pieces cost to spell (`nlm.evaluation.unknown_text`),
+    for the open-vocabulary bits/byte; without it only the closed-vocabulary figure."""
     counts = Counter(train[1:].tolist())
     total = sum(counts.values()) + vocab_size
     nll = -sum(math.log((counts[t] + 1) / total) for t in test[1:].tolist())
@@ -155,7 +179,10 @@ def unigram_baseline(train: Any, test: Any, n_bytes: int, vocab_size: int) -> di
         "tokens": n,
         "ppl": math.exp(nll / n),
         "ppl_kind": "causal",
-        "bits_per_byte": nll / math.log(2) / n_bytes,
+        "bits_per_byte": None
+        if spelling_bits is None
+        else (nll / math.log(2) + spelling_bits) / n_bytes,
+        "bits_per_byte_closed_vocab": nll / math.log(2) / n_bytes,
     }
 
 

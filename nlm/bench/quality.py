@@ -1,0 +1,362 @@
+"""`nlm bench quality`: nlm's models against the reference recipe, on equal terms, in one run.
+
+    nlm bench quality [--data SHARDS] [--references lstm,transformer,rnn] [--epochs 3]
+                      [--recipes FILE] [--output report.json]
+
+The reference is what a user writes from PyTorch's word_language_model example at its defaults
+(pytorch/examples, word_language_model/main.py and model.py): a plain single-process loop,
+emsize = nhid = 200, 2 layers, dropout 0.2, untied, bptt 35, batch 20, clip 0.25, plain SGD
+(p -= lr * grad) with lr divided by 4 whenever the validation loss does not improve after an
+epoch, `--epochs` epochs; the LSTM at lr 20, the 2-layer Transformer (2 heads, feed-forward 200)
+at lr 5, the Elman RNN (tanh) at lr 1. On equal terms with nlm:
+  - the same vocabulary and training tokens: the reference trains on the token stream of the
+    shards' own train split (the rows joined back; `--data`, default: `nlm prepare` of
+    wt2-mini at word level) and validates on their val split, so a test word outside nlm's
+    vocabulary is `<unk>` for both (the example's own dictionary also holds the test words);
+  - the same scored tokens: both are scored on `</s> doc1 </s> doc2 ...` of the test text
+    (nlm.evaluation's stream), every prediction once, 10 parallel streams (the example's eval
+    batch) with the LSTM/RNN state carried, the Transformer by windows of 35 tokens, as the
+    example evaluates; and the same honest bits/byte (`nlm.evaluation.open_vocabulary`).
+nlm's models (`--recipes`: a JSON or YAML mapping model name -> `nlm train` config file) are
+trained with `nlm train --config FILE` (2 workers, Ray and DeepSpeed start-up in the wall time)
+and scored with `nlm eval`. The table: params, steps, wall time, test ppl, bits/byte, ratio of
+ppl to the reference of the same kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nlm.errors import NLMError
+
+# The example's defaults (word_language_model/main.py), and the lr the issue asks per kind.
+EMSIZE, NHID, NLAYERS, DROPOUT, NHEAD = 200, 200, 2, 0.2, 2
+BPTT, BATCH, EVAL_BATCH, CLIP = 35, 20, 10, 0.25
+REFERENCES: dict[str, dict[str, Any]] = {
+    "lstm": {"kind": "LSTM", "lr": 20.0},
+    "transformer": {"kind": "Transformer", "lr": 5.0},
+    "rnn": {"kind": "RNN_TANH", "lr": 1.0},
+}
+# which nlm model each reference is the bar for
+COUNTERPART = {"lstm": "lstm", "transformer": "gpt", "rnn": "rnn"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", help="clm shard directory (default: prepare wt2-mini, word)")
+    parser.add_argument("--work", default="runs/bench-quality", help="scratch directory")
+    parser.add_argument("--references", default="lstm,transformer,rnn")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument(
+        "--max-batches", type=int, default=0, help="cap batches per epoch (0: all; for smoke runs)"
+    )
+    parser.add_argument("--test-lines", type=int, default=0, help="score the first N (0: all)")
+    parser.add_argument("--recipes", help="JSON/YAML: nlm model name -> nlm train config file")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: every core)")
+    parser.add_argument("--output", help="also write the report as JSON here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from nlm.bench.train import prepare_shards
+    from nlm.corpora import resolve_corpus
+    from nlm.evaluation import read_documents
+
+    names = [r for r in args.references.split(",") if r]
+    for name in names:  # checked before anything is prepared or trained
+        if name not in REFERENCES:
+            raise NLMError(f"--references: unknown {name!r} (known: {', '.join(REFERENCES)})")
+    recipes = _recipes(Path(args.recipes)) if args.recipes else {}
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    data = Path(args.data).resolve() if args.data else prepare_shards(work, BPTT)
+    test_path = resolve_corpus("wt2-mini").test
+    documents = read_documents(test_path)
+    if args.test_lines:
+        documents = documents[: args.test_lines]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for name in names:
+        print(f"reference {name} ...", file=sys.stderr)
+        rows.append(reference_run(name, data, documents, args.epochs, args.max_batches))
+    if recipes:
+        for model, config in recipes.items():
+            print(f"nlm train {model} ...", file=sys.stderr)
+            rows.append(nlm_run(model, config, work, test_path, args.test_lines))
+    add_ratios(rows)
+    report = {"data": str(data), "test": str(test_path), "rows": rows}
+    print(markdown(rows))
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report))
+    return 0
+
+
+# --- the reference: word_language_model's models and loop ----------------------------------
+
+
+class ReferenceRNN(nn.Module):
+    """word_language_model's RNNModel: embedding, dropout, nn.LSTM / nn.RNN(tanh), dropout,
+    linear decoder (untied); uniform(-0.1, 0.1) init of the embedding and decoder."""
+
+    def __init__(self, kind: str, vocab_size: int) -> None:
+        super().__init__()
+        self.family = f"reference-{kind.lower()}"
+        self.drop = nn.Dropout(DROPOUT)
+        self.encoder = nn.Embedding(vocab_size, EMSIZE)
+        if kind == "LSTM":
+            self.rnn: nn.Module = nn.LSTM(EMSIZE, NHID, NLAYERS, dropout=DROPOUT, batch_first=True)
+        else:
+            self.rnn = nn.RNN(
+                EMSIZE, NHID, NLAYERS, nonlinearity="tanh", dropout=DROPOUT, batch_first=True
+            )
+        self.decoder = nn.Linear(NHID, vocab_size)
+        nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
+        nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+        nn.init.zeros_(self.decoder.bias)
+
+    def forward(self, x: torch.Tensor, state: Any = None) -> _Output:
+        output, state = self.rnn(self.drop(self.encoder(x)), state)
+        return _Output(self.decoder(self.drop(output)), state)
+
+
+class ReferenceTransformer(nn.Module):
+    """word_language_model's TransformerModel: embedding * sqrt(emsize), sinusoidal positions,
+    nn.TransformerEncoder (2 heads, feed-forward 200, causal mask), linear decoder."""
+
+    def __init__(self, vocab_size: int, max_len: int = 5000) -> None:
+        super().__init__()
+        self.family = "reference-transformer"
+        self.encoder = nn.Embedding(vocab_size, EMSIZE)
+        layer = nn.TransformerEncoderLayer(EMSIZE, NHEAD, NHID, DROPOUT, batch_first=True)
+        self.transformer = nn.TransformerEncoder(layer, NLAYERS, enable_nested_tensor=False)
+        self.decoder = nn.Linear(EMSIZE, vocab_size)
+        self.drop = nn.Dropout(DROPOUT)
+        position = torch.arange(max_len).unsqueeze(1)
+        div = torch.exp(torch.arange(0, EMSIZE, 2) * (-math.log(10000.0) / EMSIZE))
+        pe = torch.zeros(max_len, EMSIZE)
+        pe[:, 0::2], pe[:, 1::2] = torch.sin(position * div), torch.cos(position * div)
+        self.register_buffer("pe", pe, persistent=False)
+        nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
+        nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+        nn.init.zeros_(self.decoder.bias)
+
+    def forward(self, x: torch.Tensor, state: Any = None) -> _Output:
+        steps = x.size(1)
+        h = self.drop(self.encoder(x) * math.sqrt(EMSIZE) + self.pe[:steps])
+        mask = nn.Transformer.generate_square_subsequent_mask(steps)
+        h = self.transformer(h, mask=mask, is_causal=True)
+        return _Output(self.decoder(h), None)  # no state: each window starts afresh
+
+
+class _Output:
+    def __init__(self, logits: torch.Tensor, state: Any) -> None:
+        self.logits, self.state = logits, state
+
+
+def build_reference(name: str, vocab_size: int) -> nn.Module:
+    kind = REFERENCES[name]["kind"]
+    return (
+        ReferenceTransformer(vocab_size)
+        if kind == "Transformer"
+        else ReferenceRNN(kind, vocab_size)
+    )
+
+
+def split_stream(data: Path, split: str) -> torch.Tensor:
+    """A split's token stream, joined back from its rows (seq_len+1 tokens overlapping by one,
+    nlm.shards.ClmPacker)."""
+    from nlm.bench.train import _read_rows
+    from nlm.shards import read_manifest, split_paths
+
+    rows = _read_rows(split_paths(data, read_manifest(data), split)).long()
+    if len(rows) == 0:
+        raise NLMError(f"{data}: no {split} rows")
+    return torch.cat([rows[:, :-1].reshape(-1), rows[-1, -1:]])
+
+
+def batchify(stream: torch.Tensor, batch: int) -> torch.Tensor:
+    """The example's batchify, batch-first: (batch, len(stream) // batch) contiguous streams."""
+    width = len(stream) // batch
+    return stream[: width * batch].view(batch, width)
+
+
+def train_reference(
+    model: nn.Module, train: torch.Tensor, val: torch.Tensor, lr: float, epochs: int,
+    max_batches: int = 0,
+) -> dict[str, Any]:  # fmt: skip
+    """The example's train(): bptt windows over 20 streams, state detached between windows,
+    clip 0.25, p -= lr * grad; after each epoch lr /= 4 unless validation improved."""
+    data, steps, best = batchify(train, BATCH), 0, float("inf")
+    recurrent = isinstance(model, ReferenceRNN)
+    for _ in range(epochs):
+        model.train()
+        state = None
+        for n, i in enumerate(range(0, data.size(1) - 1, BPTT)):
+            if max_batches and n >= max_batches:
+                break
+            x, y = data[:, i : i + BPTT], data[:, i + 1 : i + 1 + BPTT]
+            x = x[:, : y.size(1)]
+            if recurrent and state is not None:
+                state = (
+                    tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+                )
+            out = model(x, state)
+            state = out.state
+            loss = nn.functional.cross_entropy(
+                out.logits.reshape(-1, out.logits.size(-1)), y.reshape(-1)
+            )
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.add_(p.grad, alpha=-lr)
+            steps += 1
+        val_nll, val_count = score_stream(model, val)
+        if val_nll / val_count < best:
+            best = val_nll / val_count
+        else:
+            lr /= 4.0
+    return {"steps": steps, "val_ppl": math.exp(best), "final_lr": lr}
+
+
+@torch.inference_mode()
+def score_stream(model: nn.Module, stream: torch.Tensor) -> tuple[float, int]:
+    """Total NLL (nats) and count of every prediction of stream[1:]: 10 contiguous streams
+    (the example's eval batch), bptt windows, the recurrent state carried."""
+    from nlm.evaluation import score_recurrent
+
+    model.eval()
+    return score_recurrent(model, stream, BPTT, EVAL_BATCH)
+
+
+def reference_run(
+    name: str, data: Path, documents: list[str], epochs: int, max_batches: int = 0
+) -> dict[str, Any]:
+    """Train one reference on the shards' train split and score it on `documents` as nlm is."""
+    from nlm.evaluation import open_vocabulary, text_bytes, token_stream
+    from nlm.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer(data / "tokenizer")
+    torch.manual_seed(1111)  # the example's seed
+    model = build_reference(name, tokenizer.vocab_size)
+    started = time.perf_counter()
+    trained = train_reference(
+        model, split_stream(data, "train"), split_stream(data, "val"),
+        REFERENCES[name]["lr"], epochs, max_batches,
+    )  # fmt: skip
+    stream = token_stream(tokenizer, documents)
+    total, count = score_stream(model, stream)
+    wall = time.perf_counter() - started
+    n_bytes = text_bytes(documents)
+    return {
+        "model": f"reference {name}",
+        "kind": name,
+        "params": sum(p.numel() for p in model.parameters()),
+        "steps": trained["steps"],
+        "wall_s": round(wall, 1),
+        "tokens": count,
+        "ppl": math.exp(total / count),
+        **open_vocabulary(tokenizer, documents, stream[1:], total, n_bytes),
+    }
+
+
+# --- nlm's models ---------------------------------------------------------------------------
+
+
+def _recipes(path: Path) -> dict[str, str]:
+    import yaml
+
+    try:
+        recipes = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise NLMError(f"{path}: cannot read the recipes ({exc})") from None
+    if not isinstance(recipes, dict) or not all(isinstance(v, str) for v in recipes.values()):
+        raise NLMError(f"{path}: expected a mapping of model name -> nlm train config file")
+    return {str(k): str((path.parent / v).resolve()) for k, v in recipes.items()}
+
+
+def nlm_run(model: str, config: str, work: Path, test: Path, test_lines: int) -> dict[str, Any]:
+    """`nlm train --config` then `nlm eval` of its checkpoint; wall time of both commands' train."""
+    out = work / f"nlm-{model}"
+    started = time.perf_counter()
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run: the scratch directory is ours
+    _nlm("train", "--config", config, "--out", str(out))
+    wall = time.perf_counter() - started
+    text = test
+    if test_lines:
+        from nlm.evaluation import read_documents
+
+        text = work / "test-lines.txt"
+        text.write_text("\n".join(read_documents(test)[:test_lines]) + "\n", encoding="utf-8")
+    scored = json.loads(
+        _nlm("eval", "--checkpoint", str(out), "--input", str(text), "--no-progress")
+    )
+    metrics = (
+        json.loads((out / "model" / "metrics.json").read_text())
+        if (out / "model" / "metrics.json").is_file()
+        else {}
+    )
+    return {
+        "model": f"nlm {model}",
+        "kind": model,
+        "params": metrics.get("params"),
+        "steps": metrics.get("steps"),
+        "wall_s": round(wall, 1),
+        **{
+            k: scored.get(k)
+            for k in ("tokens", "ppl", "bits_per_byte", "bits_per_byte_closed_vocab", "unk_rate")
+        },
+    }
+
+
+def _nlm(*argv: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "nlm", *argv], capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise NLMError(f"nlm {argv[0]} failed: {last}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+# --- the table ------------------------------------------------------------------------------
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Each nlm row's test ppl over its reference's (the reference of the same kind: lstm, the
+    Transformer for gpt, the Elman RNN for rnn); None where that reference did not run."""
+    reference = {COUNTERPART[r["kind"]]: r for r in rows if r["model"].startswith("reference")}
+    for r in rows:
+        ref = None if r["model"].startswith("reference") else reference.get(r["kind"])
+        r["ppl_vs_reference"] = round(r["ppl"] / ref["ppl"], 3) if ref and r["ppl"] else None
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    def num(x: Any, fmt: str) -> str:
+        return "-" if x is None else format(x, fmt)
+
+    lines = [
+        "| model | params | steps | wall (s) | test ppl | bits/byte | closed-vocab bits/byte "
+        "| unk rate | ppl / reference |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {num(r['params'], ',')} | {num(r['steps'], '')} | {r['wall_s']} | "
+            f"{num(r['ppl'], '.1f')} | {num(r['bits_per_byte'], '.3f')} | "
+            f"{num(r['bits_per_byte_closed_vocab'], '.3f')} | {num(r['unk_rate'], '.3f')} | "
+            f"{num(r['ppl_vs_reference'], '')} |"
+        )
+    return "\n".join(lines)
