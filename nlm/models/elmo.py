@@ -112,7 +112,7 @@ class ELMo(LanguageModel):
         nn.init.zeros_(self.decoder.bias)
         # eq. 1's task weights: s_j (softmax-normalised) over the L+1 layers, and the scale γ.
         self.mix_weights = nn.Parameter(torch.zeros(config.n_layer + 1))
-        self.mix_scale = nn.Parameter(torch.ones(()))
+        self.mix_scale = nn.Parameter(torch.ones(1))  # 1-d: DeepSpeed broadcasts no 0-d tensor
 
     @property
     def hidden_size(self) -> int:
