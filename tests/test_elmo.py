@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from nlm.checkpoint import load_checkpoint, save_checkpoint
+from nlm.errors import NLMError
 from nlm.evaluation import evaluate_documents, token_stream
 from nlm.inference import Engine, RequestError
 from nlm.models import build_model
@@ -202,3 +203,37 @@ def test_engine_scores_elmo_by_its_forward_direction(trio):
     assert answer["logprob"] == pytest.approx(float(logp.sum()), abs=1e-4)
     assert math.isfinite(answer["bits_per_byte"])
     assert len(elmo.neighbors("bank", 2)) == 2
+
+
+def test_kmeans_finds_two_senses_and_separation_measures_them():
+    from nlm.study.contextual import kmeans, separation
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.tensor([5.0, 0, 0]) + 0.1 * torch.randn(10, 3, generator=generator)
+    b = torch.tensor([0, 5.0, 0]) + 0.1 * torch.randn(6, 3, generator=generator)
+    labels = kmeans(torch.cat([a, b]), 2, seed=1)
+    assert len(set(labels[:10].tolist())) == len(set(labels[10:].tolist())) == 1
+    assert labels[0] != labels[10]
+    assert separation(torch.cat([a, b]), labels) > 0.95
+    assert separation(torch.cat([a, b]), torch.zeros(16, dtype=torch.long)) == pytest.approx(0)
+
+
+def test_contextual_study_writes_its_report(trio, tmp_path):
+    from nlm.study.contextual import run_contextual
+
+    docs, engines = trio
+    ckpts = {name: e.checkpoint.path for name, e in engines.items() if name != "gpt"}
+    static = {"gpt": engines["gpt"].checkpoint.path}
+    report = run_contextual(docs, ckpts, static, tmp_path, n_words=1, candidates=3,
+                            occurrences_per_word=6, k=3)  # fmt: skip
+    (entry,) = report["words"]
+    assert entry["word"] in {"the", "bank", "river"} and len(entry["static"]["gpt"]) == 3
+    for name in ("elmo", "bert"):
+        clusters = entry["models"][name]["clusters"]
+        assert sum(c["size"] for c in clusters) == entry["occurrences"] == 6
+        assert all(len(c["neighbours"]) == 3 and entry["word"] not in c["neighbours"]
+                   for c in clusters)  # fmt: skip
+    assert (tmp_path / "contextual.png").stat().st_size > 0
+    assert "## " + entry["word"] in (tmp_path / "contextual.md").read_text()
+    with pytest.raises(NLMError, match="--words: 'qqq'"):
+        run_contextual(docs, ckpts, static, tmp_path, words=["qqq"])
