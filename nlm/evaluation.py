@@ -42,6 +42,10 @@ Scoring, by the model's family facts (nlm/models/base.py):
   token in turn (Salazar et al. 2020) for the first `max_pll_tokens` of them and reports how many
   were scored.
   A pseudo-likelihood is not a probability of the text, so bert has no bits_per_byte.
+- a backward LM too (elmo, `backward_lm`): its forward direction is scored as above (`ppl`,
+  `bits_per_byte`), its backward direction by the mirror image (`score_backward_windows`:
+  each token of the stream but the last predicted once from the tokens after it, windows taken
+  from the end): `backward_nll`, `backward_ppl`.
 """
 
 from __future__ import annotations
@@ -227,6 +231,52 @@ def score_windows(
 
 
 @torch.inference_mode()
+def score_backward_windows(
+    model: LanguageModel,
+    stream: torch.Tensor,
+    seq_len: int,
+    stride: int,
+    batch_size: int,
+    progress: bool = False,
+) -> tuple[float, int]:
+    """Total NLL (nats) and count of a backward LM's predictions of stream[:-1], each token
+    given the tokens after it (`ModelOutput.backward_logits`).
+
+    The mirror image of `score_windows`: its windows over the reversed stream r (r[i] =
+    stream[n - i]), so each prediction is scored once, in the window that gives it the most right
+    context. A window reading r[start:end] is the model call x = stream[n-end : n-start] with
+    targets stream[n-end+1 : n-start+1] (the last one is x's right context)."""
+    n = len(stream) - 1
+    windows = list(_windows(n, seq_len, stride))
+    total, count = 0.0, 0
+    bar = _progress(
+        math.ceil(len(windows) / batch_size), f"eval {model.family} (backward)", progress
+    )
+    b = 0
+    while b < len(windows):
+        # one batch: consecutive windows of one length (only the last ones are shorter)
+        width = windows[b][2] - windows[b][0]
+        chunk = []
+        while (
+            b < len(windows) and len(chunk) < batch_size and windows[b][2] - windows[b][0] == width
+        ):
+            chunk.append(windows[b])
+            b += 1
+        x = torch.stack([stream[n - end : n - start] for start, _, end in chunk])
+        y = torch.stack([stream[n - end + 1 : n - start + 1] for start, _, end in chunk])
+        labels = torch.full_like(x, IGNORE_INDEX)
+        for row, (_, first, end) in enumerate(chunk):
+            labels[row, : end - first + 1] = x[row, : end - first + 1]
+        device = model_device(model)
+        out = model(x.to(device), targets=y.to(device))
+        total += _nll_sum(out.backward_logits, labels).item()
+        count += int((labels != IGNORE_INDEX).sum())
+        bar.update()
+    bar.close()
+    return total, count
+
+
+@torch.inference_mode()
 def score_recurrent(
     model: LanguageModel,
     stream: torch.Tensor,
@@ -365,7 +415,7 @@ def evaluate_documents(
     length = _window_length(model, seq_len)
     n_bytes = text_bytes(documents)
     result: dict[str, Any] = {"family": model.family, "bytes": n_bytes, "seq_len": length}
-    if not model.causal:
+    if model.objective == "mlm":
         if length < 3:
             raise NLMError(
                 f"--seq-len {length}: {model.family} needs at least 3 ([CLS] token [SEP])"
@@ -405,12 +455,18 @@ def evaluate_documents(
         total, count = score_windows(model, stream, length, step, batch_size, progress)
         result["stride"] = step
         result["context_floor"] = length - step
+        if model.backward_lm:  # elmo: the right-to-left direction, on the same windows
+            back, back_count = score_backward_windows(
+                model, stream, length, step, batch_size, progress
+            )
+            result["backward_nll"] = back / back_count
+            result["backward_ppl"] = math.exp(back / back_count)
     nll = total / count
     return {
         **result,
         "tokens": count,
         "nll": nll,
-        "ppl": math.exp(nll),
+        "ppl": math.exp(nll),  # the forward (left-to-right) direction's for a backward_lm
         "ppl_kind": "causal",
         **open_vocabulary(tokenizer, documents, stream[1:], total, n_bytes),
     }
@@ -442,7 +498,14 @@ def metrics_to_record(result: dict[str, Any]) -> dict[str, Any]:
     `test_unk_rate` and `test_mlm_accuracy` when measured, `test_tokens`."""
     key = "test_pseudo_ppl" if result.get("ppl_kind") == "pseudo" else "test_ppl"
     metrics = {key: result["ppl"]}
-    names = ("bits_per_byte", "bits_per_byte_closed_vocab", "unk_rate", "mlm_accuracy", "tokens")
+    names = (
+        "bits_per_byte",
+        "bits_per_byte_closed_vocab",
+        "unk_rate",
+        "mlm_accuracy",
+        "tokens",
+        "backward_ppl",
+    )
     for name in names:
         if result.get(name) is not None:
             metrics[f"test_{name}"] = result[name]

@@ -9,7 +9,9 @@ usable on their own. Two layers:
 - the module-level functions work on token ids and do the padding and batching.
 
 Batching never changes an answer: causal families are right-padded for scoring and embedding
-(a causal model never looks at the padding after a token), bert gets an attention mask, and
+(a causal model never looks at the padding after a token), bert and elmo (bidirectional) get an
+attention mask (elmo is scored by its forward direction, which the padding after it does not
+reach), and
 generation left-pads prompts as the models' contract asks (`attention_mask` marks real tokens)
 while every row samples with its own `torch.Generator`, temperature, top-k and top-p. A seeded
 request therefore gets the same tokens whatever else shares its batch.
@@ -38,6 +40,7 @@ NUM_SPECIAL = len(SPECIAL_TOKENS)
 MIN_TEMPERATURE = 1e-4  # colder than this samples greedily
 MASK_TEXT = SPECIAL_TOKENS[MASK_ID]  # "[MASK]"
 SHARED_ENDPOINTS = ("score", "embed", "neighbors")
+GRANULARITIES = ("pooled", "token")  # /v1/embed: one vector per text, or one per token
 
 
 def serving_endpoints(model: LanguageModel | type[LanguageModel]) -> tuple[str, ...]:
@@ -117,6 +120,7 @@ class EmbedJob:
     ids: list[int]
     start: int  # the text's tokens are ids[start:end]; only they are pooled
     end: int
+    granularity: str = "pooled"  # or "token": one vector per text token (GRANULARITIES)
 
 
 @dataclasses.dataclass
@@ -264,18 +268,29 @@ def bert_logits(model: LanguageModel, seqs: Sequence[Sequence[int]]) -> list[tor
 
 
 @torch.inference_mode()
-def pooled_hidden(
+def token_hidden(
     model: LanguageModel, seqs: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]]
-) -> torch.Tensor:
-    """(B, H) mean of the final hidden states over each span [start, end) of its sequence."""
+) -> list[torch.Tensor]:
+    """(end - start, H) final hidden states (`ModelOutput.hidden`: elmo's layer mix) of each span
+    [start, end) of its sequence, right-padded: causal models need no mask, bidirectional
+    ones (bert, elmo) get one."""
     device = model_device(model)
     ids, mask = (t.to(device) for t in pad_right(seqs))
     if model.causal:
         hidden = model(ids).hidden
-    else:
+    elif model.objective == "mlm":
         hidden = model(ids, token_type_ids=torch.zeros_like(ids), attention_mask=mask).hidden
-    hidden = hidden.float()
-    return torch.stack([hidden[row, a:b].mean(dim=0) for row, (a, b) in enumerate(spans)]).cpu()
+    else:
+        hidden = model(ids, attention_mask=mask).hidden
+    hidden = hidden.float().cpu()
+    return [hidden[row, a:b] for row, (a, b) in enumerate(spans)]
+
+
+def pooled_hidden(
+    model: LanguageModel, seqs: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]]
+) -> torch.Tensor:
+    """(B, H) mean of the final hidden states over each span [start, end) of its sequence."""
+    return torch.stack([h.mean(dim=0) for h in token_hidden(model, seqs, spans)])
 
 
 def pseudo_log_likelihoods(
@@ -572,7 +587,8 @@ class Engine:
     def score_job(self, text: str) -> ScoreJob:
         self._require("score")
         ids = self._encode(text)
-        ids = [EOS_ID, *ids] if self.model.causal else [CLS_ID, *ids, SEP_ID]
+        # clm families (elmo too: its forward direction) score the text after a </s> boundary
+        ids = [EOS_ID, *ids] if self.model.objective == "clm" else [CLS_ID, *ids, SEP_ID]
         if UNK_ID not in ids:  # nothing to spell (the common case): no second pass over the text
             return ScoreJob(ids, len(text.encode("utf-8")), 0, 0.0)
         unknown = unknown_text(self.tokenizer, [text])
@@ -615,12 +631,22 @@ class Engine:
             temperature = 0.0  # logits / 1e-30 overflow to inf; anything this cold is greedy
         return GenerationJob(ids, max_tokens, temperature, top_k, top_p, seed, stop_at_eos)
 
-    def embed_job(self, text: str) -> EmbedJob:
+    def embed_job(self, text: str, granularity: str = "pooled") -> EmbedJob:
+        """`granularity` "pooled" (the mean over the text's tokens) or "token" (each token's
+        vector, with the tokens); RequestError 422 naming the field otherwise."""
         self._require("embed")
+        if granularity not in GRANULARITIES:
+            raise RequestError(
+                "invalid_request",
+                f"field 'granularity': must be one of {', '.join(GRANULARITIES)}, got {granularity!r}",
+                422,
+            )
         ids = self._encode(text)
         if self.model.causal:
-            return EmbedJob(ids, 0, len(ids))
-        return EmbedJob([CLS_ID, *ids, SEP_ID], 1, len(ids) + 1)
+            return EmbedJob(ids, 0, len(ids), granularity)
+        # bidirectional: the text between bert's [CLS] .. [SEP], or elmo's document boundaries
+        edge = (EOS_ID, EOS_ID) if self.model.objective == "clm" else (CLS_ID, SEP_ID)
+        return EmbedJob([edge[0], *ids, edge[1]], 1, len(ids) + 1, granularity)
 
     def fill_mask_job(self, text: str, top_k: int) -> FillMaskJob:
         self._require("fill-mask")
@@ -649,7 +675,7 @@ class Engine:
 
     def score_slices(self, jobs: Sequence[ScoreJob]) -> Sliced:
         """`score` in slices (`next_slice`)."""
-        if self.model.causal:
+        if self.model.objective == "clm":
             per_token = yield from _sliced_chunks(
                 [j.ids for j in jobs],
                 [len(j.ids) for j in jobs],
@@ -667,21 +693,30 @@ class Engine:
             _score_answer(job, logp, measure) for job, logp in zip(jobs, per_token, strict=True)
         ]
 
-    def embed(self, jobs: Sequence[EmbedJob]) -> list[list[float]]:
+    def embed(self, jobs: Sequence[EmbedJob]) -> list[Any]:
+        """Per job: its pooled vector (a list of H floats), or for granularity "token"
+        {"tokens": the text's tokens, "embeddings": one H-vector per token}."""
         return run_all(self.embed_slices(jobs))
 
     def embed_slices(self, jobs: Sequence[EmbedJob]) -> Sliced:
         """`embed` in slices (`next_slice`)."""
 
         def run(group: list[EmbedJob]) -> list[torch.Tensor]:
-            return list(
-                pooled_hidden(self.model, [j.ids for j in group], [(j.start, j.end) for j in group])
+            return token_hidden(
+                self.model, [j.ids for j in group], [(j.start, j.end) for j in group]
             )
 
-        vectors = yield from _sliced_chunks(
+        states = yield from _sliced_chunks(
             jobs, [len(j.ids) for j in jobs], self.limits, self._vocab(), run
         )
-        return [v.tolist() for v in vectors]
+        out: list[Any] = []
+        for job, h in zip(jobs, states, strict=True):
+            if job.granularity == "token":
+                tokens = [self.tokenizer.id_to_token(i) for i in job.ids[job.start : job.end]]
+                out.append({"tokens": tokens, "embeddings": h.tolist()})
+            else:
+                out.append(h.mean(dim=0).tolist())
+        return out
 
     def fill_mask(self, jobs: Sequence[FillMaskJob]) -> list[dict[str, Any]]:
         return run_all(self.fill_mask_slices(jobs))
@@ -794,7 +829,7 @@ class Engine:
         processes its prompt and then one position per new token."""
         if isinstance(job, GenerationJob):
             return len(job.ids) + job.max_new_tokens
-        if isinstance(job, ScoreJob) and not self.model.causal:
+        if isinstance(job, ScoreJob) and self.model.objective == "mlm":
             return (len(job.ids) - 2) * len(job.ids)
         return len(job.ids)
 
@@ -810,7 +845,7 @@ class Engine:
                 f"request is {self.limits.max_request_cost} (send fewer or shorter inputs"
                 + (
                     "; bert scoring costs tokens x length per text)"
-                    if not self.model.causal
+                    if self.model.objective == "mlm"
                     else ")"
                 ),
             )

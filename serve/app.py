@@ -546,10 +546,17 @@ class Gateway(OpenAIRoutes):
         "/v1/embed", response_model=EmbedResponse, responses=ERROR_RESPONSES, dependencies=SECURED
     )
     async def embed(self, body: EmbedRequest) -> dict[str, Any]:
-        """A vector per text: the mean of the final hidden states over the text's tokens."""
+        """A vector per text: the mean of the final hidden states over the text's tokens; with
+        `"granularity": "token"`, each token's vector and the tokens (elmo: the layer mix)."""
         answer = await self._call(body.model, "embed", body.model_dump(), _count(body.texts))
         vectors = answer["results"]
-        return {"model": body.model, "dim": len(vectors[0]), "embeddings": vectors}
+        first = vectors[0]["embeddings"][0] if body.granularity == "token" else vectors[0]
+        return {
+            "model": body.model,
+            "dim": len(first),
+            "granularity": body.granularity,
+            "embeddings": vectors,
+        }
 
     @api.post(
         "/v1/neighbors",

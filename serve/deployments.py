@@ -152,8 +152,12 @@ class ModelServer(OpenAIServing, Replica):
         )
 
     async def embed(self, body: dict[str, Any]) -> dict[str, Any]:
+        granularity = body.get("granularity", "pooled")
         return await self._serve(
-            body["texts"], self.engine.embed_job, self._embed_batch, body.get("deadline")
+            body["texts"],
+            lambda t: self.engine.embed_job(t, granularity),
+            self._embed_batch,
+            body.get("deadline"),
         )
 
     async def fill_mask(self, body: dict[str, Any]) -> dict[str, Any]:

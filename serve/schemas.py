@@ -95,6 +95,12 @@ class FillMaskRequest(_Strict):
 class EmbedRequest(_Strict):
     model: ModelName
     texts: OneOrMany
+    granularity: Literal["pooled", "token"] = Field(
+        "pooled",
+        description="pooled: one vector per text (the mean over its tokens); token: one vector "
+        "per token, with the tokens (elmo: the layer mix; bert, gpt, lstm...: the final hidden "
+        "states)",
+    )
 
 
 class NeighborsRequest(_Strict):
@@ -270,10 +276,16 @@ class FillMaskBatchResponse(BaseModel):
     results: list[FillMask]
 
 
+class TokenEmbeddings(BaseModel):
+    tokens: list[str]
+    embeddings: list[list[float]] = Field(description="one vector per token")
+
+
 class EmbedResponse(BaseModel):
     model: str
     dim: int
-    embeddings: list[list[float]]
+    granularity: Literal["pooled", "token"] = "pooled"
+    embeddings: list[list[float]] | list[TokenEmbeddings]
 
 
 class Neighbor(BaseModel):

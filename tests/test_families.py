@@ -45,7 +45,10 @@ def check_class_facts(family: str) -> type[LanguageModel]:
         assert cls.max_positions_field in {f.name for f in dataclasses.fields(cls.config_class)}
     # Consistency: what the trainer, evaluation, generation and serving derive from them.
     assert cls.causal == issubclass(cls, CausalLanguageModel)
-    assert cls.causal == (cls.objective == "clm")  # clm shards train left-to-right models
+    if cls.causal:
+        assert cls.objective == "clm"  # clm shards train left-to-right models
+    # A clm model that is not causal (elmo) is scored by its two directions: it says so.
+    assert cls.backward_lm == (cls.objective == "clm" and not cls.causal)
     if cls.recurrent:
         assert cls.causal and cls.max_positions_field is None  # a carried state is unbounded
     if cls.summary_type == "last":
@@ -173,6 +176,8 @@ def test_lists_of_families_derive_from_the_registry():
     assert endpoints["gpt"] == ("generate", "score", "embed", "neighbors")
     assert endpoints["bert"] == ("fill-mask", "score", "embed", "neighbors")
     assert endpoints["lstm"] == endpoints["fnn"] == endpoints["gpt"]
+    assert endpoints["elmo"] == ("score", "embed", "neighbors")  # bidirectional: no generate
+    assert families_where(lambda cls: cls.backward_lm) == ["elmo"]
 
 
 def test_importing_the_registry_does_not_import_torch():

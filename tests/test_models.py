@@ -1,4 +1,4 @@
-"""The five model families: one interface, training works, causality, generation, persistence."""
+"""The model families: one interface, training works, causality, generation, persistence."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def train_steps(model, steps: int = 15) -> list[float]:
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     rows = batch()
     g = torch.Generator().manual_seed(2)
-    if model.causal:
+    if model.objective == "clm":  # causal, and elmo's two directions
         inputs = dict(input_ids=rows[:, :-1], targets=rows[:, 1:])
     else:
         masked, labels = mask_tokens(rows, V, generator=g, mask_prob=0.3)
@@ -83,6 +83,8 @@ def test_interface_shapes(family):
     if family == "bert":
         assert out.nsp_logits.shape == (2, 2)
         assert not model.causal
+    elif family == "elmo":  # bidirectional: no generation; its backward LM's logits beside
+        assert not model.causal and out.backward_logits.shape == (2, 9, V)
     else:
         assert model.causal and isinstance(model, CausalLanguageModel)
 

@@ -199,6 +199,22 @@ def test_embed(client, family):
     assert single["embeddings"][0] == pytest.approx(answer["embeddings"][1], abs=1e-5)
 
 
+def test_embed_per_token(client):
+    for family in ("gpt", "bert"):  # a causal and a bidirectional family, one request each
+        body = {"model": family, "texts": TEXTS[:2], "granularity": "token"}
+        answer = post_ok(client, "/v1/embed", body)
+        assert answer["granularity"] == "token" and answer["dim"] == 32
+        first, second = answer["embeddings"]
+        assert len(first["tokens"]) == len(first["embeddings"]) == 4
+        assert len(second["tokens"]) == 12 and all(len(v) == 32 for v in second["embeddings"])
+        pooled = post_ok(client, "/v1/embed", {"model": family, "texts": TEXTS[0]})
+        mean = [sum(col) / 4 for col in zip(*first["embeddings"], strict=True)]
+        assert pooled["granularity"] == "pooled"
+        assert pooled["embeddings"][0] == pytest.approx(mean, abs=1e-5)
+    bad = client.post("/v1/embed", json={"model": "gpt", "texts": "a", "granularity": "word"})
+    assert bad.status_code == 422 and "granularity" in bad.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_neighbors(client, family):
     answer = post_ok(client, "/v1/neighbors", {"model": family, "word": "lobster", "k": 4})

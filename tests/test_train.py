@@ -67,6 +67,7 @@ def tiny(shards: dict[str, Path], out: Path, model: str, **changes) -> TrainConf
         ("lstm", 2, "sgd"),
         ("gpt", 1, "adamw"),
         ("bert", 2, "adamw"),
+        ("elmo", 3, "adamw"),
     ],
 )
 def test_every_family_trains_and_exports(process_group, shards, tmp_path, model, stage, optimizer):
@@ -87,6 +88,10 @@ def test_every_family_trains_and_exports(process_group, shards, tmp_path, model,
     assert trainer.final["step"] == 12 and math_finite(trainer.final["val_loss"])
     if model == "bert":
         assert 0 <= trainer.final["val_mlm_acc"] <= 1 and "val_nsp_acc" in trainer.final
+    if model == "elmo":  # the loss is the mean of the two directions' NLL
+        final = trainer.final
+        both = (final["val_forward_loss"] + final["val_backward_loss"]) / 2
+        assert abs(both - final["val_loss"]) < 1e-4 and final["val_backward_ppl"] > 1
     # the serving checkpoint loads and is the trained model
     exported = load_checkpoint(cfg.out)
     assert exported.family == model and exported.metrics["val_ppl"] == trainer.final["val_ppl"]

@@ -229,7 +229,11 @@ class Trainer(TrainingLoop):
             self.state = out.state
         else:
             out = self.engine(x, targets=y)
-        return out.loss, {"loss": out.loss.detach() * y.numel(), "tokens": y.numel()}
+        sums = {"loss": out.loss.detach() * y.numel(), "tokens": y.numel()}
+        # A two-direction LM (elmo, `backward_lm`): its loss is their mean; each is logged too.
+        for direction, loss in (out.direction_losses or {}).items():
+            sums[f"{direction}_loss"] = loss.detach() * y.numel()
+        return out.loss, sums
 
     # -- the loop's hooks ----------------------------------------------------------------
 
@@ -314,6 +318,12 @@ class Trainer(TrainingLoop):
                 "val_ppl": math.exp(min(loss, 50.0)),
                 "val_tokens": int(summed["tokens"]),
             }
+            for key in keys:  # elmo: val_forward_loss / _ppl, val_backward_loss / _ppl
+                if key.endswith("_loss") and key != "loss":
+                    direction = summed[key] / max(1.0, summed["tokens"])
+                    name = key.removesuffix("_loss")
+                    result[f"val_{name}_loss"] = direction
+                    result[f"val_{name}_ppl"] = math.exp(min(direction, 50.0))
         result = {k: round(v, 5) if isinstance(v, float) else v for k, v in result.items()}
         self.final = {"step": self.step, **result}
         return result

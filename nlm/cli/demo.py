@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import argparse
 
-from nlm.workflows.foundation_demo import FAMILIES
+from nlm.workflows.foundation_demo import DEFAULT_FAMILIES, FAMILIES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="everything goes under OUT")
-    parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated")
+    parser.add_argument(
+        "--families",
+        default=",".join(DEFAULT_FAMILIES),
+        help=f"comma-separated, of {','.join(FAMILIES)} (default: {','.join(DEFAULT_FAMILIES)})",
+    )
     parser.add_argument(
         "--max-steps", type=int, default=None, help="stop each model after at most N steps"
     )

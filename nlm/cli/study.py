@@ -4,6 +4,11 @@
     nlm study --config configs/study-wt2.yaml --out reports/wt2 --max-steps 500
 
 Settings: defaults < --config YAML < flags. --dry-run prints the commands it would run.
+
+The polysemy study (nlm/study/contextual.py) on trained checkpoints, beside the static vectors of
+OUT/runs/* (or --static):
+
+    nlm study --contextual --out reports/wt2 --corpus wt2-mini --elmo runs/elmo --bert runs/bert
 """
 
 from __future__ import annotations
@@ -31,14 +36,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-count", type=int, help="frequency floor of the word draw")
     parser.add_argument("--force", action="store_true", help="redo steps that are already done")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    group = parser.add_argument_group("the polysemy study (--contextual)")
+    group.add_argument(
+        "--contextual",
+        action="store_true",
+        help="cluster each occurrence's contextual vector (elmo, bert) instead of training",
+    )
+    group.add_argument("--elmo", help="an elmo checkpoint or run dir")
+    group.add_argument("--bert", help="a bert checkpoint or run dir (compared on the same words)")
+    group.add_argument(
+        "--static", help="NAME=CHECKPOINT,... static-vector models (default: OUT/runs/*)"
+    )
+    group.add_argument("--words", help="comma-separated words (default: picked by separation)")
+    group.add_argument(
+        "--occurrences", type=int, default=40, help="occurrences per word (default 40)"
+    )
 
 
 FLAGS = ("corpus", "preset", "vocab_size", "seq_len", "workers", "max_steps", "lr", "n_words", "k")
 FLAGS += ("seed", "which", "min_count")
 
 
+def run_contextual_study(args: argparse.Namespace) -> int:
+    from nlm.corpora import resolve_corpus
+    from nlm.errors import NLMError
+    from nlm.evaluation import read_documents
+    from nlm.study.contextual import run_contextual, static_runs
+
+    contextual = {name: getattr(args, name) for name in ("elmo", "bert") if getattr(args, name)}
+    if not contextual:
+        raise NLMError("--contextual needs --elmo and/or --bert (checkpoints or run dirs)")
+    static = static_runs(args.out)
+    if args.static:
+        static = {}
+        for item in args.static.split(","):
+            name, sep, path = item.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise NLMError(f"--static: '{item}' is not NAME=CHECKPOINT")
+            static[name.strip()] = path.strip()
+    documents = read_documents(resolve_corpus(args.corpus or "wt2-mini").train)
+    words = [w.strip() for w in args.words.split(",") if w.strip()] if args.words else None
+    run_contextual(
+        documents, contextual, static, args.out, words=words,
+        n_words=args.n_words or 6, occurrences_per_word=args.occurrences,
+        k=args.k or 8, seed=args.seed if args.seed is not None else 7,
+    )  # fmt: skip
+    print(f"report: {args.out}/contextual.md")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from nlm.study.pipeline import StudyConfig, run_study
+
+    if args.contextual:
+        return run_contextual_study(args)
 
     config = StudyConfig.load_yaml(args.config) if args.config else StudyConfig()
     changes = {name: getattr(args, name) for name in FLAGS if getattr(args, name) is not None}

@@ -43,6 +43,9 @@ Family facts. Everything the rest of nlm needs to know about a family is a fact 
     summary_type         which hidden state sums up a sequence for a task head (HF's
                          SequenceSummary): "first" ([CLS], bert's input layout), "last" (the
                          closing </s>, left-padded batches), None: not fine-tunable
+    backward_lm          also a right-to-left LM on the same clm rows (elmo): `ModelOutput`
+                         carries `backward_logits` and `direction_losses`; evaluation reports the
+                         backward perplexity beside the forward one. Default False.
 and per instance (they depend on the config): `max_positions`, `context_size` (tokens of left
 context one prediction sees: n-1 for the fnn, None when it sees all before it), `hidden_size`
 (H of `ModelOutput.hidden`), `flops_per_token(seq_len)` and `pretraining_head_parameters()`.
@@ -50,7 +53,8 @@ How the other layers use them: evaluation (nlm/evaluation.py) scores `not causal
 pseudo-likelihood, `recurrent` ones as a stream and the rest over windows overlapping by
 `context_size` (or a stride); serving (nlm.inference.serving_endpoints) offers generate to causal
 models and fill-mask to mlm ones; the trainer batches `objective` rows, as streams when
-`recurrent`.
+`recurrent`. A clm family that is not causal (elmo, bidirectional) reads clm rows like the
+causal ones but gets no generate endpoint; its `logits` are its forward (left-to-right) LM's.
 """
 
 from __future__ import annotations
@@ -75,6 +79,10 @@ class ModelOutput:
     hidden: torch.Tensor | None = None
     state: Any = None  # recurrent state (rnn/lstm), KV cache (gpt generation)
     nsp_logits: torch.Tensor | None = None  # bert only
+    # elmo only: the backward LM's (B, T, V) logits of input_ids[:, t] given the tokens after it,
+    # and each direction's mean NLL ({"forward", "backward"}) when targets were given.
+    backward_logits: torch.Tensor | None = None
+    direction_losses: dict[str, torch.Tensor] | None = None
 
 
 class LanguageModel(nn.Module):
@@ -87,6 +95,7 @@ class LanguageModel(nn.Module):
     recurrent: ClassVar[bool] = False
     max_positions_field: ClassVar[str | None] = None
     summary_type: ClassVar[Literal["first", "last"] | None] = None
+    backward_lm: ClassVar[bool] = False
 
     def __init__(self, config: Config) -> None:
         super().__init__()

@@ -87,6 +87,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             dropout=0.1,
         ),
     },
+    # ELMo (Peters et al. 2018): base is the released "ELMo small" biLM's LSTM (2 layers of 1024
+    # cells projected to 128 per direction, 13.6M parameters with its char CNN) on a word
+    # vocabulary; nlm's token layer is a plain embedding table.
+    "elmo": {
+        "tiny": dict(vocab_size=256, embed_dim=32, hidden_size=32, n_layer=2, dropout=0.0),
+        "small": dict(vocab_size=WT2_VOCAB, embed_dim=128, hidden_size=512, n_layer=2, dropout=0.1),
+        "base": dict(vocab_size=WT2_VOCAB, embed_dim=128, hidden_size=1024, n_layer=2, dropout=0.1),
+    },
 }
 
 

@@ -29,16 +29,22 @@ from typing import Any
 
 from nlm.files import write_json
 from nlm.models import FAMILIES as REGISTRY
-from nlm.models.learning_rates import DEMO_CLIP_NORM, DEMO_DEFAULT_LR, DEMO_LEARNING_RATES
+from nlm.models.learning_rates import (
+    DEMO_CLIP_NORM,
+    DEMO_DEFAULT_LR,
+    DEMO_LEARNING_RATES,
+    DEMO_OPT_IN,
+)
 
-FAMILIES = tuple(REGISTRY)
+FAMILIES = tuple(REGISTRY)  # every family the demos can train (--families)
+DEFAULT_FAMILIES = tuple(f for f in FAMILIES if f not in DEMO_OPT_IN)  # trained unless told
 WARMUP_STEPS = 20  # then cosine decay to a tenth of the peak over the budget
 
 
 def run_foundation_demo(
     corpus: str = "wt2-mini",
     out_dir: str | Path = "runs/demo",
-    families: tuple[str, ...] = FAMILIES,
+    families: tuple[str, ...] = DEFAULT_FAMILIES,
     preset: str = "tiny",
     seconds: float = 45.0,
     bert_seconds: float = 15.0,
