@@ -36,7 +36,7 @@ from nlm.errors import NLMError
 # Bumped when the same command would write different shards. 2: one-sentence documents give
 # MLM rows (their halves as A and B) instead of none.
 PIPELINE_VERSION = 2
-OBJECTIVES = ("clm", "mlm")
+OBJECTIVES = ("clm", "mlm", "span")
 SPLITS = ("train", "val")
 MANIFEST = "manifest.json"
 

@@ -27,6 +27,7 @@ FAMILIES: dict[str, str] = {
     "lstm": "nlm.models.lstm:LSTMLanguageModel",
     "gpt": "nlm.models.gpt:GPT",
     "bert": "nlm.models.bert:BERT",
+    "transformer": "nlm.models.transformer:Transformer",
 }
 
 

@@ -1,0 +1,176 @@
+"""The encoder-decoder Transformer against the textbook (Vaswani et al. 2017; the course notes'
+section 7): encoder-decoder attention worked by hand, masked self-attention, teacher forcing
+equal to cached step-by-step decoding, and the residual + LayerNorm sub-layer's formula."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nlm.errors import NLMError
+from nlm.models import build_model
+from nlm.models.transformer import SubLayer, TransformerConfig, shift_right
+
+V = 97
+
+
+def tiny(**overrides):
+    torch.manual_seed(0)
+    return build_model("transformer", "tiny", vocab_size=V, **overrides).eval()
+
+
+def test_encoder_decoder_attention_worked_by_hand():
+    # One head of width 2. The query comes from the decoder state y = (1, 0) through W_q = 2I;
+    # keys and values from the two encoder states m1 = (1, 0), m2 = (0, 1) through W_k = W_v = I.
+    #   q = (2, 0);  scores = q.k / sqrt(2) = (2/sqrt(2), 0) = (1.41421, 0)
+    #   softmax = (e^1.41421, 1) / (e^1.41421 + 1) = (4.11325, 1) / 5.11325 = (0.80443, 0.19557)
+    #   output = 0.80443 v1 + 0.19557 v2 = (0.80443, 0.19557)     (W_o = I, no biases)
+    model = build_model("transformer", "tiny", vocab_size=V, n_embd=2, n_head=1, ffn_size=4)
+    attn = model.decoder[0].cross_attn
+    with torch.no_grad():
+        for linear, scale in ((attn.q, 2.0), (attn.k, 1.0), (attn.v, 1.0), (attn.out, 1.0)):
+            linear.weight.copy_(scale * torch.eye(2))
+            linear.bias.zero_()
+    decoder_state = torch.tensor([[[1.0, 0.0]]])  # (B=1, T=1, C=2)
+    encoder_states = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # (B=1, S=2, C=2)
+    out = attn(decoder_state, *attn.keys_values(encoder_states))
+    torch.testing.assert_close(out, torch.tensor([[[0.80443, 0.19557]]]), atol=1e-5, rtol=0)
+    # The roles matter: the same states with the decoder's as keys give a different answer.
+    swapped = attn(encoder_states[:, :1], *attn.keys_values(decoder_state))
+    assert not torch.allclose(swapped, out)
+
+
+def test_the_decoder_reads_the_source_only_through_cross_attention_of_the_encoder_output():
+    model = tiny()
+    src = torch.randint(7, V, (2, 7))
+    tgt = torch.randint(7, V, (2, 5))
+    with torch.no_grad():
+        out = model(src, targets=tgt)
+        memory, _ = model.encode(src)
+        again = model.lm_head(model.decode(shift_right(tgt), memory))
+        changed = model(src.flip(1), targets=tgt)
+    torch.testing.assert_close(out.hidden, memory)
+    torch.testing.assert_close(out.logits, again)
+    assert not torch.allclose(changed.logits, out.logits)  # the source does matter
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_masked_decoder_self_attention_never_looks_ahead(norm):
+    model = tiny(norm=norm)
+    src = torch.randint(7, V, (2, 6))
+    dec_in = torch.randint(7, V, (2, 8))
+    with torch.no_grad():
+        base = model(src, decoder_input_ids=dec_in).logits
+        for t in range(1, 8):
+            changed = dec_in.clone()
+            changed[:, t] = (changed[:, t] - 7 + 1) % (V - 7) + 7
+            logits = model(src, decoder_input_ids=changed).logits
+            torch.testing.assert_close(logits[:, :t], base[:, :t], rtol=0, atol=0)
+            assert not torch.allclose(logits[:, t:], base[:, t:])
+
+
+@pytest.mark.parametrize(
+    "overrides", [{}, {"norm": "pre"}, {"share_embeddings": False, "tie_weights": False}]
+)
+def test_teacher_forced_logits_equal_step_by_step_decoding_with_the_cache(overrides):
+    model = tiny(**overrides)
+    src = torch.randint(7, V, (3, 9))
+    tgt = torch.randint(7, V, (3, 6))
+    with torch.no_grad():
+        teacher_forced = model(src, targets=tgt).logits
+        logits, cache = model.prefill(src, None, max_new_tokens=6)
+        steps = [logits]
+        for t in range(5):
+            logits, cache = model.decode_step(tgt[:, t], cache)
+            steps.append(logits)
+    torch.testing.assert_close(torch.stack(steps, dim=1), teacher_forced, atol=1e-5, rtol=1e-5)
+    # The cross-attention keys/values were computed once, from the encoder output.
+    memory, _ = model.encode(src)
+    k, v = model.decoder[1].cross_attn.keys_values(memory)
+    torch.testing.assert_close(cache.memory_keys[1], k)
+    torch.testing.assert_close(cache.memory_values[1], v)
+    assert cache.self_attn.length == 6
+
+
+def test_padded_and_joined_sources_decode_as_they_would_alone():
+    model = tiny()
+    long_src, short_src = torch.randint(7, V, (1, 9)), torch.randint(7, V, (1, 4))
+    tgt = torch.randint(7, V, (2, 3))
+    with torch.no_grad():
+        alone = [model.prefill(s, None, 4) for s in (long_src, short_src)]
+        padded = torch.cat([long_src, torch.cat([torch.zeros(1, 5).long(), short_src], 1)])
+        mask = (padded != 0).long()
+        mask[0] = 1
+        together, cache = model.prefill(padded, mask, 4)
+        torch.testing.assert_close(together, torch.cat([a[0] for a in alone]), atol=1e-5, rtol=0)
+        # Continuous batching: caches of different sources joined, then one row selected.
+        joined = model.join_caches([alone[0][1], alone[1][1]])
+        step, joined = model.decode_step(tgt[:, 0], joined)
+        one, _ = model.decode_step(tgt[1:, 0], alone[1][1])
+        torch.testing.assert_close(step[1:], one, atol=1e-5, rtol=0)
+        sel, _ = model.decode_step(tgt[1:, 1], model.select_cache(joined, torch.tensor([1])))
+        ref, _ = model.decode_step(tgt[1:, 1], alone[1][1])
+        torch.testing.assert_close(sel, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_residual_and_layer_norm_sub_layer_is_the_notes_formula(norm):
+    torch.manual_seed(1)
+    config = TransformerConfig(n_embd=6, n_head=2, norm=norm, dropout=0.0)
+    sub = SubLayer(config)
+    with torch.no_grad():
+        sub.norm.weight.copy_(torch.rand(6) + 0.5)
+        sub.norm.bias.copy_(torch.randn(6))
+    w = torch.randn(6, 6)
+
+    def f(h):  # any sub-layer
+        return torch.tanh(h @ w)
+
+    def layer_norm(h):  # Ba et al. 2016: (h - mean) / sqrt(var + eps) * gain + bias
+        mean = h.mean(-1, keepdim=True)
+        var = ((h - mean) ** 2).mean(-1, keepdim=True)
+        return (h - mean) / torch.sqrt(
+            var + config.layer_norm_eps
+        ) * sub.norm.weight + sub.norm.bias
+
+    x = torch.randn(2, 3, 6)
+    expected = layer_norm(x + f(x)) if norm == "post" else x + f(layer_norm(x))
+    torch.testing.assert_close(sub(x, f), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_inputs_are_scaled_embeddings_plus_sinusoids():
+    model = tiny()
+    ids = torch.tensor([[9, 10, 11]])
+    table = model.source_tokens.weight
+    x = model._embed(model.source_tokens, ids, torch.arange(3))
+    pos, i = 2, 3  # PE(pos, 2i+1) = cos(pos / 10000^(2i/d))
+    d = model.config.n_embd
+    expected = table[11, 2 * i + 1] * math.sqrt(d) + math.cos(pos / 10000 ** (2 * i / d))
+    assert abs(float(x[0, 2, 2 * i + 1].detach()) - float(expected.detach())) < 1e-5
+
+
+def test_shared_or_separate_embeddings_and_lengths_are_checked():
+    shared, separate = tiny(), tiny(share_embeddings=False)
+    assert shared.target_tokens is shared.source_tokens
+    assert separate.target_tokens is not separate.source_tokens
+    assert separate.num_parameters() - shared.num_parameters() == V * 32
+    limit = shared.max_positions
+    with pytest.raises(NLMError, match="source of 65 tokens is longer than the model's max_pos"):
+        shared.prefill(torch.randint(7, V, (1, limit + 1)), None, 4)
+    with pytest.raises(NLMError, match="target of 65 tokens"):
+        shared(torch.randint(7, V, (1, 3)), targets=torch.randint(7, V, (1, limit + 1)))
+    with pytest.raises(NLMError, match="field 'norm'"):
+        tiny(norm="sandwich")
+
+
+def test_greedy_generation_is_the_argmax_of_teacher_forcing_on_its_own_output():
+    model = tiny()
+    src = torch.randint(7, V, (2, 6))
+    ids, logprobs = model.generate(src, 4, temperature=0.0)
+    with torch.no_grad():
+        logits = model(src, targets=ids).logits
+    assert torch.equal(logits.argmax(-1), ids)
+    chosen = logits.log_softmax(-1).gather(-1, ids[..., None])[..., 0]
+    torch.testing.assert_close(logprobs, chosen, atol=1e-5, rtol=0)
