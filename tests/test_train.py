@@ -34,12 +34,13 @@ def shards(tmp_path_factory, data_mirror) -> dict[str, Path]:
     return {
         "clm": write_shards(root / "clm", lines, seq_len=16),
         "mlm": write_shards(root / "mlm", lines, objective="mlm", seq_len=32),
+        "span": write_shards(root / "span", lines, objective="span", seq_len=32),
     }
 
 
 def tiny(shards: dict[str, Path], out: Path, model: str, **changes) -> TrainConfig:
     fields = dict(
-        data=str(shards["mlm" if model == "bert" else "clm"]),
+        data=str(shards[{"bert": "mlm", "transformer": "span"}.get(model, "clm")]),
         model=model,
         preset="tiny",
         out=str(out),
@@ -67,6 +68,7 @@ def tiny(shards: dict[str, Path], out: Path, model: str, **changes) -> TrainConf
         ("lstm", 2, "sgd"),
         ("gpt", 1, "adamw"),
         ("bert", 2, "adamw"),
+        ("transformer", 3, "adamw"),
     ],
 )
 def test_every_family_trains_and_exports(process_group, shards, tmp_path, model, stage, optimizer):
@@ -256,3 +258,12 @@ def test_torchrun_two_ranks_without_ray(shards, tmp_path):
     assert [c["step"] for c in kept] == [4]  # keep_checkpoints=1 pruned step 2
     assert len(list(Path(kept[0]["path"]).glob("rank_*.pt"))) == 2
     assert TrainConfig.load_yaml(Path(cfg.out) / "config.yaml").scale.workers == 2
+
+
+@pytest.mark.parametrize(("model", "data"), [("gpt", "span"), ("transformer", "clm")])
+def test_span_and_clm_shards_are_refused_by_the_other_kind_of_model(shards, tmp_path, model, data):
+    cfg = tiny(shards, tmp_path / "run", model, data=str(shards[data]))
+    wanted = "span" if model == "transformer" else "clm"
+    with pytest.raises(NLMError, match=f"prepared for '{data}', but {model} trains on '{wanted}'"):
+        plan_run(cfg)
+    assert not (tmp_path / "run").exists()
