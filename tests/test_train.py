@@ -71,7 +71,9 @@ def tiny(shards: dict[str, Path], out: Path, model: str, **changes) -> TrainConf
         ("transformer", 3, "adamw"),
     ],
 )
-def test_every_family_trains_and_exports(process_group, shards, tmp_path, model, stage, optimizer):
+def test_every_family_trains_and_exports(
+    process_group, shards, data_mirror, tmp_path, model, stage, optimizer
+):
     from nlm.cluster.train.loop import LocalSession, run_worker
 
     lr = 1.0 if optimizer == "sgd" else 3e-3
@@ -87,6 +89,13 @@ def test_every_family_trains_and_exports(process_group, shards, tmp_path, model,
         assert 0 <= trainer.final["val_mlm_acc"] <= 1 and "val_nsp_acc" in trainer.final
     # the serving checkpoint loads and is the trained model
     exported = load_checkpoint(cfg.out)
+    if model == "transformer":  # nlm eval: perplexity of the span-corruption targets
+        from nlm.evaluation import evaluate_documents
+
+        lines = corpus_lines(data_mirror, 40)[-8:]
+        scored = evaluate_documents(exported.model, exported.tokenizer, lines, seq_len=32)
+        assert scored["ppl_kind"] == "span" and 1 < scored["ppl"] < plan.vocab_size
+        assert scored["tokens"] > 0 and scored["bits_per_byte"] is None
     assert exported.family == model and exported.metrics["val_ppl"] == trainer.final["val_ppl"]
     assert trainer.final["export_max_abs_logit_diff"] <= 1e-5
     assert (Path(cfg.out) / "config.yaml").exists() is False  # written by the driver, not here

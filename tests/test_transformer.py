@@ -174,3 +174,24 @@ def test_greedy_generation_is_the_argmax_of_teacher_forcing_on_its_own_output():
     assert torch.equal(logits.argmax(-1), ids)
     chosen = logits.log_softmax(-1).gather(-1, ids[..., None])[..., 0]
     torch.testing.assert_close(logprobs, chosen, atol=1e-5, rtol=0)
+
+
+def test_span_corruption_splits_a_row_into_input_and_targets_that_rebuild_it():
+    import random
+
+    from nlm.objectives import max_spans, span_corrupt
+
+    ids = list(range(10, 50))  # 40 tokens: 6 noise tokens in 2 spans
+    inputs, targets = span_corrupt(ids, 1000, random.Random(3), 0.15, 3.0)
+    assert inputs[-1] == targets[-1] == 3  # both end with </s>
+    sentinels = [t for t in targets if t >= 1000]
+    assert sentinels == [1000, 1001] == [t for t in inputs if t >= 1000]
+    assert len(targets) - 1 - len(sentinels) == 6 == max_spans(40, 0.15, 3.0) * 3
+    # Put each span back in place of its sentinel: the row comes back.
+    spans, current = {}, None
+    for t in targets[:-1]:
+        current = t if t >= 1000 else current
+        spans.setdefault(current, []).extend([] if t >= 1000 else [t])
+    rebuilt = [x for t in inputs[:-1] for x in (spans[t] if t >= 1000 else [t])]
+    assert rebuilt == ids
+    assert span_corrupt(ids, 1000, random.Random(3), 0.15, 3.0) == (inputs, targets)
