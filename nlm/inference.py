@@ -31,7 +31,15 @@ from nlm.device import describe, model_device
 from nlm.errors import NLMError
 from nlm.models.base import IncrementalDecoder, LanguageModel
 from nlm.sampling import check_sampling_args, sample_next
-from nlm.tokenizers.base import CLS_ID, EOS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS
+from nlm.tokenizers.base import (
+    BOS_ID,
+    CLS_ID,
+    EOS_ID,
+    MASK_ID,
+    PAD_ID,
+    SEP_ID,
+    SPECIAL_TOKENS,
+)
 
 NUM_SPECIAL = len(SPECIAL_TOKENS)
 MIN_TEMPERATURE = 1e-4  # colder than this samples greedily
@@ -39,10 +47,20 @@ MASK_TEXT = SPECIAL_TOKENS[MASK_ID]  # "[MASK]"
 SHARED_ENDPOINTS = ("score", "embed", "neighbors")
 
 
+# Objectives whose models read a source and write a target (the encoder-decoder): they generate
+# from the source as the prompt, and score a text given a source.
+SEQ2SEQ_OBJECTIVES = ("span",)
+
+
+def is_seq2seq(model: LanguageModel | type[LanguageModel]) -> bool:
+    """Whether `model` is an encoder-decoder (by its objective, nlm/models/base.py)."""
+    return model.objective in SEQ2SEQ_OBJECTIVES
+
+
 def serving_endpoints(model: LanguageModel | type[LanguageModel]) -> tuple[str, ...]:
     """The /v1 endpoints a model (or model class) answers, from its family facts: generate for
     causal models, fill-mask for masked-LM ones, then score, embed and neighbors for all."""
-    own = ("generate",) if model.causal else ()
+    own = ("generate",) if model.causal or is_seq2seq(model) else ()
     if model.objective == "mlm":
         own += ("fill-mask",)
     return (*own, *SHARED_ENDPOINTS)
@@ -96,11 +114,12 @@ class RequestError(NLMError):
 class ScoreJob:
     ids: list[int]  # causal: [</s>] + text tokens; bert: [CLS] + text tokens + [SEP]
     num_bytes: int
+    source: list[int] | None = None  # seq2seq: source tokens + [</s>]; ids: text tokens + [</s>]
 
 
 @dataclasses.dataclass
 class GenerationJob:
-    ids: list[int]  # [</s>] + prompt tokens
+    ids: list[int]  # [</s>] + prompt tokens (seq2seq: the source, prompt tokens + [</s>])
     max_new_tokens: int
     temperature: float = 1.0
     top_k: int | None = None
@@ -249,6 +268,33 @@ def causal_token_logprobs(
         logp = torch.log_softmax(logits[row, :n], dim=-1)
         out.append(logp.gather(-1, ids[row, 1 : n + 1, None]).squeeze(-1))
     return out
+
+
+@torch.inference_mode()
+def seq2seq_token_logprobs(
+    model: LanguageModel, sources: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]
+) -> list[torch.Tensor]:
+    """For each (source, target) pair, log p(target[t] | source, target[:t]) for every t (a
+    float tensor of len(target)): teacher forcing, sources right-padded under a mask."""
+    device = model_device(model)
+    src, mask = (t.to(device) for t in pad_right(sources))
+    tgt, _ = pad_right(targets)
+    tgt = tgt.to(device)
+    logits = model(src, targets=None, attention_mask=mask, decoder_input_ids=shift_right(tgt))
+    logits = logits.logits.float()
+    out = []
+    for row, seq in enumerate(targets):
+        n = len(seq)
+        logp = torch.log_softmax(logits[row, :n], dim=-1)
+        out.append(logp.gather(-1, tgt[row, :n, None]).squeeze(-1))
+    return out
+
+
+def shift_right(targets: torch.Tensor) -> torch.Tensor:
+    """A seq2seq decoder's input for teacher forcing: <s> then targets[:, :-1]."""
+    shifted = torch.full_like(targets, BOS_ID)
+    shifted[:, 1:] = targets[:, :-1]
+    return shifted
 
 
 @torch.inference_mode()
@@ -536,11 +582,36 @@ class Engine:
     def _too_long(self, what: str, size: str) -> str:
         return f"field '{what}': input too long ({size}; this model takes at most {self.max_text_tokens} tokens)"
 
-    def score_job(self, text: str) -> ScoreJob:
+    def score_job(self, text: str, source: str | None = None) -> ScoreJob:
+        """A text to score: log p(text) (bert: its pseudo-log-likelihood); for a seq2seq model
+        log p(text | source), and `source` is required. RequestError naming the field."""
         self._require("score")
+        if is_seq2seq(self.model):
+            if source is None:
+                raise RequestError(
+                    "invalid_request",
+                    f"field 'source': required by a {self.family} model, which scores "
+                    "log p(text | source)",
+                    422,
+                )
+            source_ids = [*self._encode(source, "source"), EOS_ID]
+            ids = [*self._encode(text), EOS_ID]
+            return ScoreJob(ids, len(text.encode("utf-8")), source_ids)
+        if source is not None:
+            raise RequestError(
+                "invalid_request",
+                f"field 'source': a {self.family} model scores a text alone (only seq2seq "
+                "models take a source)",
+                422,
+            )
         ids = self._encode(text)
         ids = [EOS_ID, *ids] if self.model.causal else [CLS_ID, *ids, SEP_ID]
         return ScoreJob(ids, len(text.encode("utf-8")))
+
+    def prompt_ids(self, ids: list[int]) -> list[int]:
+        """A prompt's tokens as a generation job holds them: after the </s> document boundary
+        (causal), or closed by </s> as the encoder's source (seq2seq, as in its training)."""
+        return [*ids, EOS_ID] if is_seq2seq(self.model) else [EOS_ID, *ids]
 
     def generation_job(
         self,
@@ -564,7 +635,7 @@ class Engine:
                 "too_many_tokens",
                 f"field 'max_tokens': {max_tokens} new tokens requested, the limit is {self.limits.max_new_tokens}",
             )
-        ids = [EOS_ID, *self._encode(prompt, "prompt")]
+        ids = self.prompt_ids(self._encode(prompt, "prompt"))
         if self.max_positions and len(ids) + max_tokens > self.max_positions:
             raise RequestError(
                 "too_many_tokens",
@@ -611,7 +682,18 @@ class Engine:
 
     def score_slices(self, jobs: Sequence[ScoreJob]) -> Sliced:
         """`score` in slices (`next_slice`)."""
-        if self.model.causal:
+        if is_seq2seq(self.model):
+            per_token = yield from _sliced_chunks(
+                jobs,
+                [len(j.ids) + len(j.source) for j in jobs],
+                self.limits,
+                self._vocab(),
+                lambda group: seq2seq_token_logprobs(
+                    self.model, [j.source for j in group], [j.ids for j in group]
+                ),
+            )
+            measure = "conditional log-likelihood"
+        elif self.model.causal:
             per_token = yield from _sliced_chunks(
                 [j.ids for j in jobs],
                 [len(j.ids) for j in jobs],
@@ -767,6 +849,8 @@ class Engine:
         processes its prompt and then one position per new token."""
         if isinstance(job, GenerationJob):
             return len(job.ids) + job.max_new_tokens
+        if isinstance(job, ScoreJob) and job.source is not None:  # seq2seq: one teacher-forced pass
+            return len(job.ids) + len(job.source)
         if isinstance(job, ScoreJob) and not self.model.causal:
             return (len(job.ids) - 2) * len(job.ids)
         return len(job.ids)
@@ -800,14 +884,42 @@ class Engine:
     def generation_answer(self, job: GenerationJob, result: Generated) -> dict[str, Any]:
         ids, logprobs, ended = result
         return {
-            "text": self.tokenizer.decode(ids, skip_special=True),
-            "tokens": [self.tokenizer.id_to_token(i) for i in ids],
+            "text": self.decode(ids),
+            "tokens": [self.token_text(i) for i in ids],
             "token_ids": ids,
             "logprobs": logprobs,
             "prompt_tokens": len(job.ids) - 1,
             "seed": job.seed,
             "finish_reason": "end_of_document" if ended else "length",
         }
+
+    def token_text(self, token_id: int) -> str:
+        """A token's text; a span model's sentinels (the ids past the tokenizer's vocabulary,
+        nlm.shards.SPAN_SCHEMA) read `<extra_id_k>` as in T5."""
+        vocab = self.tokenizer.vocab_size
+        return (
+            f"<extra_id_{token_id - vocab}>"
+            if token_id >= vocab
+            else self.tokenizer.id_to_token(token_id)
+        )
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Generated ids as text, without special tokens; sentinels as `<extra_id_k>`."""
+        vocab = self.tokenizer.vocab_size
+        if all(i < vocab for i in ids):
+            return self.tokenizer.decode(ids, skip_special=True)
+        parts, run = [], []
+        for i in ids:
+            if i < vocab:
+                run.append(i)
+                continue
+            if run:
+                parts.append(self.tokenizer.decode(run, skip_special=True))
+                run = []
+            parts.append(self.token_text(i))
+        if run:
+            parts.append(self.tokenizer.decode(run, skip_special=True))
+        return " ".join(p for p in parts if p)
 
     def neighbors(self, word: str, k: int) -> list[dict[str, Any]]:
         from nlm.wordvectors import nearest, unit_vectors

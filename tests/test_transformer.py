@@ -195,3 +195,53 @@ def test_span_corruption_splits_a_row_into_input_and_targets_that_rebuild_it():
     rebuilt = [x for t in inputs[:-1] for x in (spans[t] if t >= 1000 else [t])]
     assert rebuilt == ids
     assert span_corrupt(ids, 1000, random.Random(3), 0.15, 3.0) == (inputs, targets)
+
+
+def test_the_engine_generates_from_a_source_and_scores_a_target_given_it(tmp_path):
+    from nlm.checkpoint import load_checkpoint, save_checkpoint
+    from nlm.inference import Engine, RequestError, generate_batch, seq2seq_token_logprobs
+    from nlm.tokenizers import train_tokenizer
+
+    docs = ["the cat sat on the mat", "the dog sat on the log", "a cat and a dog"]
+    tokenizer = train_tokenizer("word", docs)
+    torch.manual_seed(0)
+    model = build_model("transformer", "tiny", vocab_size=tokenizer.vocab_size + 3)
+    engine = Engine(load_checkpoint(save_checkpoint(tmp_path / "m", model, tokenizer)))
+    assert engine.endpoints == ("generate", "score", "embed", "neighbors")
+
+    # /v1/generate: the prompt is the source (closed by </s>); continuous batching of two
+    # sources of different lengths gives what each would alone.
+    jobs = [
+        engine.generation_job(p, 5, temperature=0.0, stop_at_eos=False)
+        for p in ("the cat sat on the mat", "a dog")
+    ]
+    assert jobs[1].ids == [*tokenizer.encode("a dog"), 3]
+    together = engine.generate(jobs)
+    alone = [engine.generate([job])[0] for job in jobs]
+    assert [a["token_ids"] for a in together] == [a["token_ids"] for a in alone]
+    with torch.no_grad():
+        expected, _ = engine.model.generate(torch.tensor([jobs[0].ids]), 5, temperature=0.0)
+    assert together[0]["token_ids"] == expected[0].tolist()
+    assert generate_batch(engine.model, jobs[:1])[0][0] == expected[0].tolist()
+
+    # /v1/score: log p(target | source), the target closed by </s>
+    (scored,) = engine.score([engine.score_job("the cat", source="a cat")])
+    (logp,) = seq2seq_token_logprobs(
+        engine.model, [[*tokenizer.encode("a cat"), 3]], [[*tokenizer.encode("the cat"), 3]]
+    )
+    assert scored["measure"] == "conditional log-likelihood" and scored["num_tokens"] == 3
+    assert abs(scored["logprob"] - float(logp.sum())) < 1e-5
+    with torch.no_grad():  # the same number the teacher-forced training loss gives
+        src = torch.tensor([[*tokenizer.encode("a cat"), 3]])
+        tgt = torch.tensor([[*tokenizer.encode("the cat"), 3]])
+        loss = engine.model(src, targets=tgt).loss
+    assert abs(scored["logprob"] + 3 * float(loss)) < 1e-4
+
+    # bad input: a 4xx naming the field
+    with pytest.raises(RequestError, match="field 'source': required") as missing:
+        engine.score_job("the cat")
+    assert missing.value.status == 422
+    long_source = " ".join(["cat"] * (model.max_positions + 1))
+    with pytest.raises(RequestError, match="field 'prompt': input too long") as too_long:
+        engine.generation_job(long_source, 4)
+    assert too_long.value.status == 400
