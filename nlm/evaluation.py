@@ -290,9 +290,17 @@ def score_span(
     the targets scored given the corrupted input (teacher forcing)."""
     import random
 
-    from nlm.objectives import span_corrupt
+    from nlm.objectives import max_spans, span_corrupt
 
+    # Windows no longer than the model's sentinels (the ids past the tokenizer's) can corrupt.
+    sentinels = model.config.vocab_size - first_sentinel
+    if sentinels < 1:
+        raise NLMError(
+            f"the {model.family} model has no sentinel ids past the tokenizer's {first_sentinel}"
+        )
     width = length - 1
+    while width > 2 and max_spans(width, SPAN_NOISE_DENSITY, SPAN_MEAN_LENGTH) > sentinels:
+        width -= 1
     rows = []
     for i, start in enumerate(range(0, len(stream) - 1, width)):
         window = stream[start : start + width]

@@ -19,7 +19,7 @@ from nlm.errors import NLMError
 from nlm.workflows.demo import PKU_RUN, PKU_WORD, WORD, DemoConfig, format_table, run_demo
 from nlm.workflows.foundation_demo import DEMO_MARKER, clear_out_dir
 
-MODELS = ["fnn", "rnn", "lstm", "gpt", "bert", PKU_RUN]
+MODELS = ["fnn", "rnn", "lstm", "gpt", "bert", "transformer", PKU_RUN]
 STEPS = 3
 
 
@@ -48,6 +48,8 @@ def test_table_has_a_row_per_model(demo):
         if name == "bert":
             assert r["ppl_kind"] == "pseudo" and 0 <= r["mlm_accuracy"] <= 1
             assert r["test_tokens"] > 0 and r["bits_per_byte"] is None
+        elif name == "transformer":  # the span-corruption targets' perplexity
+            assert r["ppl_kind"] == "span" and r["bits_per_byte"] is None
         else:
             assert r["ppl_kind"] == "causal" and r["bits_per_byte"] > 0
     # 3 steps leave a 6,700-word softmax near uniform: far above the unigram floor
