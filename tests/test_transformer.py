@@ -245,3 +245,80 @@ def test_the_engine_generates_from_a_source_and_scores_a_target_given_it(tmp_pat
     with pytest.raises(RequestError, match="field 'prompt': input too long") as too_long:
         engine.generation_job(long_source, 4)
     assert too_long.value.status == 400
+
+
+def _jsonl(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_seq2seq_jsonl_rows_without_source_or_target_are_named(tmp_path):
+    from nlm.finetune.data import read_examples
+
+    good = {"source": "a b", "target": "b a"}
+    path = _jsonl(tmp_path / "bad.jsonl", [good, {"source": "a b"}])
+    with pytest.raises(NLMError, match=r"bad\.jsonl:2 \(field 'target'\): missing"):
+        read_examples(path, "seq2seq")
+    path = _jsonl(tmp_path / "bad2.jsonl", [{"target": "x"}])
+    with pytest.raises(NLMError, match=r"bad2\.jsonl:1 \(field 'source'\): missing"):
+        read_examples(path, "seq2seq")
+    path = _jsonl(tmp_path / "bad3.jsonl", [good, good, {"source": 3, "target": "x"}])
+    with pytest.raises(NLMError, match=r"bad3\.jsonl:3 \(field 'source'\): expected a string"):
+        read_examples(path, "seq2seq")
+
+
+def test_seq2seq_finetuning_trains_exports_and_serves(process_group, tmp_path):
+    import json
+
+    """`nlm finetune --task seq2seq`'s worker without Ray (one rank, ZeRO-2): reversing two
+    words, then the exported checkpoint generates through the serving engine."""
+    from nlm.checkpoint import load_checkpoint, save_checkpoint
+    from nlm.cluster.finetune.loop import Seq2SeqWorker
+    from nlm.finetune.config import FinetuneConfig
+    from nlm.finetune.plan import plan_finetune
+    from nlm.inference import Engine
+    from nlm.tokenizers import train_tokenizer
+
+    words = "red green blue black white pink gray gold".split()
+    pairs = [(a, b) for a in words for b in words if a != b]
+    tokenizer = train_tokenizer("word", [" ".join(words)])
+    torch.manual_seed(0)
+    model = build_model("transformer", "tiny", vocab_size=tokenizer.vocab_size + 2)
+    base = save_checkpoint(tmp_path / "base", model, tokenizer)
+    rows = [{"source": f"{a} {b}", "target": f"{b} {a}"} for a, b in pairs]
+    train, evaluation = (
+        _jsonl(tmp_path / "train.jsonl", rows),
+        _jsonl(tmp_path / "eval.jsonl", rows[:8]),
+    )
+    config = FinetuneConfig.from_dict(
+        dict(checkpoint=str(base), task="seq2seq", train=str(train), eval=str(evaluation),
+             out=str(tmp_path / "run"), micro_batch=14, max_steps=60, lr=3e-3, zero_stage=2,
+             log_every=20, eval_every=30)
+    )  # fmt: skip
+    plan, payload = plan_finetune(config)
+    assert plan.task == "seq2seq" and payload["train"][0]["target_ids"][-1] == 3
+    worker = Seq2SeqWorker(plan, payload, 0, 1, 1, torch.device("cpu"))
+    worker.run()
+    exported = load_checkpoint(tmp_path / "run")
+    assert exported.family == "transformer" and exported.metrics["eval_ppl"] < 3.0
+    assert exported.metrics["export_max_abs_logit_diff"] <= 1e-5
+    evals = [r["eval_loss"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").open())
+             if "eval_loss" in r]  # fmt: skip
+    assert len(evals) >= 2 and evals[-1] < evals[0]
+    engine = Engine(exported)
+    (answer,) = engine.generate([engine.generation_job("red blue", 3, temperature=0.0)])
+    with torch.no_grad():
+        greedy, _ = exported.model.generate(torch.tensor([[*tokenizer.encode("red blue"), 3]]), 3,
+                                            temperature=0.0)  # fmt: skip
+    assert answer["token_ids"] == greedy[0].tolist()[: len(answer["token_ids"])]
+    assert sorted(answer["text"].split()) == ["blue", "red"]  # it learned to answer in its words
+    with pytest.raises(NLMError, match="needs an encoder-decoder"):  # a causal checkpoint
+        gpt = build_model("gpt", "tiny", vocab_size=tokenizer.vocab_size)
+        plan_finetune(
+            config.replace(
+                checkpoint=str(save_checkpoint(tmp_path / "g", gpt, tokenizer)),
+                out=str(tmp_path / "r2"),
+            )
+        )
