@@ -225,7 +225,7 @@ class GenerateBatchResponse(BaseModel):
 
 
 class Score(BaseModel):
-    measure: Literal["log-likelihood", "pseudo-log-likelihood"]
+    measure: Literal["log-likelihood", "pseudo-log-likelihood", "conditional log-likelihood"]
     num_tokens: int
     num_bytes: int
     logprob: float = Field(description="total natural-log probability of the text's tokens")
