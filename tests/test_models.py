@@ -45,7 +45,7 @@ def train_steps(model, steps: int = 15) -> list[float]:
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     rows = batch()
     g = torch.Generator().manual_seed(2)
-    if model.causal:
+    if model.causal or model.objective == "span":  # span: source, target (teacher forced)
         inputs = dict(input_ids=rows[:, :-1], targets=rows[:, 1:])
     else:
         masked, labels = mask_tokens(rows, V, generator=g, mask_prob=0.3)
@@ -72,7 +72,8 @@ def test_training_lowers_the_loss(family):
 def test_interface_shapes(family):
     model = make(family).eval()
     x = batch(2, 9)[:, :-1]
-    out = model(x)
+    # the encoder-decoder: the decoder reads x too (without, it takes one step from <s>)
+    out = model(x, decoder_input_ids=x) if family == "transformer" else model(x)
     assert out.logits.shape == (2, 9, V)
     assert out.hidden.shape[:2] == (2, 9)
     assert out.loss is None
@@ -82,6 +83,8 @@ def test_interface_shapes(family):
     if family == "bert":
         assert out.nsp_logits.shape == (2, 2)
         assert not model.causal
+    elif family == "transformer":
+        assert not model.causal and out.hidden.shape == (2, 9, model.hidden_size)
     else:
         assert model.causal and isinstance(model, CausalLanguageModel)
 
