@@ -315,6 +315,8 @@ def pooled_hidden(
     ids, mask = (t.to(device) for t in pad_right(seqs))
     if model.causal:
         hidden = model(ids).hidden
+    elif is_seq2seq(model):  # the encoder's output
+        hidden = model(ids, attention_mask=mask).hidden
     else:
         hidden = model(ids, token_type_ids=torch.zeros_like(ids), attention_mask=mask).hidden
     hidden = hidden.float()
@@ -653,6 +655,8 @@ class Engine:
         ids = self._encode(text)
         if self.model.causal:
             return EmbedJob(ids, 0, len(ids))
+        if is_seq2seq(self.model):  # read as a source: closed by </s>, which is not pooled
+            return EmbedJob([*ids, EOS_ID], 0, len(ids))
         return EmbedJob([CLS_ID, *ids, SEP_ID], 1, len(ids) + 1)
 
     def fill_mask_job(self, text: str, top_k: int) -> FillMaskJob:

@@ -237,6 +237,14 @@ def test_the_engine_generates_from_a_source_and_scores_a_target_given_it(tmp_pat
         loss = engine.model(src, targets=tgt).loss
     assert abs(scored["logprob"] + 3 * float(loss)) < 1e-4
 
+    # /v1/embed: the mean of the encoder's states over the text (batched as alone)
+    (vector,) = engine.embed([engine.embed_job("a cat")])
+    with torch.no_grad():
+        memory, _ = engine.model.encode(torch.tensor([[*tokenizer.encode("a cat"), 3]]))
+    torch.testing.assert_close(torch.tensor(vector), memory[0, :2].mean(0), atol=1e-5, rtol=0)
+    both = engine.embed([engine.embed_job("a cat"), engine.embed_job("the cat sat on the mat")])
+    torch.testing.assert_close(torch.tensor(both[0]), torch.tensor(vector), atol=1e-5, rtol=0)
+
     # bad input: a 4xx naming the field
     with pytest.raises(RequestError, match="field 'source': required") as missing:
         engine.score_job("the cat")
