@@ -107,12 +107,13 @@ def test_run_dirs_load_and_outputs_are_written(demo):
         run_dir = out / "runs" / name
         ckpt = load_checkpoint(run_dir)
         assert ckpt.model.family == row["family"]
-        key = "test_pseudo_ppl" if row["ppl_kind"] == "pseudo" else "test_ppl"
+        kind = row["ppl_kind"]
+        key = {"pseudo": "test_pseudo_ppl", "span": "test_span_ppl"}.get(kind, "test_ppl")
         assert ckpt.metrics[key] == pytest.approx(row["ppl"])
         lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [x["step"] for x in lines if "loss" in x][-1] == STEPS
         assert any((run_dir / "tb").iterdir()) and (run_dir / "config.yaml").is_file()
-    for shards in ("wt2-clm", "wt2-mlm", "pku-clm"):
+    for shards in ("wt2-clm", "wt2-mlm", "wt2-span", "pku-clm"):
         manifest = json.loads((out / "shards" / shards / "manifest.json").read_text())
         assert manifest["splits"]["train"]["rows"] > 0
     pku = json.loads((out / "shards" / "pku-clm" / "manifest.json").read_text())
