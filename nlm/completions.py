@@ -138,7 +138,7 @@ def choice_jobs(
         own = seed + i if seed is not None else random.SystemRandom().randrange(2**63)
         jobs.append(
             ChoiceJob(
-                ids=[EOS_ID, *prompt_ids],
+                ids=engine.prompt_ids(list(prompt_ids)),
                 max_new_tokens=max_tokens,
                 temperature=temperature,
                 top_k=top_k,

@@ -36,6 +36,9 @@ Scoring, by the model's family facts (nlm/models/base.py):
   parallel (as in PyTorch's word_language_model example), the hidden state carried across
   consecutive windows. Each stream starts with an empty state, so the first tokens of streams
   2..B lose context.
+- span (the encoder-decoder): windows of `seq_len` - 1 tokens, span-corrupted as in training
+  with a fixed seed; `ppl` is the perplexity of the decoder's targets given the corrupted input
+  (`ppl_kind` "span", no bits_per_byte: the kept tokens are not predicted).
 - not causal (bert): the documents' tokens are packed into `[CLS] ... [SEP]` sequences. MLM
   accuracy masks 15% of the ordinary tokens (ids >= 7; as in training, specials and <unk> are
   never targets) with a fixed seed, all replaced by [MASK]; pseudo-perplexity masks each ordinary
@@ -396,6 +399,63 @@ def score_bert(
     }
 
 
+# --- span corruption (the encoder-decoder) ---------------------------------------------------
+SPAN_NOISE_DENSITY, SPAN_MEAN_LENGTH = 0.15, 3.0  # T5's, as `nlm prepare --objective span`
+
+
+def score_span(
+    model: LanguageModel,
+    stream: list[int],
+    length: int,
+    batch_size: int,
+    first_sentinel: int,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[float, int]:
+    """(total NLL, target tokens) of a seq2seq model's span-corruption targets: the stream cut
+    into windows of `length` - 1 tokens, each corrupted as training shards are
+    (nlm.objectives.span_corrupt, T5's density and span length, noise from (seed, window)),
+    the targets scored given the corrupted input (teacher forcing)."""
+    import random
+
+    from nlm.objectives import max_spans, span_corrupt
+
+    # Windows no longer than the model's sentinels (the ids past the tokenizer's) can corrupt.
+    sentinels = model.config.vocab_size - first_sentinel
+    if sentinels < 1:
+        raise NLMError(
+            f"the {model.family} model has no sentinel ids past the tokenizer's {first_sentinel}"
+        )
+    width = length - 1
+    while width > 2 and max_spans(width, SPAN_NOISE_DENSITY, SPAN_MEAN_LENGTH) > sentinels:
+        width -= 1
+    rows = []
+    for i, start in enumerate(range(0, len(stream) - 1, width)):
+        window = stream[start : start + width]
+        if len(window) >= 2:
+            rng = random.Random(f"{seed}|{i}")
+            rows.append(
+                span_corrupt(window, first_sentinel, rng, SPAN_NOISE_DENSITY, SPAN_MEAN_LENGTH)
+            )
+    if not rows:
+        raise NLMError("the text encodes to fewer than 2 tokens")
+    device = model_device(model)
+    total, count = 0.0, 0
+    bar = _progress((len(rows) + batch_size - 1) // batch_size, "span", progress)
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            group = rows[start : start + batch_size]
+            inputs, mask = _pad([x for x, _ in group])
+            targets, target_mask = _pad([y for _, y in group])
+            targets = targets.masked_fill(~target_mask.bool(), IGNORE_INDEX).to(device)
+            out = model(inputs.to(device), targets=targets, attention_mask=mask.to(device))
+            total += float(_nll_sum(out.logits, targets))
+            count += int(target_mask.sum())
+            bar.update(1)
+    bar.close()
+    return total, count
+
+
 # --- entry points ---------------------------------------------------------------------------
 def evaluate_documents(
     model: LanguageModel,
@@ -415,6 +475,22 @@ def evaluate_documents(
     length = _window_length(model, seq_len)
     n_bytes = text_bytes(documents)
     result: dict[str, Any] = {"family": model.family, "bytes": n_bytes, "seq_len": length}
+    if model.objective == "span":
+        stream = [i for doc in tokenizer.encode_batch(documents) for i in [*doc, EOS_ID]]
+        total, count = score_span(
+            model, stream, length, batch_size, tokenizer.vocab_size, seed, progress
+        )
+        nll = total / count
+        return {
+            **result,
+            "tokens": count,
+            "nll": nll,
+            "ppl": math.exp(nll),
+            "ppl_kind": "span",  # of the dropped spans' tokens given the rest, not of the text
+            "bits_per_byte": None,
+            "noise_density": SPAN_NOISE_DENSITY,
+            "mean_span_length": SPAN_MEAN_LENGTH,
+        }
     if model.objective == "mlm":
         if length < 3:
             raise NLMError(
@@ -496,7 +572,8 @@ def metrics_to_record(result: dict[str, Any]) -> dict[str, Any]:
     demo): `test_ppl` for causal models, `test_pseudo_ppl` for bert (not comparable to a ppl),
     `test_bits_per_byte` (open vocabulary), `test_bits_per_byte_closed_vocab`,
     `test_unk_rate` and `test_mlm_accuracy` when measured, `test_tokens`."""
-    key = "test_pseudo_ppl" if result.get("ppl_kind") == "pseudo" else "test_ppl"
+    kind = result.get("ppl_kind")
+    key = {"pseudo": "test_pseudo_ppl", "span": "test_span_ppl"}.get(kind, "test_ppl")
     metrics = {key: result["ppl"]}
     names = (
         "bits_per_byte",

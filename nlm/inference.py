@@ -34,7 +34,16 @@ from nlm.errors import NLMError
 from nlm.evaluation import unknown_text
 from nlm.models.base import IncrementalDecoder, LanguageModel
 from nlm.sampling import check_sampling_args, sample_next
-from nlm.tokenizers.base import CLS_ID, EOS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, UNK_ID
+from nlm.tokenizers.base import (
+    BOS_ID,
+    CLS_ID,
+    EOS_ID,
+    MASK_ID,
+    PAD_ID,
+    SEP_ID,
+    SPECIAL_TOKENS,
+    UNK_ID,
+)
 
 NUM_SPECIAL = len(SPECIAL_TOKENS)
 MIN_TEMPERATURE = 1e-4  # colder than this samples greedily
@@ -43,10 +52,20 @@ SHARED_ENDPOINTS = ("score", "embed", "neighbors")
 GRANULARITIES = ("pooled", "token")  # /v1/embed: one vector per text, or one per token
 
 
+# Objectives whose models read a source and write a target (the encoder-decoder): they generate
+# from the source as the prompt, and score a text given a source.
+SEQ2SEQ_OBJECTIVES = ("span",)
+
+
+def is_seq2seq(model: LanguageModel | type[LanguageModel]) -> bool:
+    """Whether `model` is an encoder-decoder (by its objective, nlm/models/base.py)."""
+    return model.objective in SEQ2SEQ_OBJECTIVES
+
+
 def serving_endpoints(model: LanguageModel | type[LanguageModel]) -> tuple[str, ...]:
     """The /v1 endpoints a model (or model class) answers, from its family facts: generate for
     causal models, fill-mask for masked-LM ones, then score, embed and neighbors for all."""
-    own = ("generate",) if model.causal else ()
+    own = ("generate",) if model.causal or is_seq2seq(model) else ()
     if model.objective == "mlm":
         own += ("fill-mask",)
     return (*own, *SHARED_ENDPOINTS)
@@ -102,11 +121,12 @@ class ScoreJob:
     num_bytes: int
     unk_bytes: int | None = None  # bytes of the text the tokenizer maps to <unk>
     spelling_bits: float | None = None  # their spelling cost (nlm.tokenizers.spelling)
+    source: list[int] | None = None  # seq2seq: source tokens + [</s>]; ids: text tokens + [</s>]
 
 
 @dataclasses.dataclass
 class GenerationJob:
-    ids: list[int]  # [</s>] + prompt tokens
+    ids: list[int]  # [</s>] + prompt tokens (seq2seq: the source, prompt tokens + [</s>])
     max_new_tokens: int
     temperature: float = 1.0
     top_k: int | None = None
@@ -256,6 +276,33 @@ def causal_token_logprobs(
         logp = torch.log_softmax(logits[row, :n], dim=-1)
         out.append(logp.gather(-1, ids[row, 1 : n + 1, None]).squeeze(-1))
     return out
+
+
+@torch.inference_mode()
+def seq2seq_token_logprobs(
+    model: LanguageModel, sources: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]
+) -> list[torch.Tensor]:
+    """For each (source, target) pair, log p(target[t] | source, target[:t]) for every t (a
+    float tensor of len(target)): teacher forcing, sources right-padded under a mask."""
+    device = model_device(model)
+    src, mask = (t.to(device) for t in pad_right(sources))
+    tgt, _ = pad_right(targets)
+    tgt = tgt.to(device)
+    logits = model(src, targets=None, attention_mask=mask, decoder_input_ids=shift_right(tgt))
+    logits = logits.logits.float()
+    out = []
+    for row, seq in enumerate(targets):
+        n = len(seq)
+        logp = torch.log_softmax(logits[row, :n], dim=-1)
+        out.append(logp.gather(-1, tgt[row, :n, None]).squeeze(-1))
+    return out
+
+
+def shift_right(targets: torch.Tensor) -> torch.Tensor:
+    """A seq2seq decoder's input for teacher forcing: <s> then targets[:, :-1]."""
+    shifted = torch.full_like(targets, BOS_ID)
+    shifted[:, 1:] = targets[:, :-1]
+    return shifted
 
 
 @torch.inference_mode()
@@ -486,8 +533,8 @@ def _metric(metrics: dict[str, Any], *names: str) -> float | None:
 
 
 def _score_answer(job: ScoreJob, logp: torch.Tensor, measure: str) -> dict[str, Any]:
-    """One /v1/score result. bits/byte only for a log-likelihood (a pseudo-log-likelihood is no
-    probability of the text): `bits_per_byte` open-vocabulary (each <unk> also pays its
+    """One /v1/score result. bits/byte only for a (conditional) log-likelihood (a
+    pseudo-log-likelihood is no probability of the text): `bits_per_byte` open-vocabulary (each <unk> also pays its
     spelling, nlm/evaluation.py), `bits_per_byte_closed_vocab` without that; the open figure is
     null when the tokenizer has no spelling model and the text has <unk>."""
     total, n = float(logp.double().sum()), int(logp.numel())
@@ -504,7 +551,7 @@ def _score_answer(job: ScoreJob, logp: torch.Tensor, measure: str) -> dict[str, 
         "bits_per_byte": None,
         "bits_per_byte_closed_vocab": None,
     }
-    if measure != "log-likelihood":
+    if measure == "pseudo-log-likelihood":
         return answer
     closed = -total / math.log(2) / num_bytes
     answer["bits_per_byte_closed_vocab"] = closed
@@ -584,17 +631,42 @@ class Engine:
     def _too_long(self, what: str, size: str) -> str:
         return f"field '{what}': input too long ({size}; this model takes at most {self.max_text_tokens} tokens)"
 
-    def score_job(self, text: str) -> ScoreJob:
+    def score_job(self, text: str, source: str | None = None) -> ScoreJob:
+        """A text to score: log p(text) (bert: its pseudo-log-likelihood); for a seq2seq model
+        log p(text | source), and `source` is required. RequestError naming the field."""
         self._require("score")
-        ids = self._encode(text)
-        # clm families (elmo too: its forward direction) score the text after a </s> boundary
-        ids = [EOS_ID, *ids] if self.model.objective == "clm" else [CLS_ID, *ids, SEP_ID]
+        if is_seq2seq(self.model):
+            if source is None:
+                raise RequestError(
+                    "invalid_request",
+                    f"field 'source': required by a {self.family} model, which scores "
+                    "log p(text | source)",
+                    422,
+                )
+            source_ids = [*self._encode(source, "source"), EOS_ID]
+            ids = [*self._encode(text), EOS_ID]
+        elif source is not None:
+            raise RequestError(
+                "invalid_request",
+                f"field 'source': a {self.family} model scores a text alone (only seq2seq "
+                "models take a source)",
+                422,
+            )
+        else:
+            source_ids = None
+            ids = self._encode(text)
+            # clm families (elmo too: its forward direction) score the text after a </s> boundary
+            ids = [EOS_ID, *ids] if self.model.objective == "clm" else [CLS_ID, *ids, SEP_ID]
+        num_bytes = len(text.encode("utf-8"))
         if UNK_ID not in ids:  # nothing to spell (the common case): no second pass over the text
-            return ScoreJob(ids, len(text.encode("utf-8")), 0, 0.0)
+            return ScoreJob(ids, num_bytes, 0, 0.0, source_ids)
         unknown = unknown_text(self.tokenizer, [text])
-        return ScoreJob(
-            ids, len(text.encode("utf-8")), unknown["unk_bytes"], unknown["spelling_bits"]
-        )
+        return ScoreJob(ids, num_bytes, unknown["unk_bytes"], unknown["spelling_bits"], source_ids)
+
+    def prompt_ids(self, ids: list[int]) -> list[int]:
+        """A prompt's tokens as a generation job holds them: after the </s> document boundary
+        (causal), or closed by </s> as the encoder's source (seq2seq, as in its training)."""
+        return [*ids, EOS_ID] if is_seq2seq(self.model) else [EOS_ID, *ids]
 
     def generation_job(
         self,
@@ -618,7 +690,7 @@ class Engine:
                 "too_many_tokens",
                 f"field 'max_tokens': {max_tokens} new tokens requested, the limit is {self.limits.max_new_tokens}",
             )
-        ids = [EOS_ID, *self._encode(prompt, "prompt")]
+        ids = self.prompt_ids(self._encode(prompt, "prompt"))
         if self.max_positions and len(ids) + max_tokens > self.max_positions:
             raise RequestError(
                 "too_many_tokens",
@@ -644,6 +716,8 @@ class Engine:
         ids = self._encode(text)
         if self.model.causal:
             return EmbedJob(ids, 0, len(ids), granularity)
+        if is_seq2seq(self.model):  # read as a source: closed by </s>, which is not pooled
+            return EmbedJob([*ids, EOS_ID], 0, len(ids), granularity)
         # bidirectional: the text between bert's [CLS] .. [SEP], or elmo's document boundaries
         edge = (EOS_ID, EOS_ID) if self.model.objective == "clm" else (CLS_ID, SEP_ID)
         return EmbedJob([edge[0], *ids, edge[1]], 1, len(ids) + 1, granularity)
@@ -675,7 +749,18 @@ class Engine:
 
     def score_slices(self, jobs: Sequence[ScoreJob]) -> Sliced:
         """`score` in slices (`next_slice`)."""
-        if self.model.objective == "clm":
+        if is_seq2seq(self.model):
+            per_token = yield from _sliced_chunks(
+                jobs,
+                [len(j.ids) + len(j.source) for j in jobs],
+                self.limits,
+                self._vocab(),
+                lambda group: seq2seq_token_logprobs(
+                    self.model, [j.source for j in group], [j.ids for j in group]
+                ),
+            )
+            measure = "conditional log-likelihood"
+        elif self.model.objective == "clm":
             per_token = yield from _sliced_chunks(
                 [j.ids for j in jobs],
                 [len(j.ids) for j in jobs],
@@ -829,6 +914,8 @@ class Engine:
         processes its prompt and then one position per new token."""
         if isinstance(job, GenerationJob):
             return len(job.ids) + job.max_new_tokens
+        if isinstance(job, ScoreJob) and job.source is not None:  # seq2seq: one teacher-forced pass
+            return len(job.ids) + len(job.source)
         if isinstance(job, ScoreJob) and self.model.objective == "mlm":
             return (len(job.ids) - 2) * len(job.ids)
         return len(job.ids)
@@ -862,14 +949,42 @@ class Engine:
     def generation_answer(self, job: GenerationJob, result: Generated) -> dict[str, Any]:
         ids, logprobs, ended = result
         return {
-            "text": self.tokenizer.decode(ids, skip_special=True),
-            "tokens": [self.tokenizer.id_to_token(i) for i in ids],
+            "text": self.decode(ids),
+            "tokens": [self.token_text(i) for i in ids],
             "token_ids": ids,
             "logprobs": logprobs,
             "prompt_tokens": len(job.ids) - 1,
             "seed": job.seed,
             "finish_reason": "end_of_document" if ended else "length",
         }
+
+    def token_text(self, token_id: int) -> str:
+        """A token's text; a span model's sentinels (the ids past the tokenizer's vocabulary,
+        nlm.shards.SPAN_SCHEMA) read `<extra_id_k>` as in T5."""
+        vocab = self.tokenizer.vocab_size
+        return (
+            f"<extra_id_{token_id - vocab}>"
+            if token_id >= vocab
+            else self.tokenizer.id_to_token(token_id)
+        )
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Generated ids as text, without special tokens; sentinels as `<extra_id_k>`."""
+        vocab = self.tokenizer.vocab_size
+        if all(i < vocab for i in ids):
+            return self.tokenizer.decode(ids, skip_special=True)
+        parts, run = [], []
+        for i in ids:
+            if i < vocab:
+                run.append(i)
+                continue
+            if run:
+                parts.append(self.tokenizer.decode(run, skip_special=True))
+                run = []
+            parts.append(self.token_text(i))
+        if run:
+            parts.append(self.tokenizer.decode(run, skip_special=True))
+        return " ".join(p for p in parts if p)
 
     def neighbors(self, word: str, k: int) -> list[dict[str, Any]]:
         from nlm.wordvectors import nearest, unit_vectors

@@ -128,3 +128,62 @@ def _truncate_pair(a: list[int], b: list[int], budget: int) -> tuple[list[int], 
         else:
             lb -= 1
     return a[:la], b[:lb]
+
+
+def random_spans_noise_mask(
+    length: int, noise_density: float, mean_span_length: float, rng: random.Random
+) -> list[bool]:
+    """T5's noise mask (Raffel et al. 2020, section 3.1.4; t5.data.preprocessors'
+    `random_spans_noise_mask`): round(length · noise_density) noise tokens in
+    round(noise / mean_span_length) spans, noise and kept segments of random lengths
+    alternating, a kept segment first. `length` >= 2; True = dropped into the targets."""
+    if length < 2:
+        raise NLMError(f"span corruption needs at least 2 tokens, got {length}")
+    num_noise = min(max(round(length * noise_density), 1), length - 1)
+    num_kept = length - num_noise
+    num_spans = min(max(round(num_noise / mean_span_length), 1), num_noise, num_kept)
+
+    def segments(total: int) -> list[int]:  # `total` items cut into num_spans non-empty runs
+        cuts = sorted(rng.sample(range(1, total), num_spans - 1))
+        bounds = [0, *cuts, total]
+        return [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
+
+    mask: list[bool] = []
+    for kept, noise in zip(segments(num_kept), segments(num_noise), strict=True):
+        mask += [False] * kept + [True] * noise
+    return mask
+
+
+def max_spans(length: int, noise_density: float, mean_span_length: float) -> int:
+    """The most spans (so sentinels) `random_spans_noise_mask` cuts `length` tokens into."""
+    num_noise = min(max(round(length * noise_density), 1), length - 1)
+    return min(max(round(num_noise / mean_span_length), 1), num_noise, length - num_noise)
+
+
+def span_corrupt(
+    ids: Sequence[int],
+    first_sentinel: int,
+    rng: random.Random,
+    noise_density: float = 0.15,
+    mean_span_length: float = 3.0,
+    eos_id: int = 3,
+) -> tuple[list[int], list[int]]:
+    """T5's span corruption of one row -> (encoder input ids, decoder target ids).
+
+    Each noise span (random_spans_noise_mask) is replaced in the input by one sentinel, the
+    k-th span's being `first_sentinel + k`; the targets are each sentinel followed by the
+    tokens it replaced. Both end with </s>:
+        ids  a b c d e f g            input   a <S0> d e <S1> g </s>
+        mask . x x . . x .            target  <S0> b c <S1> f </s>
+    """
+    mask = random_spans_noise_mask(len(ids), noise_density, mean_span_length, rng)
+    inputs: list[int] = []
+    targets: list[int] = []
+    sentinel = first_sentinel - 1
+    for i, (token, noise) in enumerate(zip(ids, mask, strict=True)):
+        if noise and (i == 0 or not mask[i - 1]):  # a span starts: a new sentinel
+            sentinel += 1
+            inputs.append(sentinel)
+            targets.append(sentinel)
+        (targets if noise else inputs).append(int(token))
+    return [*inputs, eos_id], [*targets, eos_id]

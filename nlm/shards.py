@@ -36,7 +36,7 @@ from nlm.errors import NLMError
 # Bumped when the same command would write different shards. 2: one-sentence documents give
 # MLM rows (their halves as A and B) instead of none.
 PIPELINE_VERSION = 2
-OBJECTIVES = ("clm", "mlm")
+OBJECTIVES = ("clm", "mlm", "span")
 SPLITS = ("train", "val")
 MANIFEST = "manifest.json"
 
@@ -49,9 +49,20 @@ MLM_SCHEMA = pa.schema(
     ]
 )
 
+# span (T5's span corruption, nlm.objectives.span_corrupt): the encoder's input and the decoder's
+# targets, both ending with </s>; sentinels are the ids from the tokenizer's vocab_size up
+# (manifest settings: first_sentinel, sentinels).
+SPAN_SCHEMA = pa.schema(
+    [
+        ("input_ids", pa.list_(pa.int32())),
+        ("target_ids", pa.list_(pa.int32())),
+        ("stream_pos", pa.int64()),
+    ]
+)
+
 
 def schema_for(objective: str) -> pa.Schema:
-    return CLM_SCHEMA if objective == "clm" else MLM_SCHEMA
+    return {"clm": CLM_SCHEMA, "span": SPAN_SCHEMA}.get(objective, MLM_SCHEMA)
 
 
 @dataclasses.dataclass

@@ -147,8 +147,13 @@ class ModelServer(OpenAIServing, Replica):
         return answer
 
     async def score(self, body: dict[str, Any]) -> dict[str, Any]:
+        texts, sources = as_list(body["text"]), body.get("source")
+        sources = [None] * len(texts) if sources is None else as_list(sources)
         return await self._serve(
-            body["text"], self.engine.score_job, self._score_batch, body.get("deadline")
+            list(zip(texts, sources, strict=True)),
+            lambda pair: self.engine.score_job(*pair),
+            self._score_batch,
+            body.get("deadline"),
         )
 
     async def embed(self, body: dict[str, Any]) -> dict[str, Any]:

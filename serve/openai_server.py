@@ -38,7 +38,7 @@ from nlm.completions import (
     offsets,
     prompt_logprobs,
 )
-from nlm.inference import RequestError
+from nlm.inference import RequestError, is_seq2seq
 from nlm.tokenizers.base import EOS_ID, PAD_ID, SPECIAL_TOKENS
 
 SEAM_TOKENS = 8  # prompt tokens decoded before a choice's text, so its first word gets its space
@@ -205,6 +205,13 @@ class OpenAIServing:
             return
         n, k = body["n"], body.get("logprobs")
         echo, max_tokens = body.get("echo", False), body["max_tokens"]
+        if echo and k is not None and is_seq2seq(self.engine.model):
+            message = (
+                f"field 'echo': a {self.engine.family} model's prompt is its source, which it "
+                "does not predict: no log-probs to echo"
+            )
+            yield _error("invalid_request", message, 400, "echo")
+            return
         head = {
             "id": body.get("request_id") or f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",

@@ -84,6 +84,19 @@ class GenerateRequest(_Strict):
 class ScoreRequest(_Strict):
     model: ModelName
     text: OneOrMany
+    source: OneOrMany | None = Field(
+        None,
+        description="seq2seq models (required there): score log p(text | source); "
+        "same shape as text",
+    )
+
+    @model_validator(mode="after")
+    def _pairs_match(self) -> ScoreRequest:
+        if self.source is not None and isinstance(self.text, str) != isinstance(self.source, str):
+            raise ValueError("source must have the shape of text (both strings or both lists)")
+        if isinstance(self.source, list) and len(self.source) != len(self.text):
+            raise ValueError("source must have as many items as text")
+        return self
 
 
 class FillMaskRequest(_Strict):
@@ -220,7 +233,7 @@ class GenerateBatchResponse(BaseModel):
 
 
 class Score(BaseModel):
-    measure: Literal["log-likelihood", "pseudo-log-likelihood"]
+    measure: Literal["log-likelihood", "pseudo-log-likelihood", "conditional log-likelihood"]
     num_tokens: int
     num_bytes: int
     logprob: float = Field(description="total natural-log probability of the text's tokens")

@@ -164,7 +164,8 @@ def test_demo_machinery(tmp_path):
     results = run_foundation_demo(
         out_dir=out, min_steps=5, seconds=0.001, bert_seconds=0.001, **small
     )
-    assert [r["model"] for r in results] == ["unigram", "fnn", "rnn", "lstm", "gpt", "bert"]
+    families = ["fnn", "rnn", "lstm", "gpt", "bert", "transformer"]
+    assert [r["model"] for r in results] == ["unigram", *families]
     assert json.loads((out / "results.json").read_text()) == results
     for r in results[1:]:
         steps = 1 if r["model"] == "bert" else 5
@@ -174,7 +175,8 @@ def test_demo_machinery(tmp_path):
         assert any((run_dir / "tb").iterdir())
         assert load_checkpoint(run_dir).metrics["steps"] == steps  # the run dir loads
     table = format_table(results)
-    assert "pseudo-ppl" in table and len(table.splitlines()) == 7
+    assert "pseudo-ppl" in table and len(table.splitlines()) == 8
+    assert results[6]["ppl_kind"] == "span" and results[6]["ppl"] > 1
 
     untrained = results[3]["ppl"]  # 5 warmup steps: as good as untrained
     trained = run_foundation_demo(
@@ -184,6 +186,4 @@ def test_demo_machinery(tmp_path):
 
 
 def test_demo_cli_rejects_unknown_family(tmp_path):
-    assert_user_error(
-        nlm("demo", "--families", "lstm,transformer", "--out", tmp_path), "transformer"
-    )
+    assert_user_error(nlm("demo", "--families", "lstm,gru", "--out", tmp_path), "gru")

@@ -19,7 +19,7 @@ from nlm.errors import NLMError
 from nlm.workflows.demo import PKU_RUN, PKU_WORD, WORD, DemoConfig, format_table, run_demo
 from nlm.workflows.foundation_demo import DEMO_MARKER, clear_out_dir
 
-MODELS = ["fnn", "rnn", "lstm", "gpt", "bert", PKU_RUN]
+MODELS = ["fnn", "rnn", "lstm", "gpt", "bert", "transformer", PKU_RUN]
 STEPS = 3
 
 
@@ -48,6 +48,8 @@ def test_table_has_a_row_per_model(demo):
         if name == "bert":
             assert r["ppl_kind"] == "pseudo" and 0 <= r["mlm_accuracy"] <= 1
             assert r["test_tokens"] > 0 and r["bits_per_byte"] is None
+        elif name == "transformer":  # the span-corruption targets' perplexity
+            assert r["ppl_kind"] == "span" and r["bits_per_byte"] is None
         else:
             assert r["ppl_kind"] == "causal" and r["bits_per_byte"] > 0
     # 3 steps leave a 6,700-word softmax near uniform: far above the unigram floor
@@ -105,12 +107,13 @@ def test_run_dirs_load_and_outputs_are_written(demo):
         run_dir = out / "runs" / name
         ckpt = load_checkpoint(run_dir)
         assert ckpt.model.family == row["family"]
-        key = "test_pseudo_ppl" if row["ppl_kind"] == "pseudo" else "test_ppl"
+        kind = row["ppl_kind"]
+        key = {"pseudo": "test_pseudo_ppl", "span": "test_span_ppl"}.get(kind, "test_ppl")
         assert ckpt.metrics[key] == pytest.approx(row["ppl"])
         lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [x["step"] for x in lines if "loss" in x][-1] == STEPS
         assert any((run_dir / "tb").iterdir()) and (run_dir / "config.yaml").is_file()
-    for shards in ("wt2-clm", "wt2-mlm", "pku-clm"):
+    for shards in ("wt2-clm", "wt2-mlm", "wt2-span", "pku-clm"):
         manifest = json.loads((out / "shards" / shards / "manifest.json").read_text())
         assert manifest["splits"]["train"]["rows"] > 0
     pku = json.loads((out / "shards" / "pku-clm" / "manifest.json").read_text())

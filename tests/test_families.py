@@ -121,6 +121,8 @@ def reference_flops(family: str, num_params: int, config, seq_len: int) -> float
     flops = 6.0 * num_params
     if family in ("gpt", "bert"):
         flops += 12.0 * config.n_layer * config.n_embd * seq_len
+    if family == "transformer":  # encoder self-, decoder self- and cross-attention per layer
+        flops += 12.0 * 3 * config.n_layer * config.n_embd * seq_len
     return flops
 
 

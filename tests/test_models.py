@@ -46,7 +46,8 @@ def train_steps(model, steps: int = 15) -> list[float]:
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     rows = batch()
     g = torch.Generator().manual_seed(2)
-    if model.objective == "clm":  # causal, and elmo's two directions
+    # causal, elmo's two directions, seq2seq (teacher forced)
+    if model.objective in ("clm", "span"):
         inputs = dict(input_ids=rows[:, :-1], targets=rows[:, 1:])
     else:
         masked, labels = mask_tokens(rows, V, generator=g, mask_prob=0.3)
@@ -73,7 +74,8 @@ def test_training_lowers_the_loss(family):
 def test_interface_shapes(family):
     model = make(family).eval()
     x = batch(2, 9)[:, :-1]
-    out = model(x)
+    # the encoder-decoder: the decoder reads x too (without, it takes one step from <s>)
+    out = model(x, decoder_input_ids=x) if family == "transformer" else model(x)
     assert out.logits.shape == (2, 9, V)
     assert out.hidden.shape[:2] == (2, 9)
     assert out.loss is None
@@ -85,6 +87,8 @@ def test_interface_shapes(family):
         assert not model.causal
     elif family == "elmo":  # bidirectional: no generation; its backward LM's logits beside
         assert not model.causal and out.backward_logits.shape == (2, 9, V)
+    elif family == "transformer":
+        assert not model.causal and out.hidden.shape == (2, 9, model.hidden_size)
     else:
         assert model.causal and isinstance(model, CausalLanguageModel)
 

@@ -34,12 +34,13 @@ def shards(tmp_path_factory, data_mirror) -> dict[str, Path]:
     return {
         "clm": write_shards(root / "clm", lines, seq_len=16),
         "mlm": write_shards(root / "mlm", lines, objective="mlm", seq_len=32),
+        "span": write_shards(root / "span", lines, objective="span", seq_len=32),
     }
 
 
 def tiny(shards: dict[str, Path], out: Path, model: str, **changes) -> TrainConfig:
     fields = dict(
-        data=str(shards["mlm" if model == "bert" else "clm"]),
+        data=str(shards[{"bert": "mlm", "transformer": "span"}.get(model, "clm")]),
         model=model,
         preset="tiny",
         out=str(out),
@@ -68,9 +69,12 @@ def tiny(shards: dict[str, Path], out: Path, model: str, **changes) -> TrainConf
         ("gpt", 1, "adamw"),
         ("bert", 2, "adamw"),
         ("elmo", 3, "adamw"),
+        ("transformer", 3, "adamw"),
     ],
 )
-def test_every_family_trains_and_exports(process_group, shards, tmp_path, model, stage, optimizer):
+def test_every_family_trains_and_exports(
+    process_group, shards, data_mirror, tmp_path, model, stage, optimizer
+):
     from nlm.cluster.train.loop import LocalSession, run_worker
 
     lr = 1.0 if optimizer == "sgd" else 3e-3
@@ -94,6 +98,13 @@ def test_every_family_trains_and_exports(process_group, shards, tmp_path, model,
         assert abs(both - final["val_loss"]) < 1e-4 and final["val_backward_ppl"] > 1
     # the serving checkpoint loads and is the trained model
     exported = load_checkpoint(cfg.out)
+    if model == "transformer":  # nlm eval: perplexity of the span-corruption targets
+        from nlm.evaluation import evaluate_documents
+
+        lines = corpus_lines(data_mirror, 40)[-8:]
+        scored = evaluate_documents(exported.model, exported.tokenizer, lines, seq_len=32)
+        assert scored["ppl_kind"] == "span" and 1 < scored["ppl"] < plan.vocab_size
+        assert scored["tokens"] > 0 and scored["bits_per_byte"] is None
     assert exported.family == model and exported.metrics["val_ppl"] == trainer.final["val_ppl"]
     assert trainer.final["export_max_abs_logit_diff"] <= 1e-5
     assert (Path(cfg.out) / "config.yaml").exists() is False  # written by the driver, not here
@@ -298,3 +309,12 @@ def test_torchrun_two_ranks_without_ray(shards, tmp_path):
     assert [c["step"] for c in kept] == [4]  # keep_checkpoints=1 pruned step 2
     assert len(list(Path(kept[0]["path"]).glob("rank_*.pt"))) == 2
     assert TrainConfig.load_yaml(Path(cfg.out) / "config.yaml").scale.workers == 2
+
+
+@pytest.mark.parametrize(("model", "data"), [("gpt", "span"), ("transformer", "clm")])
+def test_span_and_clm_shards_are_refused_by_the_other_kind_of_model(shards, tmp_path, model, data):
+    cfg = tiny(shards, tmp_path / "run", model, data=str(shards[data]))
+    wanted = "span" if model == "transformer" else "clm"
+    with pytest.raises(NLMError, match=f"prepared for '{data}', but {model} trains on '{wanted}'"):
+        plan_run(cfg)
+    assert not (tmp_path / "run").exists()

@@ -11,7 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from nlm.objectives import make_nsp_pairs
+from nlm.cluster.prepare.pipeline import span_table
+from nlm.objectives import make_nsp_pairs, max_spans
 from nlm.shards import (
     MLM_SCHEMA,
     PIPELINE_VERSION,
@@ -23,6 +24,8 @@ from nlm.shards import (
 )
 from nlm.tokenizers import Tokenizer, train_tokenizer
 from nlm.tokenizers.base import EOS_ID, fingerprint
+
+SPAN = {"noise_density": 0.15, "mean_span_length": 3.0}
 
 
 def corpus_lines(data_mirror: Path, limit: int) -> list[str]:
@@ -57,10 +60,13 @@ def write_shards(
     for split, docs in splits.items():
         writer = ShardWriter(fs, str(out), split, schema_for(objective), rows_per_file)
         ids = [tokenizer.encode(d) for d in docs]
-        if objective == "clm":
-            packer = ClmPacker(seq_len)
+        if objective in ("clm", "span"):
+            # span: the pipeline's own corruption of packed rows of seq_len - 1 fresh tokens
+            packer = ClmPacker(seq_len - 1 if objective == "span" else seq_len)
             for doc in ids:
                 table = packer.push(np.array(doc + [EOS_ID], dtype=np.int32))
+                if table is not None and objective == "span":
+                    table = span_table(table, f"0|{split}", tokenizer.vocab_size, **SPAN)
                 if table is not None:
                     writer.write(table)
             tokens = packer.tokens
@@ -91,5 +97,8 @@ def write_shards(
         splits=summary,
         skipped={"documents": 0, "reasons": {}, "examples": []},
     )
+    if objective == "span":
+        manifest.settings.update(SPAN, first_sentinel=tokenizer.vocab_size)
+        manifest.settings["sentinels"] = max_spans(seq_len - 1, **SPAN)
     write_manifest(fs, str(out), manifest)
     return out

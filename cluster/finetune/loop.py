@@ -126,7 +126,8 @@ def finetune_worker(loop_config: dict[str, Any]) -> None:
         device = ray.train.torch.get_device()
     else:
         device = torch.device("cpu")
-    worker = FinetuneWorker(
+    worker_class = Seq2SeqWorker if plan.task == "seq2seq" else FinetuneWorker
+    worker = worker_class(
         plan,
         payload,
         context.get_world_rank(),
@@ -379,6 +380,149 @@ class FinetuneWorker(TrainingLoop):
             with torch.no_grad():
                 again = self.forward(reloaded.model, probe, labels=False, device=cpu).logits
                 saved = self.forward(model, probe, labels=False, device=cpu).logits
+            if not torch.equal(again, saved):
+                raise RuntimeError("the saved checkpoint does not reproduce the exported logits")
+        barrier(self.device)
+        return final
+
+
+class Seq2SeqWorker(FinetuneWorker):
+    """--task seq2seq: the encoder-decoder itself on log p(target | source), no head
+    (nlm/finetune/seq2seq.py); exported as a plain checkpoint that `nlm serve` generates from."""
+
+    def __init__(
+        self,
+        plan: FinetunePlan,
+        payload: dict[str, Any],
+        rank: int,
+        world_size: int,
+        local_world_size: int,
+        device: torch.device,
+    ) -> None:
+        TrainingLoop.__init__(
+            self,
+            plan.finetune,
+            max_steps=plan.max_steps,
+            eval_every=plan.eval_every,
+            rank=rank,
+            world_size=world_size,
+            local_world_size=local_world_size,
+            device=device,
+            run_dir=plan.run_dir,
+        )
+        self.plan, self.payload = plan, payload
+        seed_everything(plan.finetune.seed + 1000 * (rank + 1))
+        self.start_engine(self.build_model(payload["state"]))
+        share = len(payload["train"]) // world_size
+        self.train_rows = payload["train"][rank::world_size][:share]
+        self.examples = 0
+
+    def build_model(self, state: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+        from nlm.models import model_class
+
+        cls = model_class(self.plan.family)
+        model = cls(cls.config_class.from_dict(self.plan.model_config))
+        if state is not None:
+            model.load_state_dict(state)
+        return model
+
+    def forward(self, module: Any, batch: dict[str, torch.Tensor], labels: bool = True,
+                device: torch.device | None = None) -> Any:  # fmt: skip
+        device = device or self.device
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        return module(
+            batch["input_ids"],
+            targets=batch["targets"],
+            attention_mask=batch["attention_mask"],
+        )
+
+    def batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        from nlm.finetune.seq2seq import collate_seq2seq
+
+        epoch, size = 0, self.config.micro_batch
+        while True:
+            generator = torch.Generator().manual_seed(
+                self.config.seed * 1009 + epoch * 31 + self.rank
+            )
+            order = torch.randperm(len(self.train_rows), generator=generator).tolist()
+            for start in range(0, len(order), size):
+                yield collate_seq2seq([self.train_rows[i] for i in order[start : start + size]])
+            epoch += 1
+
+    def train_forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        out = self.forward(self.engine, batch)
+        accum = self.config.grad_accum
+        parts = {
+            "loss": out.loss.item() / accum,
+            "task_loss": out.loss.item() / accum,
+            "lm_loss": 0.0,
+            "rows": batch["input_ids"].size(0),
+        }
+        return out.loss, parts
+
+    def evaluate(self) -> dict[str, Any]:
+        """eval_loss (mean target-token NLL) and eval_ppl over the eval rows, all ranks."""
+        from nlm.finetune.seq2seq import collate_seq2seq
+
+        rows = self.payload["eval"]
+        share = rows[self.rank :: self.world_size]
+        size = self.config.micro_batch
+        n_batches = math.ceil(math.ceil(len(rows) / self.world_size) / size)
+        loss_sum = tokens = 0.0
+        self.engine.eval()
+        with torch.no_grad():
+            for b in range(n_batches):
+                part = share[b * size : (b + 1) * size]
+                batch = collate_seq2seq(part or rows[:1])
+                out = self.forward(self.engine, batch)  # every rank: ZeRO-3's are collective
+                if part:
+                    n = int((batch["targets"] != IGNORE_INDEX).sum())
+                    loss_sum += float(out.loss) * n
+                    tokens += n
+        self.engine.train()
+        loss_sum, tokens = all_reduce_sum([loss_sum, tokens], self.device)
+        loss = loss_sum / max(1.0, tokens)
+        return {"eval_loss": round(loss, 5), "eval_ppl": round(math.exp(min(loss, 50.0)), 5)}
+
+    def export(self) -> dict[str, Any]:
+        """RUN/model (rank 0): the consolidated model as a plain checkpoint, checked against the
+        engine and reloaded."""
+        from nlm.checkpoint import load_checkpoint, save_checkpoint
+        from nlm.finetune.seq2seq import collate_seq2seq
+        from nlm.tokenizers import load_tokenizer
+
+        plan = self.plan
+        state = self.consolidated_state()
+        probe = collate_seq2seq(self.payload["eval"][:4])
+        self.engine.eval()
+        with torch.no_grad():
+            engine_logits = self.forward(self.engine, probe).logits.float()
+        final: dict[str, Any] = {}
+        if self.rank == 0:
+            model = self.build_model(state).eval()
+            twin = copy.deepcopy(model).to(self.device, dtype=self.engine_dtype())
+            with torch.no_grad():
+                diff = self.check_export(self.forward(twin, probe).logits, engine_logits)
+            del twin
+            final = {
+                "step": self.step,
+                **{k: v for k, v in self.last_eval.items() if k != "step"},
+                "examples_seen": self.examples,
+                "params": plan.num_params,
+                "export_max_abs_logit_diff": diff,
+            }
+            path = save_checkpoint(
+                Path(plan.run_dir) / "model",
+                model,
+                load_tokenizer(plan.tokenizer_dir),
+                metrics=final,
+                extra={"finetune": {"task": "seq2seq", "base_checkpoint": self.config.checkpoint,
+                                    "train": self.config.train, "steps": self.step}},
+            )  # fmt: skip
+            cpu = torch.device("cpu")
+            with torch.no_grad():
+                again = self.forward(load_checkpoint(path).model.eval(), probe, device=cpu).logits
+                saved = self.forward(model, probe, device=cpu).logits
             if not torch.equal(again, saved):
                 raise RuntimeError("the saved checkpoint does not reproduce the exported logits")
         barrier(self.device)

@@ -228,7 +228,7 @@ def process_unit(tok: Tokenizer, unit: Unit, opts: dict[str, Any]) -> pa.Table:
     streams: dict[int, np.ndarray] = {}
     pairs: dict[int, tuple[list, list, list]] = {}
     for split in (TRAIN, VAL):
-        if opts["objective"] == "clm":
+        if opts["objective"] != "mlm":  # clm, and span (corrupted by the driver after packing)
             streams[split] = clm_stream(tok, docs[split], sizes[split])
             tokens[split] = len(streams[split])
         else:
@@ -244,7 +244,7 @@ def process_unit(tok: Tokenizer, unit: Unit, opts: dict[str, Any]) -> pa.Table:
         worker=[os.getpid(), cpu_seconds()],  # the actor's process and its CPU time so far
     )
     add(META, None, info=json.dumps(meta))
-    if opts["objective"] == "clm":
+    if opts["objective"] != "mlm":
         table = pa.table(columns, schema=UNIT_SCHEMA)
         rows = [table]
         for split in (TRAIN, VAL):

@@ -62,6 +62,7 @@ from nlm.shards import (
     MANIFEST,
     OBJECTIVES,
     PIPELINE_VERSION,
+    SPAN_SCHEMA,
     ClmPacker,
     Manifest,
     ShardWriter,
@@ -126,7 +127,11 @@ class PrepareConfig(Config):
     sample_bytes: int = option(
         32 * MiB, "tokenizer training sample (e.g. 32M)", group="tokenizer", type=parse_size
     )
-    objective: str = option("clm", "clm | mlm", group="output", choices=list(OBJECTIVES))
+    objective: str = option(
+        "clm", "clm | mlm | span (T5's span corruption)", group="output", choices=list(OBJECTIVES)
+    )
+    noise_density: float = option(0.15, "span: fraction of tokens dropped", group="output")
+    mean_span_length: float = option(3.0, "span: mean length of a dropped span", group="output")
     seq_len: int = option(256, "ids per row", group="output")
     val_fraction: float = option(0.05, "fraction held out for the val split", group="output")
     seed: int = option(0, "random seed", group="output")
@@ -172,8 +177,12 @@ class PrepareConfig(Config):
             raise bad("objective", f"{self.objective!r} is not one of {', '.join(OBJECTIVES)}")
         if self.tokenizer is not None and self.tokenizer not in KINDS:
             raise bad("tokenizer", f"{self.tokenizer!r} is not one of {', '.join(KINDS)}")
-        if self.seq_len < (8 if self.objective == "mlm" else 1):
+        if self.seq_len < {"mlm": 8, "span": 4}.get(self.objective, 1):
             raise bad("seq_len", f"{self.seq_len} is too short")
+        if not 0 < self.noise_density < 1:
+            raise bad("noise_density", f"{self.noise_density} is not in (0, 1)")
+        if self.mean_span_length < 1:
+            raise bad("mean_span_length", f"{self.mean_span_length} is not >= 1")
         if not 0 <= self.val_fraction < 1:
             raise bad("val_fraction", f"{self.val_fraction} is not in [0, 1)")
         for name in ("unit_bytes", "max_doc_bytes", "sample_bytes"):
@@ -515,7 +524,15 @@ def prepare(cfg: PrepareConfig) -> tuple[Manifest, PrepareStats]:
             started_locally = _start_ray()
             workers = min(_worker_count(cfg, started_locally), max(1, len(units)))
             splits, stats = _run(
-                cfg, fs, root, units, skips, tokenizer_files, workers, not started_locally
+                cfg,
+                fs,
+                root,
+                units,
+                skips,
+                tokenizer_files,
+                workers,
+                not started_locally,
+                first_sentinel=tok.vocab_size,
             )
             _upload_dir(tok_dir, fs, f"{root}/tokenizer")
             tokenizer = {"kind": tok.kind, "vocab_size": tok.vocab_size}
@@ -529,7 +546,7 @@ def prepare(cfg: PrepareConfig) -> tuple[Manifest, PrepareStats]:
             sources=[{"path": s.uri, "bytes": s.size} for s in sources],
             splits=splits,
             skipped=skips.to_dict(),
-            settings={k: getattr(cfg, k) for k in MANIFEST_SETTINGS},
+            settings={k: getattr(cfg, k) for k in MANIFEST_SETTINGS} | span_settings(cfg, tok),
         )
         write_manifest(fs, root, manifest)
     except BaseException:
@@ -542,15 +559,25 @@ def prepare(cfg: PrepareConfig) -> tuple[Manifest, PrepareStats]:
 class _Consumer:
     """The driver's side of the stream: unit results in, part files and counts out."""
 
-    def __init__(self, cfg: PrepareConfig, fs: pafs.FileSystem, root: str, skips: Skips) -> None:
+    def __init__(
+        self,
+        cfg: PrepareConfig,
+        fs: pafs.FileSystem,
+        root: str,
+        skips: Skips,
+        first_sentinel: int = 0,
+    ) -> None:
         self.cfg, self.skips = cfg, skips
+        self.first_sentinel = first_sentinel
         self.schema = schema_for(cfg.objective)
         rows_per_file = cfg.rows_per_file or max(1, (4 * MiB) // (cfg.seq_len + 1))
         self.writers = {
             s: ShardWriter(fs, root, name, self.schema, rows_per_file)
             for s, name in ((TRAIN, "train"), (VAL, "val"))
         }
-        self.packers = {s: ClmPacker(cfg.seq_len) for s in (TRAIN, VAL)}
+        # span rows take seq_len - 1 fresh tokens each (so the input, with </s>, fits seq_len).
+        width = cfg.seq_len - 1 if cfg.objective == "span" else cfg.seq_len
+        self.packers = {s: ClmPacker(width) for s in (TRAIN, VAL)}
         self.documents = {TRAIN: 0, VAL: 0}
         self.tokens = {TRAIN: 0, VAL: 0}
         self.bytes = 0
@@ -571,8 +598,20 @@ class _Consumer:
             for chunk in part.column("input_ids").chunks:
                 for i in range(len(chunk)):
                     rows = self.packers[s].push(_values(chunk, i))
+                    if rows is not None and self.cfg.objective == "span":
+                        rows = self._corrupt(rows, s)
                     if rows is not None:
                         self.writers[s].write(rows)
+
+    def _corrupt(self, rows: pa.Table, split: int) -> pa.Table:
+        cfg = self.cfg
+        return span_table(
+            rows,
+            f"{cfg.seed}|{split}",
+            self.first_sentinel,
+            cfg.noise_density,
+            cfg.mean_span_length,
+        )
 
     def _count(self, meta: dict[str, Any]) -> None:
         if meta["error"]:
@@ -611,10 +650,11 @@ def _run(
     tokenizer_files: dict[str, bytes],
     workers: int,
     restart_actors: bool,
+    first_sentinel: int = 0,
 ) -> tuple[dict[str, dict[str, Any]], PrepareStats]:
     """Stream the units through the actors into part files; (manifest splits, stats)."""
     t0, driver_cpu = time.perf_counter(), cpu_seconds()
-    consumer = _Consumer(cfg, fs, root, skips)
+    consumer = _Consumer(cfg, fs, root, skips, first_sentinel)
     first_result = 0.0
     with _progress(cfg, sum(u.nbytes for u in units)) as bar:
         for table in _unit_results(cfg, units, tokenizer_files, workers, restart_actors):
@@ -646,6 +686,45 @@ def _run(
         workers_cpu_seconds=sum(consumer.worker_cpu.values()),
     )
     return splits, stats
+
+
+def span_table(
+    rows: pa.Table,
+    seed: str,
+    first_sentinel: int,
+    noise_density: float,
+    mean_span_length: float,
+) -> pa.Table:
+    """Packed stream rows (ClmPacker's) -> SPAN_SCHEMA rows (nlm.objectives.span_corrupt);
+    each row's noise drawn from (seed, its stream_pos) only, so the shards do not depend on
+    how the stream arrived."""
+    from nlm.objectives import span_corrupt  # torch: only when preparing span shards
+
+    inputs, targets = [], []
+    positions = rows.column("stream_pos").to_pylist()
+    for ids, pos in zip(rows.column("input_ids").to_pylist(), positions, strict=True):
+        rng = random.Random(f"{seed}|{pos}")
+        # The last token of a packed row starts the next one: each row corrupts its own.
+        x, y = span_corrupt(ids[:-1], first_sentinel, rng, noise_density, mean_span_length)
+        inputs.append(x)
+        targets.append(y)
+    columns = {"input_ids": inputs, "target_ids": targets, "stream_pos": positions}
+    return pa.table(columns, schema=SPAN_SCHEMA)
+
+
+def span_settings(cfg: PrepareConfig, tok: Tokenizer) -> dict[str, Any]:
+    """The manifest's span-corruption settings: the sentinels are ids first_sentinel .. +
+    sentinels - 1, past the tokenizer's vocabulary (the trainer widens the model by them)."""
+    if cfg.objective != "span":
+        return {}
+    from nlm.objectives import max_spans
+
+    return {
+        "noise_density": cfg.noise_density,
+        "mean_span_length": cfg.mean_span_length,
+        "first_sentinel": tok.vocab_size,
+        "sentinels": max_spans(cfg.seq_len - 1, cfg.noise_density, cfg.mean_span_length),
+    }
 
 
 def _values(chunk: pa.ListArray, i: int) -> np.ndarray:

@@ -44,6 +44,15 @@ def table_to_chunk(table: pa.Table, objective: str) -> Chunk:
             "input_ids": torch.from_numpy(np.array(values, dtype=np.int32).reshape(n, width)),
             "stream_pos": torch.from_numpy(table.column("stream_pos").to_numpy().astype(np.int64)),
         }
+    if objective == "span":
+        inputs, input_lengths = _padded(ids, 0)
+        targets, target_lengths = _padded(table.column("target_ids").combine_chunks(), 0)
+        return {
+            "input_ids": torch.from_numpy(inputs),
+            "input_lengths": torch.from_numpy(input_lengths),
+            "target_ids": torch.from_numpy(targets),
+            "target_lengths": torch.from_numpy(target_lengths),
+        }
     lengths = np.diff(ids.offsets.to_numpy())
     longest = int(lengths.max()) if n else 0
     inside = np.arange(longest)[None, :] < lengths[:, None]  # row-major, like the flat values
@@ -59,6 +68,18 @@ def table_to_chunk(table: pa.Table, objective: str) -> Chunk:
         "lengths": torch.from_numpy(lengths.astype(np.int64)),
         "nsp_label": torch.from_numpy(table.column("nsp_label").to_numpy().astype(np.int64)),
     }
+
+
+def _padded(lists: pa.ListArray, fill: int) -> tuple[np.ndarray, np.ndarray]:
+    """A list<int32> column as an (n, longest) int32 array right-padded with `fill`, and the
+    (n,) int64 lengths."""
+    lengths = np.diff(lists.offsets.to_numpy()).astype(np.int64)
+    longest = int(lengths.max()) if len(lengths) else 0
+    out = np.full((len(lengths), longest), fill, dtype=np.int32)
+    out[np.arange(longest)[None, :] < lengths[:, None]] = lists.values.to_numpy(
+        zero_copy_only=False
+    )
+    return out, lengths
 
 
 def chunk_rows(chunk: Chunk) -> int:
@@ -85,7 +106,8 @@ def micro_batches(
     """Micro-batches of one epoch. kind: "clm", "stream" (rnn/lstm) or "mlm".
 
     clm batches: {"input_ids": (B, T+1) int64}; stream batches add {"reset": (B,) bool};
-    mlm batches: {"input_ids", "token_type_ids", "attention_mask" (B, L), "nsp_label" (B,)}.
+    mlm batches: {"input_ids", "token_type_ids", "attention_mask" (B, L), "nsp_label" (B,)};
+    span batches: {"input_ids", "attention_mask" (B, S), "targets" (B, T) (-100 padded)}.
     rows_seen, if given, accumulates the rows read (to report rows dropped by the split).
     """
     for index, chunk in enumerate(chunks):
@@ -101,7 +123,10 @@ def micro_batches(
             order = torch.arange(n)
         for start in range(0, n - batch_size + 1, batch_size):
             rows = order[start : start + batch_size]
-            yield _clm_batch(chunk, rows) if kind == "clm" else _mlm_batch(chunk, rows)
+            if kind == "span":
+                yield _span_batch(chunk, rows)
+            else:
+                yield _clm_batch(chunk, rows) if kind == "clm" else _mlm_batch(chunk, rows)
 
 
 def _clm_batch(chunk: Chunk, rows: torch.Tensor) -> Batch:
@@ -117,6 +142,19 @@ def _mlm_batch(chunk: Chunk, rows: torch.Tensor) -> Batch:
         "token_type_ids": chunk["token_type_ids"][rows, :width].long(),
         "attention_mask": mask.long(),
         "nsp_label": chunk["nsp_label"][rows],
+    }
+
+
+def _span_batch(chunk: Chunk, rows: torch.Tensor) -> Batch:
+    """Encoder input (B, S) with its attention_mask; decoder targets (B, T), -100 past the end."""
+    in_len, out_len = chunk["input_lengths"][rows], chunk["target_lengths"][rows]
+    width, depth = int(in_len.max()), int(out_len.max())
+    targets = chunk["target_ids"][rows, :depth].long()
+    targets[torch.arange(depth)[None, :] >= out_len[:, None]] = -100  # IGNORE_INDEX
+    return {
+        "input_ids": chunk["input_ids"][rows, :width].long(),
+        "attention_mask": (torch.arange(width)[None, :] < in_len[:, None]).long(),
+        "targets": targets,
     }
 
 

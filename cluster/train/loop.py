@@ -221,6 +221,14 @@ class Trainer(TrainingLoop):
             }
             return out.loss, sums
 
+        if self.kind == "span":  # seq2seq: the encoder reads the input, the decoder the targets
+            b = self.to_device(batch)
+            out = self.engine(
+                b["input_ids"], targets=b["targets"], attention_mask=b["attention_mask"]
+            )
+            tokens = (b["targets"] != IGNORE_INDEX).sum()
+            return out.loss, {"loss": out.loss.detach() * tokens, "tokens": tokens}
+
         ids = batch["input_ids"].to(self.device, non_blocking=True)
         x, y = ids[:, :-1], ids[:, 1:]
         if self.kind == "stream":
@@ -515,6 +523,15 @@ def _eval_batches(chunk: Chunk, kind: str, batch_size: int) -> Iterator[Batch]:
 def _concat_chunks(pieces: list[Chunk], kind: str) -> Chunk:
     if not pieces:
         raise NLMError("this worker's share of the val split is empty")
+    if kind == "span":  # pad each (n, width) tensor to the widest piece's
+
+        def widest(t: torch.Tensor, key: str) -> torch.Tensor:
+            if t.dim() == 1:
+                return t
+            width = max(p[key].shape[1] for p in pieces)
+            return torch.nn.functional.pad(t, (0, width - t.shape[1]))
+
+        return {k: torch.cat([widest(p[k], k) for p in pieces]) for k in pieces[0]}
     if kind != "mlm":
         return {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
     width = max(p["input_ids"].shape[1] for p in pieces)

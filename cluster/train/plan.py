@@ -70,7 +70,8 @@ def plan_run(config: TrainConfig, device: str = "cpu") -> RunPlan:
         )
     tokenizer_dir = str(Path(config.data) / "tokenizer")
     check_tokenizer(manifest, tokenizer_dir)
-    vocab_size = int(manifest.tokenizer["vocab_size"])
+    # span shards' sentinels are ids past the tokenizer's vocabulary (nlm.shards.SPAN_SCHEMA)
+    vocab_size = int(manifest.tokenizer["vocab_size"]) + int(manifest.settings.get("sentinels", 0))
 
     if config.init_from:  # the checkpoint's architecture; its tokenizer must be the shards'
         fields = init_model_fields(config, manifest)

@@ -21,7 +21,9 @@ class FinetuneConfig(Config):
     # what to fine-tune, on what, where the run goes
     checkpoint: str = option("", "pretrained gpt/bert checkpoint or run directory")
     task: str = option(
-        "", "classify (JSONL text/label or text_a/text_b/label) | tag (JSONL tokens/tags)"
+        "",
+        "classify (JSONL text/label or text_a/text_b/label) | tag (JSONL tokens/tags) | "
+        "seq2seq (JSONL source/target; a transformer checkpoint)",
     )
     train: str = option("", "training JSONL")
     eval: str = option("", "evaluation JSONL (its labels must occur in train)")

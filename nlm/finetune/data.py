@@ -35,7 +35,7 @@ from nlm.models import model_class
 from nlm.models.base import IGNORE_INDEX
 from nlm.tokenizers.base import BOS_ID, CLS_ID, EOS_ID, SEP_ID, UNK_ID, Tokenizer
 
-TASKS = ("classify", "tag")
+TASKS = ("classify", "tag", "seq2seq")
 BMES = ("B", "M", "E", "S")
 Label = str | int
 
@@ -55,7 +55,14 @@ class TagExample:
     line: int = 0
 
 
-Example = ClassifyExample | TagExample
+@dataclasses.dataclass
+class Seq2SeqExample:
+    source: str
+    target: str | None
+    line: int = 0
+
+
+Example = ClassifyExample | TagExample | Seq2SeqExample
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -82,7 +89,9 @@ def read_examples(path: str | Path, task: str, require_labels: bool = True) -> l
                     raise NLMError(
                         f"{path}:{number}: expected a JSON object, got {type(record).__name__}"
                     )
-                parse = _classify_example if task == "classify" else _tag_example
+                parse = {"classify": _classify_example, "seq2seq": _seq2seq_example}.get(
+                    task, _tag_example
+                )
                 examples.append(parse(record, path, number, require_labels))
     except UnicodeDecodeError as exc:
         raise NLMError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
@@ -116,6 +125,23 @@ def _classify_example(record: dict, path: Path, line: int, require_labels: bool)
             raise NLMError(f"{where(field)}: empty text")
     label = _label(record, "label", where("label"), require_labels)
     return ClassifyExample(text, label, text_b, line)
+
+
+def _seq2seq_example(record: dict, path: Path, line: int, require_labels: bool) -> Seq2SeqExample:
+    values = {}
+    for field in ("source", "target"):
+        where = describe_location(path, line, field)
+        value = record.get(field)
+        if value is None:
+            if field == "target" and not require_labels:
+                continue
+            raise NLMError(f"{where}: missing (a seq2seq example has 'source' and 'target')")
+        if not isinstance(value, str):
+            raise NLMError(f"{where}: expected a string, got {type(value).__name__}")
+        if not value.strip():
+            raise NLMError(f"{where}: empty text")
+        values[field] = value
+    return Seq2SeqExample(values["source"], values.get("target"), line)
 
 
 def _tag_example(record: dict, path: Path, line: int, require_labels: bool) -> TagExample:

@@ -58,6 +58,10 @@ class FinetunePlan(Config):
 
 def plan_finetune(config: FinetuneConfig) -> tuple[FinetunePlan, dict[str, Any]]:
     config = config.absolute().check()
+    if config.task == "seq2seq":  # the model itself, no head (nlm/finetune/seq2seq.py)
+        from nlm.finetune.seq2seq import plan_seq2seq
+
+        return plan_seq2seq(config)
     run_dir = Path(config.out)
     if not config.overwrite and (
         (run_dir / "metrics.jsonl").exists() or (run_dir / "model").exists()

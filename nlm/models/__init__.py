@@ -28,6 +28,7 @@ FAMILIES: dict[str, str] = {
     "gpt": "nlm.models.gpt:GPT",
     "bert": "nlm.models.bert:BERT",
     "elmo": "nlm.models.elmo:ELMo",
+    "transformer": "nlm.models.transformer:Transformer",
 }
 
 

@@ -90,7 +90,7 @@ class LanguageModel(nn.Module):
 
     family: ClassVar[str]
     config_class: ClassVar[type[Config]]
-    objective: ClassVar[Literal["clm", "mlm"]]
+    objective: ClassVar[Literal["clm", "mlm", "span"]]
     causal: ClassVar[bool]
     recurrent: ClassVar[bool] = False
     max_positions_field: ClassVar[str | None] = None

@@ -95,6 +95,36 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "small": dict(vocab_size=WT2_VOCAB, embed_dim=128, hidden_size=512, n_layer=2, dropout=0.1),
         "base": dict(vocab_size=WT2_VOCAB, embed_dim=128, hidden_size=1024, n_layer=2, dropout=0.1),
     },
+    # The encoder-decoder; base is T5-small's size (6 + 6 layers of 512, 8 heads, d_ff 2048).
+    "transformer": {
+        "tiny": dict(
+            vocab_size=256,
+            max_positions=64,
+            n_layer=2,
+            n_head=2,
+            n_embd=32,
+            ffn_size=64,
+            dropout=0.0,
+        ),
+        "small": dict(
+            vocab_size=WT2_VOCAB,
+            max_positions=256,
+            n_layer=3,
+            n_head=4,
+            n_embd=256,
+            ffn_size=1024,
+            dropout=0.1,
+        ),
+        "base": dict(
+            vocab_size=32128,
+            max_positions=512,
+            n_layer=6,
+            n_head=8,
+            n_embd=512,
+            ffn_size=2048,
+            dropout=0.1,
+        ),
+    },
 }
 
 

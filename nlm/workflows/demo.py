@@ -171,8 +171,10 @@ def start_ray() -> str:
 
 
 def prepare_all(config: DemoConfig, out: Path) -> dict[str, Path]:
-    """wt2-mini clm + mlm (one tokenizer), pku-lm clm; prints each manifest's summary."""
+    """wt2-mini clm + mlm (one tokenizer; + span when a seq2seq family is asked for), pku-lm
+    clm; prints each manifest's summary."""
     from nlm.cluster.prepare.pipeline import PrepareConfig, prepare
+    from nlm.models import model_class
 
     common = dict(line_docs=True, seq_len=SEQ_LEN, val_fraction=0.05, seed=config.seed)
     progress = None if config.progress else False  # None: a bar when stderr is a terminal
@@ -180,11 +182,13 @@ def prepare_all(config: DemoConfig, out: Path) -> dict[str, Path]:
         ("wt2", "wt2-mini", dict(tokenizer="word", min_count=MIN_COUNT)),
         ("wt2-mlm", "wt2-mini", dict(objective="mlm", tokenizer_from="wt2")),
     ]
+    if any(model_class(f).objective == "span" for f in config.families):
+        jobs.append(("wt2-span", "wt2-mini", dict(objective="span", tokenizer_from="wt2")))
     if config.pku:  # segmented comes from the corpus: pku-lm is pre-segmented
         jobs.append(("pku", "pku-lm", dict(tokenizer="word", min_count=PKU_MIN_COUNT)))
     shards: dict[str, Path] = {}
     for name, corpus, options in jobs:
-        path = out / "shards" / {"wt2": "wt2-clm", "wt2-mlm": "wt2-mlm", "pku": "pku-clm"}[name]
+        path = out / "shards" / {"wt2": "wt2-clm", "pku": "pku-clm"}.get(name, name)
         if "tokenizer_from" in options:
             options = {
                 **options,
@@ -242,8 +246,9 @@ def train_and_evaluate(
     from nlm.evaluation import evaluate_documents, read_documents
     from nlm.models import model_class
 
-    masked = model_class(family).objective == "mlm"
-    data = shards["wt2-mlm" if masked else "pku" if corpus == "pku-lm" else "wt2"]
+    objective = model_class(family).objective
+    own = {"mlm": "wt2-mlm", "span": "wt2-span"}  # wt2-mini shards of the other objectives
+    data = shards["pku" if corpus == "pku-lm" else own.get(objective, "wt2")]
     run_dir = out / "runs" / name
     t0 = time.monotonic()
     summary = train(train_config(config, name, family, data, run_dir), progress=config.progress)
@@ -334,14 +339,15 @@ def start_serve(models: list[tuple[str, Path]], port: int) -> str:
 def demo_requests(runs: dict[str, Path]) -> list[tuple[str, str, dict[str, Any]]]:
     """(model, endpoint, body): one request per endpoint that applies to each model."""
     from nlm.checkpoint import read_checkpoint_config
-    from nlm.inference import serving_endpoints
+    from nlm.inference import is_seq2seq, serving_endpoints
     from nlm.models import model_class
 
     plan = []
     # A seed per model: with one seed, small models whose distributions are alike (mostly
     # <unk>, "the", ",") draw the same tokens from the same random numbers.
     for seed, (name, path) in enumerate(runs.items(), start=1):
-        endpoints = serving_endpoints(model_class(read_checkpoint_config(path)["family"]))
+        cls = model_class(read_checkpoint_config(path)["family"])
+        endpoints = serving_endpoints(cls)
         chinese = name == PKU_RUN
         sentence = PKU_PROMPT if chinese else SENTENCE
         if "fill-mask" in endpoints:
@@ -350,7 +356,10 @@ def demo_requests(runs: dict[str, Path]) -> list[tuple[str, str, dict[str, Any]]
             prompt = PKU_PROMPT if chinese else PROMPT
             body = {"model": name, "prompt": prompt, "max_tokens": 12, "temperature": 0.8}
             plan.append((name, "generate", {**body, "top_k": 40, "seed": seed}))
-        plan.append((name, "score", {"model": name, "text": sentence}))
+        score = {"model": name, "text": sentence}
+        if is_seq2seq(cls):  # log p(text | source): the sentence given itself
+            score["source"] = sentence
+        plan.append((name, "score", score))
         plan.append((name, "embed", {"model": name, "texts": sentence}))
         word = PKU_WORD if chinese else WORD
         plan.append((name, "neighbors", {"model": name, "word": word, "k": 5}))

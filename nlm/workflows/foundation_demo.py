@@ -72,7 +72,7 @@ def run_foundation_demo(
         token_stream,
         unknown_text,
     )
-    from nlm.models import build_model
+    from nlm.models import build_model, model_class
     from nlm.tokenizers import train_tokenizer
 
     limits = {"--seconds": (seconds, 0.001), "--bert-seconds": (bert_seconds, 0.001),
@@ -104,7 +104,9 @@ def run_foundation_demo(
     ]
     for family in families:
         torch.manual_seed(seed)
-        model = build_model(family, preset, vocab_size=tokenizer.vocab_size)
+        # span models: the sentinels are ids past the tokenizer's (nlm.shards.SPAN_SCHEMA)
+        sentinels = span_sentinels(seq_len) if model_class(family).objective == "span" else 0
+        model = build_model(family, preset, vocab_size=tokenizer.vocab_size + sentinels)
         masked = model.objective == "mlm"  # bert: its own, shorter budget (--bert-seconds)
         budget = bert_seconds if masked else seconds
         least = max(1, min_steps // 10) if masked else min_steps
@@ -274,6 +276,14 @@ def learning_rate(peak: float, step: int, done: float) -> float:
     return Schedule(peak, peak / 10, WARMUP_STEPS, total=0).at(step, progress=done)
 
 
+def span_sentinels(seq_len: int) -> int:
+    """Sentinel ids a span model needs for rows of `seq_len` - 1 tokens (as span shards)."""
+    from nlm.evaluation import SPAN_MEAN_LENGTH, SPAN_NOISE_DENSITY
+    from nlm.objectives import max_spans
+
+    return max_spans(seq_len - 1, SPAN_NOISE_DENSITY, SPAN_MEAN_LENGTH)
+
+
 def _batches(model: Any, stream: Any, batch_size: int, seq_len: int, generator: Any):
     """Endless training batches: (inputs, targets) or, for a masked LM, (masked ids, mlm
     labels); a recurrent model reads B parallel streams in order, the others random windows."""
@@ -291,6 +301,27 @@ def _batches(model: Any, stream: Any, batch_size: int, seq_len: int, generator: 
         while True:
             for t in range(0, width - 1, seq_len):
                 yield x[:, t : t + seq_len], y[:, t : t + seq_len]
+    if model.objective == "span":  # T5's span corruption of random windows (equal lengths)
+        import random
+
+        from nlm.evaluation import SPAN_MEAN_LENGTH, SPAN_NOISE_DENSITY
+        from nlm.objectives import span_corrupt
+
+        rng = random.Random(int(torch.randint(2**31, (1,), generator=generator)))
+        first = model.config.vocab_size - span_sentinels(seq_len)
+        while True:
+            starts = torch.randint(len(stream) - seq_len, (batch_size,), generator=generator)
+            pairs = [
+                span_corrupt(
+                    stream[s : s + seq_len - 1].tolist(),
+                    first,
+                    rng,
+                    SPAN_NOISE_DENSITY,
+                    SPAN_MEAN_LENGTH,
+                )
+                for s in starts.tolist()
+            ]
+            yield torch.tensor([x for x, _ in pairs]), torch.tensor([y for _, y in pairs])
     masked = model.objective == "mlm"
     body = seq_len - 2 if masked else seq_len
     while True:
