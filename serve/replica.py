@@ -86,6 +86,10 @@ class Replica:
     """
 
     BATCHED: tuple[str, ...] = ()  # the @serve.batch methods that reconfigure resizes
+    # Of those, the ones whose batches join a running loop at its next step (continuous
+    # generation): the loop's step is their batching window, so Serve's batcher must not add
+    # batch_wait_timeout_s of its own to every request's time to first token.
+    CONTINUOUS: tuple[str, ...] = ()
 
     def __init__(self, name: str, endpoints: Sequence[str], torch_threads: int | None) -> None:
         if torch_threads is None:
@@ -115,7 +119,8 @@ class Replica:
         self.busy_since: float | None = None
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        """user_config: {max_batch_size, batch_wait_timeout_s}; max_batch_size 1 = no batching."""
+        """user_config: {max_batch_size, batch_wait_timeout_s}; max_batch_size 1 = no batching.
+        batch_wait_timeout_s applies to the methods in BATCHED but not CONTINUOUS."""
         unknown = set(config) - {"max_batch_size", "batch_wait_timeout_s"}
         if unknown:
             raise ValueError(f"user_config: unknown field(s) {sorted(unknown)}")
@@ -126,7 +131,8 @@ class Replica:
         for name in self.BATCHED:
             method = getattr(self, name)
             method.set_max_batch_size(self.max_batch_size)
-            method.set_batch_wait_timeout_s(self.batch_wait_timeout_s)
+            wait = 0.0 if name in self.CONTINUOUS else self.batch_wait_timeout_s
+            method.set_batch_wait_timeout_s(wait)
 
     def check_health(self) -> None:
         """Serve's health check: raises when the worker thread has been busy for too long."""
