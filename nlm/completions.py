@@ -319,3 +319,40 @@ def offsets(
         decode = engine.tokenizer.decode
         return [base + len(decode(list(ids[:j]), skip_special=False)) for j in range(start, end)]
     return [base + len(continuation_text(engine, prefix, ids[:j])) for j in range(start, end)]
+
+
+class ChunkBatcher:
+    """Streamed chunks grouped in time: each choice's first chunk and its last go out at once,
+    the ones between at most every `interval_s` seconds, merged (Ray Serve LLM's
+    `stream_batching_interval_ms`; per-token Ray objects are what makes Serve streaming slow
+    at high concurrency, ray-project/ray#52745). Merging is exact: the texts are concatenated
+    and the `logprobs` lists extended, so the client reads the same answer in fewer events.
+
+    `add(choice, text, logprobs, finish)` takes one step's delta and returns the (text,
+    logprobs, finish) to send now, or None while it waits. `clock`: seconds, monotonic.
+    """
+
+    def __init__(self, interval_s: float, clock: Any = time.monotonic) -> None:
+        if interval_s < 0:
+            raise ValueError(f"interval_s {interval_s}: must be >= 0")
+        self.interval_s = interval_s
+        self.clock = clock
+        self.pending: dict[int, tuple[str, dict[str, list] | None]] = {}
+        self.last_sent: dict[int, float] = {}
+
+    def add(
+        self, choice: int, text: str, logprobs: dict[str, list] | None, finish: str | None
+    ) -> tuple[str, dict[str, list] | None, str | None] | None:
+        held_text, held_lp = self.pending.pop(choice, ("", None))
+        text = held_text + text
+        if held_lp is not None and logprobs is not None:
+            logprobs = {key: held_lp[key] + logprobs[key] for key in held_lp}
+        elif held_lp is not None:
+            logprobs = held_lp
+        now = self.clock()
+        first = choice not in self.last_sent
+        if finish is None and not first and now - self.last_sent[choice] < self.interval_s:
+            self.pending[choice] = (text, logprobs)
+            return None
+        self.last_sent[choice] = now
+        return text, logprobs, finish

@@ -61,6 +61,7 @@ from nlm.serve.catalog import parse_checkpoints
 from nlm.serve.deployments import (
     DEFAULT_BATCH_WAIT_TIMEOUT_S,
     DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_STREAM_BATCHING_INTERVAL_MS,
     ModelServer,
     endpoint_method,
 )
@@ -110,6 +111,8 @@ class AppArgs(Config):
     limits: dict[str, Any] = dataclasses.field(default_factory=dict)  # nlm.inference.Limits fields
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE  # 1 turns batching off
     batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S
+    # a streamed choice's tokens go out at most this often after its first (0: every step)
+    stream_batching_interval_ms: float = DEFAULT_STREAM_BATCHING_INTERVAL_MS
     num_cpus: float | None = None  # per model replica; None keeps the deployment's default
     torch_threads: int | None = None  # per model replica; None: the whole CPUs it reserved
     num_replicas: int | None = None  # per model; None: 1, or the config's autoscaling
@@ -157,6 +160,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         ("max_body_bytes", spec.max_body_bytes, 1),
         ("request_timeout_s", spec.request_timeout_s, 0.001),
         ("max_queued_requests", spec.max_queued_requests, 1),
+        ("stream_batching_interval_ms", spec.stream_batching_interval_ms, 0),
     ]:
         if not isinstance(value, int | float) or isinstance(value, bool) or value < least:
             raise NLMError(f"application args (field '{field}'): must be >= {least}, got {value!r}")
@@ -174,6 +178,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             "user_config": {
                 "max_batch_size": spec.max_batch_size,
                 "batch_wait_timeout_s": spec.batch_wait_timeout_s,
+                "stream_batching_interval_ms": spec.stream_batching_interval_ms,
             },
             # Queue room for a full batch: never below max_batch_size (ray-project/ray#43288).
             "max_ongoing_requests": max(2 * spec.max_batch_size, 8),

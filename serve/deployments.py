@@ -54,6 +54,7 @@ from nlm.serve.placement import replica_placement
 from nlm.serve.replica import (
     DEFAULT_BATCH_WAIT_TIMEOUT_S,
     DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_STREAM_BATCHING_INTERVAL_MS,
     DEPLOYMENT_OPTIONS,
     Replica,
     as_list,
@@ -326,6 +327,7 @@ def endpoint_method(endpoint: str) -> str:
 __all__: Sequence[str] = [
     "DEFAULT_BATCH_WAIT_TIMEOUT_S",
     "DEFAULT_MAX_BATCH_SIZE",
+    "DEFAULT_STREAM_BATCHING_INTERVAL_MS",
     "ModelServer",
     "endpoint_method",
     "error",

@@ -32,6 +32,7 @@ from nlm.completions import (
     MAX_TOP_LOGPROBS,
     ChoiceJob,
     ChoiceText,
+    ChunkBatcher,
     StreamingGeneration,
     choice_jobs,
     encode_prompt,
@@ -273,6 +274,7 @@ class OpenAIServing:
             job.sink = queue
         futures = self._start_rows(jobs)
         open_choices = len(jobs)
+        batcher = ChunkBatcher(self.stream_batching_interval_ms / 1000.0)
         try:
             while open_choices:
                 kind, job, *rest = await queue.get()
@@ -332,7 +334,9 @@ class OpenAIServing:
                     if first_at[c] is not None and text.tokens > 1:
                         self.m_tpot.observe((time.monotonic() - first_at[c]) / (text.tokens - 1))
                 if delta or final or (lp and lp["tokens"]):
-                    yield chunk(c, delta, lp, finish)
+                    due = batcher.add(c, delta, lp, finish)
+                    if due is not None:
+                        yield chunk(c, *due)
             yield {**head, "choices": [], "usage": _usage(usage)}
         finally:
             left = [f for f in futures if not f.done()]

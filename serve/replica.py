@@ -33,6 +33,11 @@ from nlm.inference import Sliced, next_slice
 
 DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_BATCH_WAIT_TIMEOUT_S = 0.01
+# A streamed choice's tokens are sent at most this often after its first one (Ray Serve LLM's
+# stream_batching_interval_ms, same default): every chunk is a Ray object through two hops
+# (replica -> gateway -> proxy), which per token costs more CPU than the decode step itself at
+# 32 streams on 2 cores (ray-project/ray#52745). 0 sends every decode step's tokens at once.
+DEFAULT_STREAM_BATCHING_INTERVAL_MS = 50.0
 # An engine call that runs longer than this means the worker thread is wedged: fail the health
 # check so Serve replaces the replica. Work is sliced (Limits.max_slice_cost), so a healthy
 # call is far shorter.
@@ -100,6 +105,7 @@ class Replica:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"nlm-{name}")
         self.max_batch_size = DEFAULT_MAX_BATCH_SIZE
         self.batch_wait_timeout_s = DEFAULT_BATCH_WAIT_TIMEOUT_S
+        self.stream_batching_interval_ms = DEFAULT_STREAM_BATCHING_INTERVAL_MS
         self.stats: dict[str, dict[str, int]] = {
             e: {
                 "requests": 0,
@@ -119,14 +125,22 @@ class Replica:
         self.busy_since: float | None = None
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        """user_config: {max_batch_size, batch_wait_timeout_s}; max_batch_size 1 = no batching.
-        batch_wait_timeout_s applies to the methods in BATCHED but not CONTINUOUS."""
-        unknown = set(config) - {"max_batch_size", "batch_wait_timeout_s"}
+        """user_config: {max_batch_size, batch_wait_timeout_s, stream_batching_interval_ms};
+        max_batch_size 1 = no batching. batch_wait_timeout_s applies to the methods in BATCHED
+        but not CONTINUOUS."""
+        unknown = set(config) - {
+            "max_batch_size",
+            "batch_wait_timeout_s",
+            "stream_batching_interval_ms",
+        }
         if unknown:
             raise ValueError(f"user_config: unknown field(s) {sorted(unknown)}")
         self.max_batch_size = int(config.get("max_batch_size", self.max_batch_size))
         self.batch_wait_timeout_s = float(
             config.get("batch_wait_timeout_s", self.batch_wait_timeout_s)
+        )
+        self.stream_batching_interval_ms = float(
+            config.get("stream_batching_interval_ms", self.stream_batching_interval_ms)
         )
         for name in self.BATCHED:
             method = getattr(self, name)
@@ -147,6 +161,7 @@ class Replica:
             "replica_id": context.replica_id.unique_id,
             "max_batch_size": self.max_batch_size,
             "batch_wait_timeout_s": self.batch_wait_timeout_s,
+            "stream_batching_interval_ms": self.stream_batching_interval_ms,
             "stats": self.stats,
         }
 

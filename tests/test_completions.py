@@ -10,6 +10,7 @@ from test_inference import TEXTS, build_tiny_checkpoints
 from nlm.checkpoint import load_checkpoint
 from nlm.completions import (
     ChoiceText,
+    ChunkBatcher,
     StreamingGeneration,
     choice_jobs,
     continuation_text,
@@ -106,3 +107,39 @@ def test_stop_strings_cut_and_stream_equals_final(engine):
     plain = ChoiceText(engine, [])
     pieces = [plain.update(new_ids[:n], False, ids[-8:]) for n in range(1, len(new_ids) + 1)]
     assert "".join(pieces) + plain.update(new_ids, True, ids[-8:]) == full
+
+
+def test_chunk_batcher_groups_in_time_and_loses_nothing():
+    """First and last chunks go out at once, those between at most every interval, merged
+    exactly (texts joined, logprobs lists extended); interval 0 sends every step."""
+    now = [0.0]
+    batcher = ChunkBatcher(0.05, clock=lambda: now[0])
+
+    def lp(i: int) -> dict[str, list]:
+        return {
+            "tokens": [f"t{i}"],
+            "token_logprobs": [-i],
+            "top_logprobs": [None],
+            "text_offset": [i],
+        }
+
+    sent = []
+    for step in range(10):  # two choices, one token each per 10 ms step
+        now[0] = step * 0.01
+        for choice in (0, 1):
+            finish = "length" if step == 9 else None
+            due = batcher.add(choice, f"{step} ", lp(step), finish)
+            if due is not None:
+                sent.append((choice, now[0], *due))
+    for choice in (0, 1):
+        mine = [s for s in sent if s[0] == choice]
+        assert "".join(s[2] for s in mine) == "".join(f"{i} " for i in range(10))
+        assert [t for s in mine for t in s[3]["tokens"]] == [f"t{i}" for i in range(10)]
+        assert [t for s in mine for t in s[3]["token_logprobs"]] == [-i for i in range(10)]
+        assert mine[0][1] == 0.0 and mine[0][2] == "0 "  # the first token at once
+        assert mine[-1][4] == "length" and mine[-1][1] == pytest.approx(0.09)  # the last at once
+        times = [s[1] for s in mine[1:-1]]
+        assert all(b - a >= 0.05 - 1e-9 for a, b in zip([0.0, *times], times, strict=False))
+        assert len(mine) < 10  # grouped
+    every = ChunkBatcher(0.0, clock=lambda: 0.0)
+    assert all(every.add(0, "x", None, None) == ("x", None, None) for _ in range(5))

@@ -517,7 +517,9 @@ def test_playground_streams_a_completion(server, browser):
     Select(browser.find_element(By.ID, "model")).select_by_value("lstm")
     browser.find_element(By.ID, "prompt").clear()
     browser.find_element(By.ID, "prompt").send_keys("The lobster")
-    for field, value in (("max_tokens", "200"), ("seed", "4")):
+    # 2000 tokens: seconds of decoding, so that chunks sent at most every 50 ms (the stream
+    # batching interval) still number well over MIN_CHUNKS
+    for field, value in (("max_tokens", "2000"), ("seed", "4")):
         browser.find_element(By.ID, field).clear()
         browser.find_element(By.ID, field).send_keys(value)
     browser.find_element(By.ID, "complete").click()

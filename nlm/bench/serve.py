@@ -8,6 +8,8 @@ Three servers, each its own process on 127.0.0.1, all started first and stopped 
 - `unbatched`: the same with --no-batching (max_batch_size 1),
 - `plain`:     one FastAPI + PyTorch process (`python -m nlm.bench.serve plain ...`, below): what
                a user would write instead, with the same nlm.inference code per request,
+- `per-token` (only when asked, `--servers batched,per-token,...`): `batched` with
+               --stream-batching-interval-ms 0, every streamed token its own chunk,
 this process (a second one) drives /v1/generate (64 new tokens, no early stop, so every request
 does the same work) and /v1/score with N concurrent clients, each sending its requests one after
 another, and records requests/s, tokens/s and p50/p99 latency. `--endpoints stream` drives
@@ -39,7 +41,8 @@ from nlm.serve.schemas import GenerateRequest, ScoreRequest  # module level: Fas
 
 # the plain server's annotations (strings, with `from __future__ import annotations`) here
 
-SERVERS = ("batched", "unbatched", "plain")
+SERVERS = ("batched", "unbatched", "plain")  # the default set
+KNOWN_SERVERS = (*SERVERS, "per-token")
 PROMPT = "The lobster is a species of"
 SCORE_TEXT = (
     "Homarus gammarus , known as the European lobster or common lobster , is a species of "
@@ -58,7 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--endpoints", default="generate,score", help="generate, score and/or stream"
     )
-    parser.add_argument("--servers", default=",".join(SERVERS), help="which servers to measure")
+    parser.add_argument(
+        "--servers",
+        default=",".join(SERVERS),
+        help=f"which servers to measure, of {', '.join(KNOWN_SERVERS)} (default %(default)s)",
+    )
     parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per generation")
     parser.add_argument(
         "--min-requests", type=int, default=32, help="requests per level at least (default 32)"
@@ -79,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
     servers = [s for s in args.servers.split(",") if s]
     if bad := sorted(set(endpoints) - {"generate", "score", "stream"}):
         raise NLMError(f"--endpoints: unknown {bad} (known: generate, score, stream)")
-    if bad := sorted(set(servers) - set(SERVERS)):
-        raise NLMError(f"--servers: unknown {bad} (known: {', '.join(SERVERS)})")
+    if bad := sorted(set(servers) - set(KNOWN_SERVERS)):
+        raise NLMError(f"--servers: unknown {bad} (known: {', '.join(KNOWN_SERVERS)})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = (
@@ -180,7 +187,9 @@ class running:
         else:
             self.cmd = [py, "-m", "nlm", "serve", f"model={checkpoint}", "--port", str(self.port)]
             self.cmd += ["--replica-cpus", "1", "--torch-threads", str(threads)]
-            self.cmd += ["--max-batch-size", "32"] if server == "batched" else ["--no-batching"]
+            self.cmd += ["--no-batching"] if server == "unbatched" else ["--max-batch-size", "32"]
+            if server == "per-token":
+                self.cmd += ["--stream-batching-interval-ms", "0"]
         self.log = out / f"server-{server}.log"
 
     def __enter__(self) -> str:
@@ -403,7 +412,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     endpoints = sorted({r["endpoint"] for r in results})
     fig, axes = plt.subplots(1, len(endpoints), figsize=(6 * len(endpoints), 4.5), squeeze=False)
     for ax, endpoint in zip(axes[0], endpoints, strict=True):
-        for color, server in zip(("tab:blue", "tab:orange", "tab:green"), SERVERS, strict=True):
+        colors = ("tab:blue", "tab:orange", "tab:green", "tab:red")
+        for color, server in zip(colors, KNOWN_SERVERS, strict=True):
             rows = sorted(
                 (r for r in results if r["server"] == server and r["endpoint"] == endpoint),
                 key=lambda r: r["clients"],
@@ -422,10 +432,11 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
             )
             for r in rows:
                 ax.annotate(f"c={r['clients']}", (r["requests_per_s"], r["p50_ms"]), fontsize=7)
+        stream = endpoint == "stream"  # its latency is the time to first token
         ax.set_xlabel("throughput (requests/s)")
-        ax.set_ylabel("latency (ms)")
+        ax.set_ylabel("time to first token (ms)" if stream else "latency (ms)")
         ax.set_yscale("log")
-        ax.set_title(f"/v1/{endpoint}")
+        ax.set_title("/v1/completions, stream: true" if stream else f"/v1/{endpoint}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -55,6 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how long a batch waits to fill (default %(default)s)",
     )
     batching.add_argument(
+        "--stream-batching-interval-ms",
+        type=float,
+        default=D["stream_batching_interval_ms"],
+        help="a streamed choice's tokens are sent at most this often after its first "
+        "(default %(default)s; 0: every decode step)",
+    )
+    batching.add_argument(
         "--no-batching", action="store_true", help="max batch size 1: every request runs alone"
     )
     sizing = parser.add_argument_group("replicas")
@@ -141,6 +148,7 @@ def app_args(args: argparse.Namespace) -> dict:
         "checkpoints": list(args.checkpoints),
         "max_batch_size": 1 if args.no_batching else args.max_batch_size,
         "batch_wait_timeout_s": args.batch_wait_ms / 1000.0,
+        "stream_batching_interval_ms": args.stream_batching_interval_ms,
         "num_cpus": args.replica_cpus,
         "torch_threads": args.torch_threads,
         "num_replicas": args.replicas,
@@ -168,6 +176,10 @@ def check_args(args: argparse.Namespace) -> None:
         (1 <= args.port <= 65535, f"--port {args.port}: must be 1-65535"),
         (args.max_batch_size >= 1, f"--max-batch-size {args.max_batch_size}: must be >= 1"),
         (args.batch_wait_ms >= 0, f"--batch-wait-ms {args.batch_wait_ms}: must be >= 0"),
+        (
+            args.stream_batching_interval_ms >= 0,
+            f"--stream-batching-interval-ms {args.stream_batching_interval_ms}: must be >= 0",
+        ),
         (args.replica_cpus > 0, f"--replica-cpus {args.replica_cpus}: must be > 0"),
         (args.replicas >= 1, f"--replicas {args.replicas}: must be >= 1"),
         (args.torch_threads is None or args.torch_threads >= 1, "--torch-threads: must be >= 1"),
