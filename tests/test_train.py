@@ -133,7 +133,8 @@ def test_interrupted_run_resumes_where_its_checkpoint_left(
                 raise _Killed
 
     cfg = tiny(shards, tmp_path / model, model, zero_stage=stage, max_steps=6, log_every=1,
-               checkpoint_every=3, eval_every=5, eval_rows=16, model_overrides={"dropout": 0.2})  # fmt: skip
+               checkpoint_every=3, eval_every=5, eval_rows=16,
+               model_overrides={"dropout": 0.2})  # fmt: skip
     plan = plan_run(cfg)
     with pytest.raises(_Killed):
         DiesAtStep6(plan, LocalSession(plan)).run()
