@@ -1,8 +1,8 @@
 """Training for real: DeepSpeed engines, Ray Train worker groups, checkpoints, a killed worker.
 
 Tiny presets and a few hundred rows of wt2-mini. The loop is exercised twice: without Ray
-(LocalSession, one process, the path used to measure GPUs) for every family, and under Ray
-Train (the `ray_local` session) for the distributed behaviour: two workers, ZeRO-3 export,
+(LocalSession, one process, the path used to measure GPUs) for every family (elmo and the
+transformer also at every ZeRO stage, interrupted and resumed), and under Ray Train (the `ray_local` session) for the distributed behaviour: two workers, ZeRO-3 export,
 fault tolerance and --resume.
 """
 
