@@ -1,4 +1,4 @@
-"""The serving issue end to end: `nlm serve` on tiny checkpoints of all five families, real Ray
+"""The serving issue end to end: `nlm serve` on tiny checkpoints of all seven families, real Ray
 Serve, real HTTP on 127.0.0.1. One server for the whole module (started like the acceptance
 script does: in the background, polled on /healthz, killed at the end).
 
@@ -24,15 +24,23 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import yaml
 from test_inference import CAUSAL, FAMILIES, TEXTS, build_tiny_checkpoints
+
+from nlm.checkpoint import load_checkpoint, save_checkpoint
+from nlm.inference import Engine
+from nlm.models import build_model
 
 # Ray's own Serve config models use a pydantic idiom that pydantic 2.14 warns about.
 pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`")
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-123"
 MAX_ITEMS = 8
-START_TIMEOUT_S = 300  # a loaded 2-core machine starts Ray + six replicas slowly
+START_TIMEOUT_S = 300  # a loaded 2-core machine starts Ray + eight replicas slowly
+# Served beside FAMILIES (the endpoint-by-endpoint tests'): a bidirectional clm family and the
+# encoder-decoder, checked against the library's Engine in test_elmo_and_the_transformer_served.
+NEWER = ("elmo", "transformer")
 
 
 def free_port() -> int:
@@ -68,6 +76,11 @@ class Server:
 def server(tmp_path_factory, data_mirror):
     root = tmp_path_factory.mktemp("serve")
     paths = build_tiny_checkpoints(root / "ckpt", data_mirror)
+    tokenizer = load_checkpoint(paths["gpt"]).tokenizer
+    for i, family in enumerate(NEWER):
+        torch.manual_seed(10 + i)
+        model = build_model(family, "tiny", vocab_size=256)
+        paths[family] = save_checkpoint(root / "ckpt" / family, model, tokenizer)
     port = free_port()
     env = {**os.environ, "NLM_API_TOKEN": TOKEN, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
@@ -139,7 +152,7 @@ def post_ok(client: httpx.Client, path: str, body: dict) -> dict:
 
 
 def test_healthz_is_open_and_api_needs_the_token(server):
-    assert httpx.get(server.url + "/healthz").json() == {"status": "ok", "models": 5}
+    assert httpx.get(server.url + "/healthz").json() == {"status": "ok", "models": 7}
     with server.client(token=None) as anonymous, server.client(token="wrong") as wrong:
         for c in (anonymous, wrong):
             # nlm's routes answer nlm's error shape, the OpenAI routes OpenAI's (test_openai.py).
@@ -154,7 +167,7 @@ def test_healthz_is_open_and_api_needs_the_token(server):
 
 def test_models_lists_every_checkpoint(client):
     models = {m["name"]: m for m in client.get("/v1/models").json()["data"]}
-    assert set(models) == set(FAMILIES)
+    assert set(models) == {*FAMILIES, *NEWER}
     for i, family in enumerate(FAMILIES):
         info = models[family]
         assert info["family"] == family
@@ -221,6 +234,53 @@ def test_neighbors(client, family):
     cosines = [n["cosine"] for n in answer["neighbors"]]
     assert len(cosines) == 4 and cosines == sorted(cosines, reverse=True)
     assert "lobster" not in [n["token"] for n in answer["neighbors"]]
+
+
+def test_elmo_and_the_transformer_are_served(server, client):
+    """/v1/models metadata, /v1/embed (pooled and per token), /v1/neighbors and the bad inputs
+    of the two newer families answer over HTTP what the library's Engine gives in-process."""
+    listed = {m["name"]: m for m in client.get("/v1/models").json()["data"]}
+    for family in NEWER:
+        local = Engine(load_checkpoint(server.paths[family]))
+        info, expected = listed[family], local.info()
+        for key in ("family", "endpoints", "parameters", "vocab_size", "max_positions"):
+            assert info[key] == expected[key], (family, key)
+        assert info["replica"]["pid"] > 0
+        for granularity in ("pooled", "token"):
+            body = {"model": family, "texts": TEXTS[:2], "granularity": granularity}
+            answer = post_ok(client, "/v1/embed", body)
+            want = local.embed([local.embed_job(t, granularity) for t in TEXTS[:2]])
+            assert answer["dim"] == local.model.hidden_size
+            if granularity == "pooled":
+                assert all(a == pytest.approx(w, abs=1e-5) for a, w in
+                           zip(answer["embeddings"], want, strict=True))  # fmt: skip
+            else:
+                for a, w in zip(answer["embeddings"], want, strict=True):
+                    assert a["tokens"] == w["tokens"] and len(a["tokens"]) > 1
+                    assert torch.allclose(torch.tensor(a["embeddings"]),
+                                          torch.tensor(w["embeddings"]), atol=1e-5)  # fmt: skip
+        answer = post_ok(client, "/v1/neighbors", {"model": family, "word": "lobster", "k": 4})
+        assert [n["token"] for n in answer["neighbors"]] == [
+            n["token"] for n in local.neighbors("lobster", 4)
+        ]
+    assert listed["elmo"]["endpoints"] == ["score", "embed", "neighbors"]
+    assert listed["elmo"]["max_positions"] is None
+    assert listed["transformer"]["endpoints"] == ["generate", "score", "embed", "neighbors"]
+    assert listed["transformer"]["max_positions"] == 64
+
+    long_source = " ".join(["the"] * 64)  # + </s>: past the encoder's 64 positions
+    for path, body, status, phrase in (
+        ("/v1/score", {"model": "transformer", "text": "the lobster"}, 422, "field 'source'"),
+        ("/v1/generate", {"model": "transformer", "prompt": long_source, "max_tokens": 2}, 400,
+         "input too long"),
+        ("/v1/score", {"model": "transformer", "text": "a", "source": long_source}, 400,
+         "input too long"),
+        ("/v1/generate", {"model": "elmo", "prompt": "the lobster"}, 400, "does not apply"),
+        ("/v1/score", {"model": "elmo", "text": "a", "source": "b"}, 422, "field 'source'"),
+    ):  # fmt: skip
+        response = client.post(path, json=body)
+        assert response.status_code == status, (path, body, response.text)
+        assert phrase in response.json()["error"]["message"] and "\n" not in response.text
 
 
 @pytest.mark.parametrize("family", CAUSAL)

@@ -1,8 +1,8 @@
 """Training for real: DeepSpeed engines, Ray Train worker groups, checkpoints, a killed worker.
 
 Tiny presets and a few hundred rows of wt2-mini. The loop is exercised twice: without Ray
-(LocalSession, one process, the path used to measure GPUs) for every family, and under Ray
-Train (the `ray_local` session) for the distributed behaviour: two workers, ZeRO-3 export,
+(LocalSession, one process, the path used to measure GPUs) for every family (elmo and the
+transformer also at every ZeRO stage, interrupted and resumed), and under Ray Train (the `ray_local` session) for the distributed behaviour: two workers, ZeRO-3 export,
 fault tolerance and --resume.
 """
 
@@ -109,6 +109,60 @@ def test_every_family_trains_and_exports(
     assert trainer.final["export_max_abs_logit_diff"] <= 1e-5
     assert (Path(cfg.out) / "config.yaml").exists() is False  # written by the driver, not here
     assert list((Path(cfg.out) / "tb").iterdir())  # TensorBoard events
+
+
+class _Killed(Exception):
+    """Raised from inside the loop: the rank dies between two checkpoints."""
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])  # ZeRO-3: test_every_family_trains_and_exports
+@pytest.mark.parametrize("model", ["elmo", "transformer"])
+def test_interrupted_run_resumes_where_its_checkpoint_left(
+    process_group, shards, tmp_path, model, stage
+):
+    """A run that dies after step 5 resumes (--resume, one process, no Ray) from its step-3
+    checkpoint with the same data position (elmo's clm windows, the transformer's span rows),
+    optimizer state (ZeRO 0-2) and RNG (dropout on), so the replayed steps' losses and the
+    step-5 evaluation (elmo: each direction's) equal the first attempt's."""
+    from nlm.cluster.train.loop import LocalSession, Trainer, run_worker
+
+    class DiesAtStep6(Trainer):
+        def after_step(self) -> None:
+            super().after_step()
+            if self.step == 6:  # steps 4 and 5 are logged, the step-3 checkpoint is the last
+                raise _Killed
+
+    cfg = tiny(shards, tmp_path / model, model, zero_stage=stage, max_steps=6, log_every=1,
+               checkpoint_every=3, eval_every=5, eval_rows=16,
+               model_overrides={"dropout": 0.2})  # fmt: skip
+    plan = plan_run(cfg)
+    with pytest.raises(_Killed):
+        DiesAtStep6(plan, LocalSession(plan)).run()
+    assert [c["step"] for c in list_checkpoints(cfg.out)] == [3]
+    assert not (Path(cfg.out) / "model").exists()
+
+    plan = plan_run(cfg.replace(resume=True))
+    trainer = run_worker(plan, LocalSession(plan))
+    records = read_metrics(cfg.out, every_attempt=True)
+    starts = [i for i, r in enumerate(records) if r.get("event") == "start"]
+    assert len(starts) == 2 and records[starts[1]]["resumed_from_step"] == 3
+    first, again = records[: starts[1]], records[starts[1] :]
+
+    def losses(rows: list[dict]) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+    assert sorted(losses(first)) == [1, 2, 3, 4, 5] and sorted(losses(again)) == [4, 5, 6]
+    for step in (4, 5):  # 4: the data position and weights; 5: also the optimizer's state
+        assert losses(again)[step] == pytest.approx(losses(first)[step], rel=1e-4), step
+    (eval_first,) = [r for r in first if "val_loss" in r]
+    eval_again = next(r for r in again if "val_loss" in r)
+    assert eval_first["step"] == eval_again["step"] == 5
+    keys = sorted(k for k in eval_first if k.startswith("val_"))
+    if model == "elmo":
+        assert {"val_forward_loss", "val_backward_loss"} <= set(keys)
+    for key in keys:
+        assert eval_again[key] == pytest.approx(eval_first[key], rel=1e-4), key
+    assert trainer.final["step"] == 6 and load_checkpoint(cfg.out).metrics["step"] == 6
 
 
 def test_zero3_export_gives_the_engines_logits(process_group, shards, tmp_path):
@@ -311,10 +365,25 @@ def test_torchrun_two_ranks_without_ray(shards, tmp_path):
     assert TrainConfig.load_yaml(Path(cfg.out) / "config.yaml").scale.workers == 2
 
 
-@pytest.mark.parametrize(("model", "data"), [("gpt", "span"), ("transformer", "clm")])
-def test_span_and_clm_shards_are_refused_by_the_other_kind_of_model(shards, tmp_path, model, data):
-    cfg = tiny(shards, tmp_path / "run", model, data=str(shards[data]))
-    wanted = "span" if model == "transformer" else "clm"
-    with pytest.raises(NLMError, match=f"prepared for '{data}', but {model} trains on '{wanted}'"):
-        plan_run(cfg)
-    assert not (tmp_path / "run").exists()
+@pytest.mark.parametrize(
+    ("model", "data"),
+    [("gpt", "span"), ("elmo", "span"), ("bert", "span"), ("transformer", "clm"),
+     ("transformer", "mlm")],
+)  # fmt: skip
+def test_span_and_clm_shards_are_refused_by_the_other_kind_of_model(
+    shards, tmp_path, capsys, model, data
+):
+    """`nlm train` on shards of another objective: one line naming both, exit 2, nothing
+    written (refused by plan_run, before Ray starts)."""
+    from nlm.cli import main
+
+    wanted = {"transformer": "span", "bert": "mlm"}.get(model, "clm")
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--data", str(shards[data]), "--model", model, "--preset", "tiny",
+              "--out", str(out), "--no-progress"])  # fmt: skip
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("nlm: error: ")
+    assert f"prepared for '{data}', but {model} trains on '{wanted}'" in err
+    assert not out.exists()

@@ -5,6 +5,7 @@ equal to cached step-by-step decoding, and the residual + LayerNorm sub-layer's 
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -330,3 +331,38 @@ def test_seq2seq_finetuning_trains_exports_and_serves(process_group, tmp_path):
                 out=str(tmp_path / "r2"),
             )
         )
+
+
+def test_nlm_finetune_seq2seq_refuses_bad_jsonl_in_one_line(tmp_path, capsys):
+    """`nlm finetune train --task seq2seq`: a row without `source` or `target`, and a source
+    longer than the encoder's positions, each exit 2 with one line naming file:line and field,
+    before anything is written (plan_seq2seq runs before Ray starts)."""
+    from nlm.checkpoint import save_checkpoint
+    from nlm.cli import main
+    from nlm.tokenizers import train_tokenizer
+
+    tokenizer = train_tokenizer("word", ["a b c d"])
+    torch.manual_seed(0)
+    model = build_model("transformer", "tiny", vocab_size=tokenizer.vocab_size)
+    base = save_checkpoint(tmp_path / "base", model, tokenizer)
+    good = {"source": "a b", "target": "b a"}
+    too_long = " ".join(["a"] * model.max_positions)  # + </s>: one past the positions
+    cases = (
+        ([good, {"target": "a"}], r"bad\.jsonl:2 \(field 'source'\): missing"),
+        ([good, good, {"source": "a"}], r"bad\.jsonl:3 \(field 'target'\): missing"),
+        ([good, {"source": too_long, "target": "a"}],
+         rf"bad\.jsonl:2 \(field 'source'\): {model.max_positions + 1} tokens with </s>, longer "
+         rf"than the model's {model.max_positions} positions"),
+    )  # fmt: skip
+    evaluation = _jsonl(tmp_path / "eval.jsonl", [good])
+    for rows, message in cases:
+        bad = _jsonl(tmp_path / "bad.jsonl", rows)
+        out = tmp_path / "run"
+        with pytest.raises(SystemExit) as exit_:
+            main(["finetune", "train", "--checkpoint", str(base), "--task", "seq2seq",
+                  "--train", str(bad), "--eval", str(evaluation), "--out", str(out)])  # fmt: skip
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("nlm: error: "), err
+        assert re.search(message, err), err
+        assert not out.exists()

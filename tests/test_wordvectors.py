@@ -157,3 +157,36 @@ def test_neighbors_cli_words_and_unknown_word(checkpoint, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert err.startswith("nlm: error: unknown word 'dgo' (close matches: dog")
+
+
+@pytest.mark.parametrize("family", ["elmo", "transformer"])
+def test_neighbors_cli_reads_the_static_input_vectors_of_elmo_and_the_transformer(
+    tok, tmp_path, capsys, family
+):
+    """`nlm neighbors` on the two newer families: elmo's token layer (shared by both
+    directions) and the transformer's source (encoder input) table, here untied from the
+    target table; the span sentinels past the tokenizer's vocabulary are never neighbours."""
+    import json
+
+    from nlm.checkpoint import save_checkpoint
+    from nlm.cli import main
+    from nlm.models import build_model
+
+    torch.manual_seed(0)
+    extra = {"share_embeddings": False, "tie_weights": False} if family == "transformer" else {}
+    model = build_model(family, "tiny", vocab_size=tok.vocab_size + 4, **extra)
+    cat, dog, red = (tok.token_to_id(w) for w in ("cat", "dog", "red"))
+    with torch.no_grad():
+        table = model.input_embeddings().weight
+        table[dog] = table[cat] * 2 + 0.01  # planted: dog is cat's nearest static vector
+        table[tok.vocab_size] = table[cat]  # the first sentinel points exactly at cat
+        if family == "transformer":
+            assert model.target_tokens is not model.source_tokens
+            model.target_tokens.weight[red] = model.target_tokens.weight[cat]  # not read
+    path = save_checkpoint(tmp_path / family, model, tok)
+    with pytest.raises(SystemExit) as exit_:
+        main(["neighbors", "--checkpoint", str(path), "--words", "cat", "--k", "3", "--json"])
+    assert exit_.value.code == 0
+    (found,) = json.loads(capsys.readouterr().out).values()
+    assert found[0][0] == "dog" and found[0][1] > 0.99  # not the sentinel's exact 1.0
+    assert [t for t, _ in found] == [t for t, _ in neighbors(model, tok, "cat", k=3)]
