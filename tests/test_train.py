@@ -318,3 +318,21 @@ def test_span_and_clm_shards_are_refused_by_the_other_kind_of_model(shards, tmp_
     with pytest.raises(NLMError, match=f"prepared for '{data}', but {model} trains on '{wanted}'"):
         plan_run(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_span_shards_from_before_the_sentinel_tokens_are_refused(shards, tmp_path):
+    """Old span shard sets kept the sentinels as ids past the tokenizer (issue 18)."""
+    import json
+    import shutil
+
+    old = tmp_path / "old-span"
+    shutil.copytree(shards["span"], old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["tokenizer"]["sentinels"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    cfg = tiny(shards, tmp_path / "run", "transformer", data=str(old))
+    with pytest.raises(
+        NLMError, match=r"old-span: span shards from before .*nlm prepare --objective span"
+    ):
+        plan_run(cfg)
+    assert not (tmp_path / "run").exists()
