@@ -105,6 +105,10 @@ def test_every_family_trains_and_exports(
         scored = evaluate_documents(exported.model, exported.tokenizer, lines, seq_len=32)
         assert scored["ppl_kind"] == "span" and 1 < scored["ppl"] < plan.vocab_size
         assert scored["tokens"] > 0 and scored["bits_per_byte"] is None
+        # the sentinels are the exported tokenizer's own last tokens (issue 18)
+        assert (exported.path / "tokenizer" / "sentinels.json").is_file()
+        assert exported.tokenizer.vocab_size == exported.model.config.vocab_size
+        assert exported.tokenizer.id_to_token(exported.tokenizer.first_sentinel) == "<extra_id_0>"
     assert exported.family == model and exported.metrics["val_ppl"] == trainer.final["val_ppl"]
     assert trainer.final["export_max_abs_logit_diff"] <= 1e-5
     assert (Path(cfg.out) / "config.yaml").exists() is False  # written by the driver, not here
