@@ -64,11 +64,12 @@ SYSTEMS=${SYSTEMS:-"bert transformer"}
 # The transformer (step 5): small narrowed to 2 + 2 layers x 128 (seq 64 both sides); span
 # corruption at T5's defaults (15 % noise, spans of 3); fine-tuning windows of at most 30
 # characters (30 characters + 29 separators + </s> fit the 64 target positions). Chosen to
-# finish in about 20 minutes on the shared 2-core machine (docs/BENCHMARKS.md).
+# finish in about 20 minutes on the shared 2-core machine; under a load average of ~35 it took
+# 40 (docs/BENCHMARKS.md).
 T_SET=${T_SET-"n_layer=2 n_embd=128 n_head=2 ffn_size=512 max_positions=$SEQ_LEN"}
-T_PRETRAIN_STEPS=${T_PRETRAIN_STEPS:-1500}
+T_PRETRAIN_STEPS=${T_PRETRAIN_STEPS:-600}
 T_PRETRAIN_LR=${T_PRETRAIN_LR:-1e-3}
-T_FT_EPOCHS=${T_FT_EPOCHS:-3}
+T_FT_EPOCHS=${T_FT_EPOCHS:-2}
 T_FT_BATCH=${T_FT_BATCH:-32}
 T_FT_LR=${T_FT_LR:-1e-3}
 T_MAX_CHARS=${T_MAX_CHARS:-30}
