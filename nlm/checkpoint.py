@@ -153,7 +153,7 @@ def load_checkpoint(
         names = ", ".join([*sorted(missing), *sorted(unexpected)][:3])
         raise NLMError(f"{weights}: weights do not match a {config['family']} model ({names} …)")
     model.to(device).eval()
-    tokenizer = load_tokenizer(directory / "tokenizer")
+    tokenizer = legacy_sentinels(model, load_tokenizer(directory / "tokenizer"))
     _check_tokenizer(directory, config, tokenizer, model)
     metrics_path = directory / "metrics.json"
     try:
@@ -161,6 +161,23 @@ def load_checkpoint(
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise NLMError(f"{metrics_path}: unreadable metrics ({exc})") from None
     return Checkpoint(directory, config["family"], model, tokenizer, metrics, config)
+
+
+def legacy_sentinels(model: LanguageModel, tokenizer: Tokenizer) -> Tokenizer:
+    """A span model saved before the sentinels joined the tokenizer (nlm/tokenizers/
+    sentinels.py) has them as the rows past its tokenizer's vocabulary: the tokenizer with that
+    many `<extra_id_k>` tokens (in memory; the files stay as they are). Others: `tokenizer`."""
+    from nlm.tokenizers.sentinels import sentinel_count, with_sentinels
+
+    model_vocab = getattr(model.config, "vocab_size", None)
+    if (
+        model.objective == "span"
+        and sentinel_count(tokenizer) == 0
+        and isinstance(model_vocab, int)
+        and model_vocab > tokenizer.vocab_size
+    ):
+        return with_sentinels(tokenizer, model_vocab - tokenizer.vocab_size)
+    return tokenizer
 
 
 def _check_tokenizer(

@@ -403,6 +403,12 @@ def score_bert(
 SPAN_NOISE_DENSITY, SPAN_MEAN_LENGTH = 0.15, 3.0  # T5's, as `nlm prepare --objective span`
 
 
+def first_sentinel(model: LanguageModel, tokenizer: Any) -> int:
+    """The id of `<extra_id_0>`: the tokenizer's (nlm/tokenizers/sentinels.py), or for a plain
+    tokenizer the first id past its vocabulary (how span models were saved before)."""
+    return getattr(tokenizer, "first_sentinel", tokenizer.vocab_size)
+
+
 def score_span(
     model: LanguageModel,
     stream: list[int],
@@ -420,7 +426,7 @@ def score_span(
 
     from nlm.objectives import max_spans, span_corrupt
 
-    # Windows no longer than the model's sentinels (the ids past the tokenizer's) can corrupt.
+    # Windows no longer than the model's sentinels (its last rows) can corrupt.
     sentinels = model.config.vocab_size - first_sentinel
     if sentinels < 1:
         raise NLMError(
@@ -478,7 +484,7 @@ def evaluate_documents(
     if model.objective == "span":
         stream = [i for doc in tokenizer.encode_batch(documents) for i in [*doc, EOS_ID]]
         total, count = score_span(
-            model, stream, length, batch_size, tokenizer.vocab_size, seed, progress
+            model, stream, length, batch_size, first_sentinel(model, tokenizer), seed, progress
         )
         nll = total / count
         return {

@@ -959,32 +959,13 @@ class Engine:
         }
 
     def token_text(self, token_id: int) -> str:
-        """A token's text; a span model's sentinels (the ids past the tokenizer's vocabulary,
-        nlm.shards.SPAN_SCHEMA) read `<extra_id_k>` as in T5."""
-        vocab = self.tokenizer.vocab_size
-        return (
-            f"<extra_id_{token_id - vocab}>"
-            if token_id >= vocab
-            else self.tokenizer.id_to_token(token_id)
-        )
+        """A token's text; a span model's sentinels read `<extra_id_k>` as in T5 (they are the
+        tokenizer's own tokens, nlm/tokenizers/sentinels.py)."""
+        return self.tokenizer.id_to_token(token_id)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Generated ids as text, without special tokens; sentinels as `<extra_id_k>`."""
-        vocab = self.tokenizer.vocab_size
-        if all(i < vocab for i in ids):
-            return self.tokenizer.decode(ids, skip_special=True)
-        parts, run = [], []
-        for i in ids:
-            if i < vocab:
-                run.append(i)
-                continue
-            if run:
-                parts.append(self.tokenizer.decode(run, skip_special=True))
-                run = []
-            parts.append(self.token_text(i))
-        if run:
-            parts.append(self.tokenizer.decode(run, skip_special=True))
-        return " ".join(p for p in parts if p)
+        return self.tokenizer.decode(ids, skip_special=True)
 
     def neighbors(self, word: str, k: int) -> list[dict[str, Any]]:
         from nlm.wordvectors import nearest, unit_vectors

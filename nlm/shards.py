@@ -50,8 +50,8 @@ MLM_SCHEMA = pa.schema(
 )
 
 # span (T5's span corruption, nlm.objectives.span_corrupt): the encoder's input and the decoder's
-# targets, both ending with </s>; sentinels are the ids from the tokenizer's vocab_size up
-# (manifest settings: first_sentinel, sentinels).
+# targets, both ending with </s>; the sentinels are the tokenizer's last tokens, <extra_id_k>
+# (nlm/tokenizers/sentinels.py; manifest tokenizer.sentinels, settings first_sentinel, sentinels).
 SPAN_SCHEMA = pa.schema(
     [
         ("input_ids", pa.list_(pa.int32())),

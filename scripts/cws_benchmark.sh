@@ -8,7 +8,15 @@
 #   3. fine-tune it as a B/M/E/S tagger; train the same BERT (architecture, tokenizer, recipe)
 #      from fresh weights (while the pretraining runs: it needs only the architecture);
 #      run forward maximum matching with the training words;
-#   4. score all three on the test lines with the SIGHAN rules -> OUT/results.json.
+#   4. score all three on the test lines with the SIGHAN rules -> OUT/results.json;
+#   5. the encoder-decoder as text-to-text (issue 18): pretrain a small transformer with span
+#      corruption on the same text (`nlm prepare --objective span`), fine-tune it on
+#      {"source": characters, "target": words joined by [SEP]} windows (`nlm finetune
+#      convert-cws --format seq2seq`, `--task seq2seq`), segment the same test lines by
+#      constrained decoding and score them with the same scorer (`nlm finetune evaluate`).
+#
+#   SYSTEMS="bert transformer" (default) runs both parts; SYSTEMS=transformer only step 5 (+ the
+#   split and max matching), SYSTEMS=bert steps 1-4.
 #
 #   scripts/cws_benchmark.sh                # OUT=runs/cws-bench, the docs/BENCHMARKS.md figures
 #   PRETRAIN_STEPS=300 PRETRAIN_MORE=0 FT_EPOCHS=2 OUT=runs/cws-quick scripts/cws_benchmark.sh
@@ -52,7 +60,21 @@ WORKERS=${WORKERS:-1}
 # (batch 32 x 128) took 13.7 s with one thread and 24.1 s with two (load average 24).
 # THREADS=0 means cores / workers.
 THREADS=${THREADS:-1}
+SYSTEMS=${SYSTEMS:-"bert transformer"}
+# The transformer (step 5): small narrowed to 2 + 2 layers x 128 (seq 64 both sides); span
+# corruption at T5's defaults (15 % noise, spans of 3); fine-tuning windows of at most 30
+# characters (30 characters + 29 separators + </s> fit the 64 target positions). Chosen to
+# finish in about 20 minutes on the shared 2-core machine; under a load average of ~35 it took
+# 40 (docs/BENCHMARKS.md).
+T_SET=${T_SET-"n_layer=2 n_embd=128 n_head=2 ffn_size=512 max_positions=$SEQ_LEN"}
+T_PRETRAIN_STEPS=${T_PRETRAIN_STEPS:-600}
+T_PRETRAIN_LR=${T_PRETRAIN_LR:-1e-3}
+T_FT_EPOCHS=${T_FT_EPOCHS:-2}
+T_FT_BATCH=${T_FT_BATCH:-32}
+T_FT_LR=${T_FT_LR:-1e-3}
+T_MAX_CHARS=${T_MAX_CHARS:-30}
 export NLM_DATA_MIRROR=$DATA
+has() { [[ " $SYSTEMS " == *" $1 "* ]]; }
 
 mkdir -p "$OUT/data"
 log() { echo "[cws-benchmark $(date +%H:%M:%S)] $*" >&2; }
@@ -82,6 +104,7 @@ if [[ ! -f $OUT/data/pretrain.txt ]]; then
   cat "$DATA/msr/msr_test_gold.utf8" >> "$OUT/data/pretrain.txt.tmp"
   mv "$OUT/data/pretrain.txt.tmp" "$OUT/data/pretrain.txt"
 fi
+if has bert; then
 if [[ ! -f $OUT/shards/manifest.json ]]; then
   log "nlm prepare (char, mlm, seq_len $SEQ_LEN)"
   timed prepare $NLM prepare --input "$OUT/data/pretrain.txt" --line-docs --segmented --tokenizer char \
@@ -147,10 +170,52 @@ if (( PRETRAIN_MORE > pretrained_steps )); then
     --torch-threads "$THREADS" --no-progress
 fi
 finetune bert-cws "$OUT/bert-zh"
+fi  # has bert
 
 # 3c. the dictionary baseline
 timed maxmatch $NLM finetune maxmatch --train "$OUT/data/cws-train.jsonl" --eval "$OUT/data/cws-test.jsonl" \
   > "$OUT/maxmatch.json"
+
+# 5. the encoder-decoder, text-to-text
+if has transformer; then
+if [[ ! -f $OUT/data/cws-s2s-test.jsonl ]]; then
+  $NLM finetune convert-cws --format seq2seq --max-chars "$T_MAX_CHARS" \
+    --input "$DATA/pku/pku_test_gold.utf8" --output "$OUT/data/cws-s2s-train.jsonl" \
+    --test-output "$OUT/data/cws-s2s-test.jsonl" --test-fraction 0.1 > /dev/null
+fi
+if [[ ! -f $OUT/span-shards/manifest.json ]]; then
+  log "nlm prepare (char, span, seq_len $SEQ_LEN)"
+  timed t5-prepare $NLM prepare --input "$OUT/data/pretrain.txt" --line-docs --segmented --tokenizer char \
+    --objective span --seq-len "$SEQ_LEN" --val-fraction 0.05 --output "$OUT/span-shards" \
+    --overwrite --no-progress
+fi
+t_set_args=()
+for kv in $T_SET; do t_set_args+=(--set "$kv"); done
+if [[ ! -f $OUT/t5-zh/model/config.json ]]; then
+  log "nlm train transformer $PRESET, $T_PRETRAIN_STEPS steps"
+  timed t5-pretrain $NLM train --data "$OUT/span-shards" --model transformer --preset "$PRESET" \
+    "${t_set_args[@]}" --out "$OUT/t5-zh" --workers "$WORKERS" --cpus-per-worker 1 \
+    --torch-threads "$THREADS" --zero-stage 0 --micro-batch "$PRETRAIN_BATCH" \
+    --max-steps "$T_PRETRAIN_STEPS" --lr "$T_PRETRAIN_LR" --min-lr 1e-4 \
+    --warmup-steps $((T_PRETRAIN_STEPS / 10)) --eval-every $((T_PRETRAIN_STEPS / 5)) \
+    --log-every 50 --no-progress
+fi
+if [[ ! -f $OUT/t5-cws/model/config.json ]]; then
+  log "nlm finetune --task seq2seq -> t5-cws"
+  timed t5-cws $NLM finetune --checkpoint "$OUT/t5-zh" --task seq2seq \
+    --train "$OUT/data/cws-s2s-train.jsonl" --eval "$OUT/data/cws-s2s-test.jsonl" \
+    --out "$OUT/t5-cws" --epochs "$T_FT_EPOCHS" --micro-batch "$T_FT_BATCH" --lr "$T_FT_LR" \
+    --workers "$WORKERS" --cpus-per-worker 1 --torch-threads "$THREADS" \
+    --log-every 20 --overwrite --no-progress > "$OUT/t5-cws.json.tmp"
+  mv "$OUT/t5-cws.json.tmp" "$OUT/t5-cws.json"
+fi
+if [[ ! -f $OUT/t5-cws-score.json ]]; then
+  log "nlm finetune evaluate t5-cws (constrained decoding, SIGHAN scorer)"
+  timed t5-segment $NLM finetune evaluate --checkpoint "$OUT/t5-cws" \
+    --eval "$OUT/data/cws-test.jsonl" --train "$OUT/data/cws-train.jsonl" > "$OUT/t5-cws-score.json.tmp"
+  mv "$OUT/t5-cws-score.json.tmp" "$OUT/t5-cws-score.json"
+fi
+fi  # has transformer
 
 # 4. the table
 $PY - "$OUT" <<'EOF'
@@ -161,18 +226,26 @@ out = Path(sys.argv[1])
 def finetuned(run):
     m = json.loads((out / run / "model" / "metrics.json").read_text())
     return {k.removeprefix("test_"): m[k] for k in m if k.startswith("test_")} | {"steps": m["step"]}
-pretrain = json.loads((out / "bert-zh" / "model" / "metrics.json").read_text())
-rows = {
-    "bert_pretrained_finetuned": finetuned("bert-cws"),
-    "bert_from_scratch": finetuned("bert-cws-scratch"),
-    "forward_maximum_matching": json.loads((out / "maxmatch.json").read_text()),
-}
+def pretraining(run, keys):
+    path = out / run / "model" / "metrics.json"
+    if not path.is_file():
+        return None
+    m = json.loads(path.read_text())
+    return {k: m.get(k) for k in keys}
+rows = {}
+if (out / "bert-cws").is_dir():
+    rows["bert_pretrained_finetuned"] = finetuned("bert-cws")
+    rows["bert_from_scratch"] = finetuned("bert-cws-scratch")
+rows["forward_maximum_matching"] = json.loads((out / "maxmatch.json").read_text())
+if (out / "t5-cws-score.json").is_file():
+    rows["transformer_seq2seq"] = json.loads((out / "t5-cws-score.json").read_text())
 times = {}
 for line in (out / "times.txt").read_text().splitlines():
     name, seconds = line.split()
     times[name] = int(seconds)  # the last run of a stage counts
 result = {
-    "pretraining": {k: pretrain.get(k) for k in ("step", "val_loss", "val_mlm_acc", "val_nsp_acc", "params", "tokens")},
+    "pretraining": pretraining("bert-zh", ("step", "val_loss", "val_mlm_acc", "val_nsp_acc", "params", "tokens")),
+    "transformer_pretraining": pretraining("t5-zh", ("step", "val_loss", "val_ppl", "params", "tokens")),
     **rows,
     "wall_s": times,
 }

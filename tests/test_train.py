@@ -105,6 +105,10 @@ def test_every_family_trains_and_exports(
         scored = evaluate_documents(exported.model, exported.tokenizer, lines, seq_len=32)
         assert scored["ppl_kind"] == "span" and 1 < scored["ppl"] < plan.vocab_size
         assert scored["tokens"] > 0 and scored["bits_per_byte"] is None
+        # the sentinels are the exported tokenizer's own last tokens (issue 18)
+        assert (exported.path / "tokenizer" / "sentinels.json").is_file()
+        assert exported.tokenizer.vocab_size == exported.model.config.vocab_size
+        assert exported.tokenizer.id_to_token(exported.tokenizer.first_sentinel) == "<extra_id_0>"
     assert exported.family == model and exported.metrics["val_ppl"] == trainer.final["val_ppl"]
     assert trainer.final["export_max_abs_logit_diff"] <= 1e-5
     assert (Path(cfg.out) / "config.yaml").exists() is False  # written by the driver, not here
@@ -387,3 +391,21 @@ def test_span_and_clm_shards_are_refused_by_the_other_kind_of_model(
     assert err.count("\n") == 1 and err.startswith("nlm: error: ")
     assert f"prepared for '{data}', but {model} trains on '{wanted}'" in err
     assert not out.exists()
+
+
+def test_span_shards_from_before_the_sentinel_tokens_are_refused(shards, tmp_path):
+    """Old span shard sets kept the sentinels as ids past the tokenizer (issue 18)."""
+    import json
+    import shutil
+
+    old = tmp_path / "old-span"
+    shutil.copytree(shards["span"], old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["tokenizer"]["sentinels"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    cfg = tiny(shards, tmp_path / "run", "transformer", data=str(old))
+    with pytest.raises(
+        NLMError, match=r"old-span: span shards from before .*nlm prepare --objective span"
+    ):
+        plan_run(cfg)
+    assert not (tmp_path / "run").exists()

@@ -24,6 +24,7 @@ from nlm.shards import (
 )
 from nlm.tokenizers import Tokenizer, train_tokenizer
 from nlm.tokenizers.base import EOS_ID, fingerprint
+from nlm.tokenizers.sentinels import with_sentinels
 
 SPAN = {"noise_density": 0.15, "mean_span_length": 3.0}
 
@@ -50,6 +51,8 @@ def write_shards(
     """Every val_every-th line goes to val; the rest to train. Returns `out`. The tokenizer is
     a word tokenizer trained on `lines` unless one is given."""
     tokenizer = tokenizer or train_tokenizer("word", lines, vocab_size=vocab_size)
+    if objective == "span":  # the <extra_id_k> sentinels end the vocabulary, as nlm prepare's
+        tokenizer = with_sentinels(tokenizer, max_spans(seq_len - 1, **SPAN))
     tokenizer.save(out / "tokenizer")
     splits = {
         "train": [line for i, line in enumerate(lines) if i % val_every],
@@ -66,7 +69,7 @@ def write_shards(
             for doc in ids:
                 table = packer.push(np.array(doc + [EOS_ID], dtype=np.int32))
                 if table is not None and objective == "span":
-                    table = span_table(table, f"0|{split}", tokenizer.vocab_size, **SPAN)
+                    table = span_table(table, f"0|{split}", tokenizer.first_sentinel, **SPAN)
                 if table is not None:
                     writer.write(table)
             tokens = packer.tokens
@@ -98,7 +101,8 @@ def write_shards(
         skipped={"documents": 0, "reasons": {}, "examples": []},
     )
     if objective == "span":
-        manifest.settings.update(SPAN, first_sentinel=tokenizer.vocab_size)
-        manifest.settings["sentinels"] = max_spans(seq_len - 1, **SPAN)
+        manifest.tokenizer["sentinels"] = tokenizer.count
+        manifest.settings.update(SPAN, first_sentinel=tokenizer.first_sentinel)
+        manifest.settings["sentinels"] = tokenizer.count
     write_manifest(fs, str(out), manifest)
     return out

@@ -71,6 +71,7 @@ from nlm.shards import (
     write_manifest,
 )
 from nlm.tokenizers import KINDS, Tokenizer, fingerprint, load_tokenizer, train_tokenizer
+from nlm.tokenizers.sentinels import sentinel_count, with_sentinels, write_sentinel_file
 
 MiB = 1 << 20
 # Config fields recorded in the manifest besides objective, seq_len and seed.
@@ -519,6 +520,12 @@ def prepare(cfg: PrepareConfig) -> tuple[Manifest, PrepareStats]:
                         shutil.copyfile(path, tok_dir / path.name)
             else:
                 tok = train_on_sample(cfg, units)
+            if cfg.objective == "span":  # T5's <extra_id_k> join the vocabulary
+                spanned = with_span_sentinels(cfg, tok)
+                if spanned is not tok and cfg.tokenizer_from:
+                    write_sentinel_file(tok_dir, sentinel_count(spanned))
+                tok = spanned
+            if not cfg.tokenizer_from:
                 tok.save(tok_dir)
             tokenizer_files = {p.name: p.read_bytes() for p in sorted(tok_dir.iterdir())}
             started_locally = _start_ray()
@@ -532,10 +539,12 @@ def prepare(cfg: PrepareConfig) -> tuple[Manifest, PrepareStats]:
                 tokenizer_files,
                 workers,
                 not started_locally,
-                first_sentinel=tok.vocab_size,
+                first_sentinel=getattr(tok, "first_sentinel", tok.vocab_size),
             )
             _upload_dir(tok_dir, fs, f"{root}/tokenizer")
             tokenizer = {"kind": tok.kind, "vocab_size": tok.vocab_size}
+            if cfg.objective == "span":
+                tokenizer["sentinels"] = sentinel_count(tok)
             tokenizer["fingerprint"] = fingerprint(tok_dir)
         manifest = Manifest(
             pipeline_version=PIPELINE_VERSION,
@@ -712,18 +721,33 @@ def span_table(
     return pa.table(columns, schema=SPAN_SCHEMA)
 
 
-def span_settings(cfg: PrepareConfig, tok: Tokenizer) -> dict[str, Any]:
-    """The manifest's span-corruption settings: the sentinels are ids first_sentinel .. +
-    sentinels - 1, past the tokenizer's vocabulary (the trainer widens the model by them)."""
-    if cfg.objective != "span":
-        return {}
+def span_sentinels_needed(cfg: PrepareConfig) -> int:
+    """The most spans (so sentinels) a row of seq_len - 1 tokens is cut into."""
     from nlm.objectives import max_spans
 
+    return max_spans(cfg.seq_len - 1, cfg.noise_density, cfg.mean_span_length)
+
+
+def with_span_sentinels(cfg: PrepareConfig, tok: Tokenizer) -> Tokenizer:
+    """The tokenizer of span shards: `tok` with the `<extra_id_k>` sentinel tokens the rows
+    need at the end of its vocabulary (nlm/tokenizers/sentinels.py); a --tokenizer-from that
+    has enough of them already is kept as it is."""
+    needed = span_sentinels_needed(cfg)
+    if sentinel_count(tok) >= needed:
+        return tok
+    return with_sentinels(tok, needed)
+
+
+def span_settings(cfg: PrepareConfig, tok: Tokenizer) -> dict[str, Any]:
+    """The manifest's span-corruption settings: the sentinels are the tokenizer's last ids,
+    first_sentinel .. first_sentinel + sentinels - 1 (`<extra_id_0>` ...)."""
+    if cfg.objective != "span":
+        return {}
     return {
         "noise_density": cfg.noise_density,
         "mean_span_length": cfg.mean_span_length,
-        "first_sentinel": tok.vocab_size,
-        "sentinels": max_spans(cfg.seq_len - 1, cfg.noise_density, cfg.mean_span_length),
+        "first_sentinel": getattr(tok, "first_sentinel", tok.vocab_size),
+        "sentinels": sentinel_count(tok),
     }
 
 

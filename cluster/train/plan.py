@@ -70,8 +70,14 @@ def plan_run(config: TrainConfig, device: str = "cpu") -> RunPlan:
         )
     tokenizer_dir = str(Path(config.data) / "tokenizer")
     check_tokenizer(manifest, tokenizer_dir)
-    # span shards' sentinels are ids past the tokenizer's vocabulary (nlm.shards.SPAN_SCHEMA)
-    vocab_size = int(manifest.tokenizer["vocab_size"]) + int(manifest.settings.get("sentinels", 0))
+    # span shards' sentinels are the tokenizer's last tokens (nlm/tokenizers/sentinels.py)
+    if manifest.objective == "span" and not manifest.tokenizer.get("sentinels"):
+        raise NLMError(
+            f"{config.data}: span shards from before the sentinel tokens joined the tokenizer "
+            "(its tokenizer has no <extra_id_k>); prepare them again with "
+            "`nlm prepare --objective span`"
+        )
+    vocab_size = int(manifest.tokenizer["vocab_size"])
 
     if config.init_from:  # the checkpoint's architecture; its tokenizer must be the shards'
         fields = init_model_fields(config, manifest)

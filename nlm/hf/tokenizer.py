@@ -15,7 +15,8 @@ Each kind becomes the `tokenizers` pipeline that gives nlm's ids, special ids in
 - hf (imported): the Hugging Face tokenizer it came from.
 
 The seven special tokens are added as special tokens, so a literal "[MASK]" or "<unk>" in a text
-is one id, as in nlm. What cannot be made exact is refused with a one-line NLMError (a
+is one id, as in nlm; a span model's sentinels `<extra_id_k>` follow as additional special tokens
+with nlm's ids (the last of the vocabulary), as T5's tokenizer has them. What cannot be made exact is refused with a one-line NLMError (a
 SentencePiece model with a normalization rule or whitespace handling nlm never trains).
 """
 
@@ -66,7 +67,27 @@ def backend_tokenizer(tokenizer: Tokenizer) -> Any:
     backend.add_special_tokens(
         [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]
     )
+    sentinels = sentinel_tokens(tokenizer)
+    if sentinels:  # T5's <extra_id_k>, after the vocabulary (nlm/tokenizers/sentinels.py)
+        backend.add_special_tokens(
+            [AddedToken(t, special=True, normalized=False) for t in sentinels]
+        )
+        first = tokenizer.first_sentinel  # type: ignore[attr-defined]
+        if backend.token_to_id(sentinels[0]) != first or backend.get_vocab_size() != (
+            tokenizer.vocab_size
+        ):
+            raise NLMError(
+                f"{kind} tokenizer: its sentinel tokens would not get nlm's ids "
+                f"{first}..{tokenizer.vocab_size - 1} in `tokenizers`; not exported"
+            )
     return backend
+
+
+def sentinel_tokens(tokenizer: Tokenizer) -> list[str]:
+    """`<extra_id_0>` ... of a tokenizer with sentinels, in id order; [] for a plain one."""
+    from nlm.tokenizers.sentinels import sentinel_count, sentinel_token
+
+    return [sentinel_token(k) for k in range(sentinel_count(tokenizer))]
 
 
 def _sentencepiece_backend(tokenizer: Any) -> Any:
@@ -152,6 +173,8 @@ def fast_tokenizer(tokenizer: Tokenizer, family: str, max_length: int) -> Any:
         roles = dict(tokenizer.special_tokens)
     else:
         roles = dict(ROLES)
+    if sentinel_tokens(tokenizer):  # as T5's tokenizer lists its <extra_id_k>
+        roles["extra_special_tokens"] = sentinel_tokens(tokenizer)
     if family == "bert" and tokenizer.kind != "hf":
         backend.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]",

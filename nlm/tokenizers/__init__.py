@@ -16,6 +16,7 @@ from typing import Any
 from nlm.errors import NLMError
 from nlm.tokenizers.base import Tokenizer, fingerprint, meta_path, normalize_text, read_json
 from nlm.tokenizers.hf import HFTokenizer
+from nlm.tokenizers.sentinels import read_sentinel_count, with_sentinels
 from nlm.tokenizers.spm import BPETokenizer, UnigramTokenizer
 from nlm.tokenizers.vocab import CharTokenizer, WordTokenizer
 
@@ -75,12 +76,15 @@ def train_tokenizer(
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:
     """A saved tokenizer: reads DIR/nlm-tokenizer.json {"kind": ...} (DIR/tokenizer.json in a
-    directory saved before the rename) and the kind's own files."""
+    directory saved before the rename) and the kind's own files, then DIR/sentinels.json, the
+    sentinel tokens a span model's tokenizer ends with (nlm/tokenizers/sentinels.py)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise NLMError(f"{directory}: no such tokenizer directory")
     path = meta_path(directory)
-    return _check_kind(read_json(path).get("kind"), str(path), LOADABLE).load(directory)
+    tokenizer = _check_kind(read_json(path).get("kind"), str(path), LOADABLE).load(directory)
+    count = read_sentinel_count(directory)  # T5's <extra_id_k> after the vocabulary
+    return with_sentinels(tokenizer, count) if count else tokenizer
 
 
 __all__ = [

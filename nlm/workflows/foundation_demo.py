@@ -74,6 +74,7 @@ def run_foundation_demo(
     )
     from nlm.models import build_model, model_class
     from nlm.tokenizers import train_tokenizer
+    from nlm.tokenizers.sentinels import with_sentinels
 
     limits = {"--seconds": (seconds, 0.001), "--bert-seconds": (bert_seconds, 0.001),
               "--min-steps": (min_steps, 0), "--batch-size": (batch_size, 1), "--seq-len": (seq_len, 3),
@@ -104,9 +105,11 @@ def run_foundation_demo(
     ]
     for family in families:
         torch.manual_seed(seed)
-        # span models: the sentinels are ids past the tokenizer's (nlm.shards.SPAN_SCHEMA)
-        sentinels = span_sentinels(seq_len) if model_class(family).objective == "span" else 0
-        model = build_model(family, preset, vocab_size=tokenizer.vocab_size + sentinels)
+        # span models: the word tokenizer followed by T5's <extra_id_k> sentinel tokens
+        own_tokenizer = tokenizer
+        if model_class(family).objective == "span":
+            own_tokenizer = with_sentinels(tokenizer, span_sentinels(seq_len))
+        model = build_model(family, preset, vocab_size=own_tokenizer.vocab_size)
         masked = model.objective == "mlm"  # bert: its own, shorter budget (--bert-seconds)
         budget = bert_seconds if masked else seconds
         least = max(1, min_steps // 10) if masked else min_steps
@@ -128,7 +131,7 @@ def run_foundation_demo(
         )
         report = evaluate_documents(
             model,
-            tokenizer,
+            own_tokenizer,
             test_docs,
             batch_size=16,
             max_pll_tokens=max_pll_tokens,
@@ -157,7 +160,7 @@ def run_foundation_demo(
         save_checkpoint(
             run_dir / "model",
             model,
-            tokenizer,
+            own_tokenizer,
             metrics=row,
             extra={"preset": preset, "corpus": corpus},
         )
