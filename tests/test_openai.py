@@ -485,7 +485,7 @@ def test_playground_streams_a_completion(server, browser):
     options = [
         o.get_attribute("value") for o in Select(browser.find_element(By.ID, "model")).options
     ]
-    assert set(options) == {"gpt", "lstm", "bert"}
+    assert set(options) == set(MODELS)
     Select(browser.find_element(By.ID, "model")).select_by_value("lstm")
     browser.find_element(By.ID, "prompt").clear()
     browser.find_element(By.ID, "prompt").send_keys("The lobster")
