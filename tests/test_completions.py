@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_inference import TEXTS, build_tiny_checkpoints
+from test_inference import TEXTS
 
 from nlm.checkpoint import load_checkpoint
 from nlm.completions import (
@@ -22,9 +22,8 @@ from nlm.tokenizers.base import EOS_ID
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory, data_mirror) -> Engine:
-    paths = build_tiny_checkpoints(tmp_path_factory.mktemp("ckpt"), data_mirror)
-    return Engine(load_checkpoint(paths["gpt"]))
+def engine(tiny_checkpoints) -> Engine:
+    return Engine(load_checkpoint(tiny_checkpoints["gpt"]))
 
 
 def run(engine: Engine, jobs: list) -> tuple[dict, StreamingGeneration, list[dict]]:

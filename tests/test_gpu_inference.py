@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_inference import CAUSAL, FAMILIES, TEXTS, build_tiny_checkpoints
+from test_inference import CAUSAL, FAMILIES, TEXTS
 
 from nlm.checkpoint import load_checkpoint
 from nlm.device import check_request, describe, load_for_inference, resolve_device
@@ -28,8 +28,8 @@ NO_GPU = not torch.cuda.is_available()
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory, data_mirror) -> dict[str, Path]:
-    return build_tiny_checkpoints(tmp_path_factory.mktemp("ckpt"), data_mirror)
+def paths(tiny_checkpoints) -> dict[str, Path]:
+    return tiny_checkpoints
 
 
 def nlm(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SERVE_TOKEN
 
 from nlm.sampling import filter_logits, sample_next
 
@@ -581,47 +582,15 @@ def test_train_listens_on_loopback_with_a_token_and_dies_with_its_driver(tmp_pat
         log.close()
 
 
-API_TOKEN = "h14-api-token-" + "x" * 20
+API_TOKEN = SERVE_TOKEN
 
 
 @pytest.fixture(scope="module")
-def one_server(tmp_path_factory):
-    """`nlm serve` on one tiny gpt checkpoint, with NLM_API_TOKEN, on 127.0.0.1."""
-    import httpx
-
-    root = tmp_path_factory.mktemp("h14serve")
-    ckpt = _tiny_checkpoint(root / "gpt", {"steps": 1})
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log_path = root / "serve.log"
-    log = log_path.open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nlm", "serve", f"gpt={ckpt}", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env={**_cli_env(), "NLM_API_TOKEN": API_TOKEN},
-        cwd=REPO, start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        if proc.poll() is not None:
-            return True
-        try:
-            return httpx.get(url + "/healthz", timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        assert _wait(up, 300) and proc.poll() is None, log_path.read_text()[-3000:]
-        yield {"proc": proc, "port": port, "url": url, "log": log_path}
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        log.close()
+def one_server(served):
+    """The session's `nlm serve` (tests/conftest.py): tiny checkpoints, NLM_API_TOKEN, 127.0.0.1."""
+    main = served.main
+    port = int(main.url.rsplit(":", 1)[1])
+    return {"proc": main.proc, "port": port, "url": main.url, "log": main.log}
 
 
 def test_serve_listens_on_loopback_with_a_token(one_server):

@@ -17,14 +17,13 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import start_server, stop
 
 from nlm.checkpoint import load_checkpoint, save_checkpoint
 from nlm.errors import NLMError
@@ -593,29 +592,11 @@ def test_spm_byte_fallback_exports_exactly(kind, corpus):
 def test_imported_gpt2_is_served(imported, tmp_path):
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**os.environ, **OFFLINE, "NLM_API_TOKEN": "t", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    log = tmp_path / "serve.log"
-    with log.open("w") as f:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "nlm", "serve", f"gpt2={imported['nlm-gpt2']}", "--port", str(port)],
-            stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True,
-        )  # fmt: skip
+    server = start_server({"gpt2": imported["nlm-gpt2"]}, [], tmp_path / "serve.log", env)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            try:
-                if httpx.get(url + "/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        url = server.url
         headers = {"Authorization": "Bearer t"}
         score = httpx.post(url + "/v1/score", json={"model": "gpt2", "text": "The game began"},
                            headers=headers, timeout=120)  # fmt: skip
@@ -626,14 +607,7 @@ def test_imported_gpt2_is_served(imported, tmp_path):
         gen = httpx.post(url + "/v1/generate", json=body, headers=headers, timeout=120)
         assert gen.status_code == 200 and len(gen.json()["token_ids"]) == 4, gen.text
     finally:
-        import signal
-
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        stop(server.proc)
 
 
 @pytest.mark.slow

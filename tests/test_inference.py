@@ -38,9 +38,8 @@ def build_tiny_checkpoints(root: Path, data_mirror: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory, data_mirror) -> dict[str, Engine]:
-    paths = build_tiny_checkpoints(tmp_path_factory.mktemp("ckpt"), data_mirror)
-    return {f: Engine(load_checkpoint(p)) for f, p in paths.items()}
+def engines(tiny_checkpoints) -> dict[str, Engine]:
+    return {f: Engine(load_checkpoint(p)) for f, p in tiny_checkpoints.items()}
 
 
 def close(a: list[float], b: list[float], tol: float = 1e-4) -> bool:

@@ -1,6 +1,7 @@
 """The OpenAI-compatible API (and the playground page) with the clients people use: the `openai` Python client and
 EleutherAI's lm-evaluation-harness (`local-completions`) against a real `nlm serve` (Ray Serve
-on 127.0.0.1, tiny checkpoints of gpt, lstm and bert, a bearer token set).
+on 127.0.0.1, tiny checkpoints of every family, a bearer token set; the session's server from
+tests/conftest.py, shared with test_serve).
 
 Covers models.list, completions (one prompt, a list, token ids, n > 1, stop, echo + logprobs,
 seed reproducibility, the same tokens as /v1/generate), streaming (chunks arrive before the end;
@@ -24,54 +25,25 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from test_inference import build_tiny_checkpoints
-from test_serve import REPO, Server, free_port, stop
+from conftest import REPO, SERVE_MAX_NEW_TOKENS, SERVE_TOKEN, SERVED_NEWER, Server
+from test_inference import FAMILIES
 
 from nlm.tokenizers.base import EOS_ID
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`")
-TOKEN = "openai-test-token"
-START_TIMEOUT_S = 300
-MODELS = ("gpt", "lstm", "bert")
+TOKEN = SERVE_TOKEN
+MODELS = (*FAMILIES, *SERVED_NEWER)  # what the shared server serves
 LM_EVAL_DIR = Path(__file__).resolve().parent / "lm_eval"
-LONG = 4000  # new tokens of a long generation (lstm: no position limit), seconds of decoding
+# New tokens of a long generation (lstm: no position limit), seconds of decoding.
+LONG = SERVE_MAX_NEW_TOKENS
 MIN_CHUNKS = 20  # the playground test: chunks streamed into the page at least
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, data_mirror):
-    root = tmp_path_factory.mktemp("openai")
-    paths = build_tiny_checkpoints(root / "ckpt", data_mirror)
-    paths = {m: paths[m] for m in MODELS}
-    port = free_port()
-    env = {**os.environ, "NLM_API_TOKEN": TOKEN, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    log = root / "serve.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "nlm", "serve", *[f"{m}={p}" for m, p in paths.items()]]
-            + ["--port", str(port), "--max-items", "16", "--max-new-tokens", str(LONG)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=REPO,
-            start_new_session=True,
-        )
-    srv = Server(f"http://127.0.0.1:{port}", proc, log, paths)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, f"nlm serve exited early:\n{srv.tail()}"
-            assert time.monotonic() < deadline, f"no /healthz:\n{srv.tail()}"
-            try:
-                if httpx.get(srv.url + "/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        yield srv
-    finally:
-        stop(proc)
+def server(served) -> Server:
+    """The session's `nlm serve` (tests/conftest.py, shared with test_serve): every tiny
+    checkpoint, the bearer token, --max-new-tokens for LONG generations."""
+    return served.main
 
 
 @pytest.fixture(scope="module")
@@ -513,7 +485,7 @@ def test_playground_streams_a_completion(server, browser):
     options = [
         o.get_attribute("value") for o in Select(browser.find_element(By.ID, "model")).options
     ]
-    assert set(options) == {"gpt", "lstm", "bert"}
+    assert set(options) == set(MODELS)
     Select(browser.find_element(By.ID, "model")).select_by_value("lstm")
     browser.find_element(By.ID, "prompt").clear()
     browser.find_element(By.ID, "prompt").send_keys("The lobster")

@@ -1,6 +1,7 @@
 """The serving issue end to end: `nlm serve` on tiny checkpoints of all seven families, real Ray
-Serve, real HTTP on 127.0.0.1. One server for the whole module (started like the acceptance
-script does: in the background, polled on /healthz, killed at the end).
+Serve, real HTTP on 127.0.0.1. The session's server (`served` in tests/conftest.py, shared with
+test_openai: started like the acceptance script does, in the background, polled on /healthz,
+killed after the last test that uses it).
 
 Covers every endpoint for every family it applies to, batching (fewer batched executions than
 requests, and the same answers as one at a time), the error cases, bearer-token auth, a killed
@@ -14,7 +15,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,27 +26,16 @@ import httpx
 import pytest
 import torch
 import yaml
-from test_inference import CAUSAL, FAMILIES, TEXTS, build_tiny_checkpoints
+from conftest import REPO, SERVED_NEWER, Server
+from conftest import SERVE_MAX_ITEMS as MAX_ITEMS
+from conftest import SERVE_TOKEN as TOKEN
+from test_inference import CAUSAL, FAMILIES, TEXTS
 
-from nlm.checkpoint import load_checkpoint, save_checkpoint
+from nlm.checkpoint import load_checkpoint
 from nlm.inference import Engine
-from nlm.models import build_model
 
 # Ray's own Serve config models use a pydantic idiom that pydantic 2.14 warns about.
 pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`")
-REPO = Path(__file__).resolve().parents[1]
-TOKEN = "test-token-123"
-MAX_ITEMS = 8
-START_TIMEOUT_S = 300  # a loaded 2-core machine starts Ray + eight replicas slowly
-# Served beside FAMILIES (the endpoint-by-endpoint tests'): a bidirectional clm family and the
-# encoder-decoder, checked against the library's Engine in test_elmo_and_the_transformer_served.
-NEWER = ("elmo", "transformer")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def nlm(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -60,75 +49,10 @@ def nlm(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess
     )
 
 
-class Server:
-    def __init__(self, url: str, proc: subprocess.Popen, log: Path, paths: dict[str, Path]):
-        self.url, self.proc, self.log, self.paths = url, proc, log, paths
-
-    def client(self, token: str | None = TOKEN, timeout: float = 120) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, data_mirror):
-    root = tmp_path_factory.mktemp("serve")
-    paths = build_tiny_checkpoints(root / "ckpt", data_mirror)
-    tokenizer = load_checkpoint(paths["gpt"]).tokenizer
-    for i, family in enumerate(NEWER):
-        torch.manual_seed(10 + i)
-        model = build_model(family, "tiny", vocab_size=256)
-        paths[family] = save_checkpoint(root / "ckpt" / family, model, tokenizer)
-    port = free_port()
-    env = {**os.environ, "NLM_API_TOKEN": TOKEN, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    log = root / "serve.log"
-    specs = [f"{family}={path}" for family, path in paths.items()]
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "nlm", "serve", *specs, "--port", str(port)]
-            + ["--max-items", str(MAX_ITEMS), "--batch-wait-ms", "20"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=REPO,
-            start_new_session=True,  # its own process group: the teardown kills all of it
-        )
-    srv = Server(f"http://127.0.0.1:{port}", proc, log, paths)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, f"nlm serve exited early:\n{srv.tail()}"
-            assert time.monotonic() < deadline, (
-                f"no /healthz after {START_TIMEOUT_S} s:\n{srv.tail()}"
-            )
-            try:
-                if httpx.get(srv.url + "/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        yield srv
-    finally:
-        stop(proc)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM (what a user's kill sends), then SIGKILL the group if it lingers."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        pass
-    except ProcessLookupError:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
+def server(served) -> Server:
+    """The session's `nlm serve` of every family (tests/conftest.py), shared with test_openai."""
+    return served.main
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +91,7 @@ def test_healthz_is_open_and_api_needs_the_token(server):
 
 def test_models_lists_every_checkpoint(client):
     models = {m["name"]: m for m in client.get("/v1/models").json()["data"]}
-    assert set(models) == {*FAMILIES, *NEWER}
+    assert set(models) == {*FAMILIES, *SERVED_NEWER}
     for i, family in enumerate(FAMILIES):
         info = models[family]
         assert info["family"] == family
@@ -240,7 +164,7 @@ def test_elmo_and_the_transformer_are_served(server, client):
     """/v1/models metadata, /v1/embed (pooled and per token), /v1/neighbors and the bad inputs
     of the two newer families answer over HTTP what the library's Engine gives in-process."""
     listed = {m["name"]: m for m in client.get("/v1/models").json()["data"]}
-    for family in NEWER:
+    for family in SERVED_NEWER:
         local = Engine(load_checkpoint(server.paths[family]))
         info, expected = listed[family], local.info()
         for key in ("family", "endpoints", "parameters", "vocab_size", "max_positions"):

@@ -1,5 +1,6 @@
 """Serving under abuse (issue 14, items 5-9), end to end: `nlm serve` with tight bounds on tiny
-checkpoints, real Ray Serve, real HTTP on 127.0.0.1. One server for the module.
+checkpoints, real Ray Serve, real HTTP on 127.0.0.1. One application for the module, next to
+the session's server (tests/conftest.py).
 
 - clients that hang up: their rows leave the running generation within a few decode steps;
 - compute budgets: a request over `--max-request-cost` is a 400, long work runs in slices;
@@ -15,17 +16,15 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 import torch
-from test_inference import build_tiny_checkpoints
-from test_serve import free_port, stop
+from conftest import SERVE_TOKEN, Server
 
 from nlm.checkpoint import load_checkpoint
 from nlm.finetune.heads import TaskModel, save_task_checkpoint
@@ -33,8 +32,6 @@ from nlm.inference import Engine
 from nlm.models import build_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`")
-REPO = Path(__file__).resolve().parents[1]
-START_TIMEOUT_S = 300
 
 # The server's bounds (module docstring).
 MAX_REQUEST_COST = 4096  # token positions per request
@@ -53,18 +50,6 @@ MAX_NEW_TOKENS = 2048
 SLOW = {"max_tokens": 2000, "stop_at_eos": False}
 
 
-class Server:
-    def __init__(self, url: str, proc: subprocess.Popen, log: Path, paths: dict[str, Path]):
-        self.url, self.proc, self.log, self.paths = url, proc, log, paths
-        self.cache_budget = 0
-
-    def client(self, timeout: float = 120) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=timeout)
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
-
-
 def build_classifier(root: Path, tokenizer_source: Path) -> Path:
     """A tiny untrained gpt classifier checkpoint (what `nlm finetune` writes)."""
     tokenizer = load_checkpoint(tokenizer_source).tokenizer
@@ -76,18 +61,13 @@ def build_classifier(root: Path, tokenizer_source: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, data_mirror):
-    root = tmp_path_factory.mktemp("abuse")
-    tiny = build_tiny_checkpoints(root / "ckpt", data_mirror)
-    paths = {f: tiny[f] for f in ("gpt", "bert", "lstm")}
-    paths["cls"] = build_classifier(root / "cls", tiny["gpt"])
+def server(served, tiny_checkpoints, tmp_path_factory) -> Server:
+    """These bounds' application, deployed next to the session's `nlm serve` (tests/conftest.py):
+    the same Serve instance and Ray, its own route prefix (/abuse) and replicas."""
+    paths = {f: tiny_checkpoints[f] for f in ("gpt", "bert", "lstm")}
+    paths["cls"] = build_classifier(tmp_path_factory.mktemp("cls"), tiny_checkpoints["gpt"])
     gpt = Engine(load_checkpoint(paths["gpt"]))
     cache_budget = gpt.cache_bytes(CACHE_ROWS, CACHE_WIDTH)
-    port = free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    env.pop("NLM_API_TOKEN", None)
-    log = root / "serve.log"
     bounds = {
         "--max-items": 16,
         "--max-new-tokens": MAX_NEW_TOKENS,
@@ -101,33 +81,9 @@ def server(tmp_path_factory, data_mirror):
         "--max-queued-requests": MAX_QUEUED,
         "--replica-cpus": 0.2,
     }
-    args = [f"{name}={path}" for name, path in paths.items()] + ["--port", str(port)]
-    args += [str(x) for pair in bounds.items() for x in pair]
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "nlm", "serve", *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=REPO,
-            start_new_session=True,
-        )
-    srv = Server(f"http://127.0.0.1:{port}", proc, log, paths)
+    srv = served.deploy("abuse", paths, [str(x) for pair in bounds.items() for x in pair])
     srv.cache_budget = cache_budget
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, f"nlm serve exited early:\n{srv.tail()}"
-            assert time.monotonic() < deadline, f"no /healthz in {START_TIMEOUT_S} s:\n{srv.tail()}"
-            try:
-                if httpx.get(srv.url + "/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        yield srv
-    finally:
-        stop(proc)
+    return srv
 
 
 @pytest.fixture(scope="module")
@@ -242,9 +198,19 @@ def test_long_work_runs_in_slices_no_longer_than_the_limit(client):
 
 
 def raw_request(server: Server, head: bytes, body: bytes = b"", timeout: float = 10) -> bytes:
-    """Send bytes as they are (a lying or huge Content-Length) and read the answer."""
-    host, port = server.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+    """Send bytes as they are (a lying or huge Content-Length) and read the answer. `head`'s
+    path is the application's; its route prefix and the bearer token are put in here."""
+    url = urlsplit(server.url)
+    method, _, rest = head.partition(b" ")
+    line, _, headers = rest.partition(b"\r\n")
+    head = b"%s %s%s\r\nAuthorization: Bearer %s\r\n%s" % (
+        method,
+        url.path.encode(),
+        line,
+        SERVE_TOKEN.encode(),
+        headers,
+    )
+    with socket.create_connection((url.hostname, url.port), timeout=timeout) as sock:
         sock.sendall(head + body)
         chunks = []
         try:

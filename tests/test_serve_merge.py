@@ -12,14 +12,13 @@ import asyncio
 import threading
 
 import pytest
-from test_inference import build_tiny_checkpoints
 
 from nlm.serve.deployments import ModelServer, _Caller
 from nlm.serve.replica import unsliced
 
 
-def test_groups_queued_behind_a_call_are_merged_and_all_answered(tmp_path, data_mirror):
-    path = build_tiny_checkpoints(tmp_path, data_mirror)["lstm"]
+def test_groups_queued_behind_a_call_are_merged_and_all_answered(tiny_checkpoints):
+    path = tiny_checkpoints["lstm"]
     server = ModelServer.func_or_class("lstm", str(path), None, 1)  # the plain class
     release = threading.Event()
     calls: list[list[str]] = []
@@ -48,11 +47,11 @@ def test_groups_queued_behind_a_call_are_merged_and_all_answered(tmp_path, data_
     assert stats["batches"] == 2 and stats["largest_batch"] == 3
 
 
-def test_a_generation_joins_a_running_one_and_leaves_first(tmp_path, data_mirror):
+def test_a_generation_joins_a_running_one_and_leaves_first(tiny_checkpoints):
     """Continuous batching in the replica: a short request sent while a long generation runs
     joins it at the next step and is answered long before it, and both answers are the ones
     each prompt gets alone."""
-    path = build_tiny_checkpoints(tmp_path, data_mirror)["gpt"]
+    path = tiny_checkpoints["gpt"]
     server = ModelServer.func_or_class("gpt", str(path), None, 1)
     engine = server.engine
     long_job = engine.generation_job("the lobster", 50, seed=1, stop_at_eos=False)
@@ -91,11 +90,11 @@ def test_a_generation_joins_a_running_one_and_leaves_first(tmp_path, data_mirror
     assert stats["steps"] == 50
 
 
-def test_a_cancelled_generate_request_leaves_at_the_next_step(tmp_path, data_mirror):
+def test_a_cancelled_generate_request_leaves_at_the_next_step(tiny_checkpoints):
     """Serve cancels a request's handler when its client leaves, never the running batch: the
     handler cancels its rows (`_Caller.cancel`, what `generate` does on CancelledError) and
     they leave the generation at the next step (issue 14, item 5)."""
-    path = build_tiny_checkpoints(tmp_path, data_mirror)["lstm"]
+    path = tiny_checkpoints["lstm"]
     server = ModelServer.func_or_class("lstm", str(path), None, 1)
     engine = server.engine
     jobs = [engine.generation_job(p, 256, seed=1, stop_at_eos=False) for p in ("the", "blue")]
@@ -121,7 +120,7 @@ def test_a_cancelled_generate_request_leaves_at_the_next_step(tmp_path, data_mir
     assert not server.running and not server.joining
 
 
-def test_the_task_server_has_the_stuck_check(tmp_path, data_mirror):
+def test_the_task_server_has_the_stuck_check(tmp_path, tiny_checkpoints):
     """The fine-tuned-model server shares the replica machinery, health check included."""
     import time
 
@@ -133,7 +132,7 @@ def test_the_task_server_has_the_stuck_check(tmp_path, data_mirror):
     from nlm.serve.replica import STUCK_AFTER_S
     from nlm.serve.tasks import TaskServer
 
-    tokenizer = load_checkpoint(build_tiny_checkpoints(tmp_path, data_mirror)["gpt"]).tokenizer
+    tokenizer = load_checkpoint(tiny_checkpoints["gpt"]).tokenizer
     torch.manual_seed(0)
     model = TaskModel(build_model("gpt", "tiny", vocab_size=256), "classify", ["a", "b"], 0.0)
     path = save_task_checkpoint(tmp_path / "cls", model.eval(), tokenizer)
@@ -146,10 +145,10 @@ def test_the_task_server_has_the_stuck_check(tmp_path, data_mirror):
     assert server.max_batch_size == 3 and server._classify_batch._get_max_batch_size() == 3
 
 
-def test_a_short_request_runs_between_the_slices_of_a_long_one(tmp_path, data_mirror):
+def test_a_short_request_runs_between_the_slices_of_a_long_one(tiny_checkpoints):
     """Long work is sliced and each slice queues for the worker thread: a fill-mask sent while
     a long bert scoring runs is answered before it (issue 14, item 6)."""
-    path = build_tiny_checkpoints(tmp_path, data_mirror)["bert"]
+    path = tiny_checkpoints["bert"]
     limits = {"max_slice_cost": 64, "max_request_cost": 10**6}
     server = ModelServer.func_or_class("bert", str(path), limits, 1)
     engine = server.engine

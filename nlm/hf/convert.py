@@ -1,24 +1,31 @@
 """Weights and configs between nlm's gpt/bert and `transformers`' GPT-2/BERT, both ways.
 
-gpt -> GPT2LMHeadModel. nlm's gpt is GPT-2's layout under nanoGPT's names; GPT-2 stores its
+Each direction reads the same two tables, so a tensor or a config field is named once:
+`Link`s pair every nlm tensor with its transformers counterpart(s) (`gpt_links`, `bert_links`),
+`Field`s pair every config field (`GPT_FIELDS`, `BERT_FIELDS`). `to_hf` / `from_hf` walk a
+table one way or the other; `MAPPINGS[family]` is what export and import call.
+
+gpt <-> GPT2LMHeadModel. nlm's gpt is GPT-2's layout under nanoGPT's names; GPT-2 stores its
 projections as `Conv1D` with the weight (in, out), nlm as `nn.Linear` (out, in), so every
 projection matrix is transposed. nlm's `bias=False` exports as zero biases (GPT-2 always has
 them), sinusoidal positions as the position table they compute. GELU: nlm's exact GELU is
 transformers' "gelu"; the tanh approximation ("gelu_tanh", what GPT-2 itself uses) is
 "gelu_pytorch_tanh", the same kernel.
 
-bert -> BertForPreTraining (the same file loads as BertForMaskedLM). nlm's bert is the original
+bert <-> BertForPreTraining (the same file loads as BertForMaskedLM). nlm's bert is the original
 post-LayerNorm BERT; its fused QKV projection splits into query/key/value, the MLM head and the
 NSP head (pooler + classifier) map one to one.
 
-Import goes the other way and refuses what nlm cannot compute exactly (another activation,
-relative positions, cross-attention, ...), naming the config field. The vocabulary is remapped
-(`remap_rows`) so that nlm's fixed special ids 0-6 hold the tokens of the same role (see
-nlm/tokenizers/hf.py).
+Import refuses what nlm cannot compute exactly (another activation, relative positions,
+cross-attention, ...), naming the config field. The vocabulary is remapped (`remap_rows`) so
+that nlm's fixed special ids 0-6 hold the tokens of the same role (see nlm/tokenizers/hf.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,22 +46,143 @@ GPT_ACTIVATIONS_IN = {
 LAYER_NORM_EPS = 1e-5  # torch's nn.LayerNorm default, which nlm's gpt uses (GPT-2's too)
 
 
+# --- the two tables and the walks over them -----------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Link:
+    """One nlm tensor and the transformers tensor(s) it is.
+
+    `hf` holds several names where nlm's tensor is their concatenation along dim 0 (BERT's fused
+    QKV). `transpose`: GPT-2's Conv1D stores (in, out), nlm's Linear (out, in). `tied`: under
+    `tie_weights` this tensor is that nlm tensor (exported from it, imported as the same
+    object). `fill`: what export writes when nlm has no such tensor (bias=False, sinusoidal
+    positions); import always reads it. `also`: further transformers names export writes the
+    same tensor to (BERT's decoder bias appears twice).
+    """
+
+    nlm: str
+    hf: tuple[str, ...]
+    transpose: bool = False
+    tied: str | None = None
+    fill: Callable[[], torch.Tensor] | None = None
+    also: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One config field: nlm's name, transformers' name, transformers' default when absent, the
+    type import reads it as, and further transformers names export writes the value to."""
+
+    nlm: str
+    hf: str
+    default: Any
+    kind: Callable[[Any], Any]
+    also: tuple[str, ...] = ()
+
+
+def to_hf(state: dict[str, torch.Tensor], links: list[Link], tie: bool) -> dict[str, torch.Tensor]:
+    """nlm state dict -> transformers state dict along `links` (fp32 copies)."""
+    out: dict[str, torch.Tensor] = {}
+    for link in links:
+        name = link.tied if tie and link.tied else link.nlm
+        tensor = state[name] if name in state or link.fill is None else link.fill()
+        tensor = tensor.detach().float()
+        if link.transpose:
+            tensor = tensor.t()
+        for hf_name, part in zip(link.hf, tensor.chunk(len(link.hf), dim=0), strict=True):
+            out[hf_name] = part.clone().contiguous()
+        for hf_name in link.also:
+            out[hf_name] = tensor.clone().contiguous()
+    return out
+
+
+def from_hf(
+    state: dict[str, torch.Tensor], links: list[Link], tie: bool, what: str
+) -> dict[str, torch.Tensor]:
+    """transformers state dict -> nlm state dict along `links`; a missing tensor is a one-line
+    NLMError naming it (`what`: "GPT-2 weights", ...). Tied tensors are one object."""
+
+    def get(name: str) -> torch.Tensor:
+        if name not in state:
+            raise NLMError(f"{what}: no tensor '{name}'")
+        return state[name].detach().float()
+
+    out: dict[str, torch.Tensor] = {}
+    for link in links:
+        if tie and link.tied:
+            out[link.nlm] = out[link.tied]
+            continue
+        tensor = torch.cat([get(name) for name in link.hf])
+        out[link.nlm] = tensor.t() if link.transpose else tensor
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def config_to_hf(config: Any, fields: tuple[Field, ...]) -> dict[str, Any]:
+    """The transformers config fields of `fields` for an nlm config."""
+    out: dict[str, Any] = {}
+    for field in fields:
+        for name in (field.hf, *field.also):
+            out[name] = getattr(config, field.nlm)
+    return out
+
+
+def config_from_hf(hf: dict[str, Any], fields: tuple[Field, ...]) -> dict[str, Any]:
+    """nlm config keyword arguments from a transformers config dict (its defaults when absent)."""
+    return {f.nlm: f.kind(hf.get(f.hf, f.default)) for f in fields}
+
+
+def _refused(source: str, field: str, why: str) -> NLMError:
+    """The one-line error for a transformers config field nlm cannot compute exactly."""
+    return NLMError(f"{source} (field '{field}'): {why}")
+
+
+def _linear(nlm: str, hf: str, width: int | None = None, transpose: bool = False) -> list[Link]:
+    """A weight and its bias; `width`: export zeros of that size when nlm has no bias."""
+    fill = None if width is None else (lambda: torch.zeros(width))
+    return [
+        Link(f"{nlm}.weight", (f"{hf}.weight",), transpose=transpose),
+        Link(f"{nlm}.bias", (f"{hf}.bias",), fill=fill),
+    ]
+
+
 # --- gpt <-> GPT-2 ------------------------------------------------------------------------------
+GPT_FIELDS = (  # activation_function is mapped by name (GPT_ACTIVATIONS), not copied
+    Field("vocab_size", "vocab_size", 50257, int),
+    Field("block_size", "n_positions", 1024, int),
+    Field("n_embd", "n_embd", 768, int),
+    Field("n_layer", "n_layer", 12, int),
+    Field("n_head", "n_head", 12, int),
+    Field("dropout", "resid_pdrop", 0.1, float, also=("embd_pdrop", "attn_pdrop")),
+    Field("tie_weights", "tie_word_embeddings", True, bool),
+)
+
+
+def gpt_links(config: GPTConfig) -> list[Link]:
+    """Every tensor of an nlm gpt and its GPT2LMHeadModel name."""
+    n = config.n_embd
+    positions = lambda: sinusoidal_positions(config.block_size, n)  # noqa: E731
+    links = [
+        Link("wte.weight", ("transformer.wte.weight",)),
+        Link("wpe.weight", ("transformer.wpe.weight",), fill=positions),
+    ]
+    for i in range(config.n_layer):
+        src, dst = f"blocks.{i}.", f"transformer.h.{i}."
+        for ln in ("ln_1", "ln_2"):
+            links += _linear(src + ln, dst + ln, n)
+        for name, width in (("attn.c_attn", 3 * n), ("attn.c_proj", n), ("mlp.c_fc", 4 * n),
+                            ("mlp.c_proj", n)):  # fmt: skip
+            links += _linear(src + name, dst + name, width, transpose=True)
+    links += _linear("ln_f", "transformer.ln_f", n)
+    links.append(Link("lm_head.weight", ("lm_head.weight",), tied="wte.weight"))
+    return links
+
+
 def gpt2_config(config: GPTConfig, special_ids: dict[str, int | None]) -> dict[str, Any]:
     """transformers.GPT2Config fields for an nlm gpt config (`special_ids`: bos/eos/pad ids)."""
     return dict(
-        vocab_size=config.vocab_size,
-        n_positions=config.block_size,
-        n_embd=config.n_embd,
-        n_layer=config.n_layer,
-        n_head=config.n_head,
+        config_to_hf(config, GPT_FIELDS),
         n_inner=4 * config.n_embd,
         activation_function=GPT_ACTIVATIONS[config.activation],
-        resid_pdrop=config.dropout,
-        embd_pdrop=config.dropout,
-        attn_pdrop=config.dropout,
         layer_norm_epsilon=LAYER_NORM_EPS,
-        tie_word_embeddings=config.tie_weights,
         bos_token_id=special_ids.get("bos"),
         eos_token_id=special_ids.get("eos"),
         pad_token_id=special_ids.get("pad"),
@@ -62,44 +190,10 @@ def gpt2_config(config: GPTConfig, special_ids: dict[str, int | None]) -> dict[s
     )
 
 
-def gpt_to_gpt2(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
-    """nlm gpt state dict -> GPT2LMHeadModel state dict (fp32 copies)."""
-    out: dict[str, torch.Tensor] = {}
-    zeros = lambda n: torch.zeros(n)  # noqa: E731  (bias=False exports as zero biases)
-    n = config.n_embd
-
-    def put(name: str, tensor: torch.Tensor) -> None:
-        out[name] = tensor.detach().float().clone().contiguous()
-
-    put("transformer.wte.weight", state["wte.weight"])
-    if config.positions == "learned":
-        put("transformer.wpe.weight", state["wpe.weight"])
-    else:
-        put("transformer.wpe.weight", sinusoidal_positions(config.block_size, n))
-    for i in range(config.n_layer):
-        src, dst = f"blocks.{i}.", f"transformer.h.{i}."
-        for ln in ("ln_1", "ln_2"):
-            put(f"{dst}{ln}.weight", state[f"{src}{ln}.weight"])
-            put(f"{dst}{ln}.bias", state.get(f"{src}{ln}.bias", zeros(n)))
-        for nlm_name, hf_name, width in (
-            ("attn.c_attn", "attn.c_attn", 3 * n),
-            ("attn.c_proj", "attn.c_proj", n),
-            ("mlp.c_fc", "mlp.c_fc", 4 * n),
-            ("mlp.c_proj", "mlp.c_proj", n),
-        ):
-            put(f"{dst}{hf_name}.weight", state[f"{src}{nlm_name}.weight"].t())  # Conv1D: (in, out)
-            put(f"{dst}{hf_name}.bias", state.get(f"{src}{nlm_name}.bias", zeros(width)))
-    put("transformer.ln_f.weight", state["ln_f.weight"])
-    put("transformer.ln_f.bias", state.get("ln_f.bias", zeros(n)))
-    put("lm_head.weight", state["wte.weight"] if config.tie_weights else state["lm_head.weight"])
-    return out
-
-
 def gpt_config_from_gpt2(hf: dict[str, Any], source: str) -> GPTConfig:
     """An nlm GPTConfig from a GPT2Config dict, or a one-line NLMError naming the field."""
 
-    def bad(field: str, why: str) -> NLMError:
-        return NLMError(f"{source} (field '{field}'): {why}")
+    bad = functools.partial(_refused, source)
 
     activation = hf.get("activation_function", "gelu_new")
     if activation not in GPT_ACTIVATIONS_IN:
@@ -107,7 +201,8 @@ def gpt_config_from_gpt2(hf: dict[str, Any], source: str) -> GPTConfig:
             "activation_function",
             f"{activation!r}: nlm's gpt computes {', '.join(GPT_ACTIVATIONS_IN)}",
         )
-    n_embd = int(hf.get("n_embd", 768))
+    fields = config_from_hf(hf, GPT_FIELDS)
+    n_embd = fields["n_embd"]
     if hf.get("n_inner") not in (None, 4 * n_embd):
         raise bad("n_inner", f"{hf['n_inner']}: nlm's gpt has an MLP of 4 x n_embd = {4 * n_embd}")
     eps = float(hf.get("layer_norm_epsilon", LAYER_NORM_EPS))
@@ -120,123 +215,82 @@ def gpt_config_from_gpt2(hf: dict[str, Any], source: str) -> GPTConfig:
     ):
         if bool(hf.get(field, wanted)) != wanted:
             raise bad(field, f"{hf[field]}: nlm's gpt supports only {wanted}")
+    # GPT-2 always has biases and a learned position table.
     return GPTConfig(
-        vocab_size=int(hf.get("vocab_size", 50257)),
-        block_size=int(hf.get("n_positions", 1024)),
-        n_layer=int(hf.get("n_layer", 12)),
-        n_head=int(hf.get("n_head", 12)),
-        n_embd=n_embd,
-        dropout=float(hf.get("resid_pdrop", 0.1)),
-        bias=True,
-        tie_weights=bool(hf.get("tie_word_embeddings", True)),
-        positions="learned",
-        activation=GPT_ACTIVATIONS_IN[activation],
+        **fields, bias=True, positions="learned", activation=GPT_ACTIVATIONS_IN[activation]
     )
 
 
-def gpt2_to_gpt(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
-    """GPT2LMHeadModel state dict -> nlm gpt state dict (the inverse of `gpt_to_gpt2`)."""
-    out: dict[str, torch.Tensor] = {}
-
-    def get(name: str) -> torch.Tensor:
-        if name not in state:
-            raise NLMError(f"GPT-2 weights: no tensor '{name}'")
-        return state[name].detach().float()
-
-    out["wte.weight"] = get("transformer.wte.weight")
-    out["wpe.weight"] = get("transformer.wpe.weight")
-    for i in range(config.n_layer):
-        src, dst = f"transformer.h.{i}.", f"blocks.{i}."
-        for ln in ("ln_1", "ln_2"):
-            out[f"{dst}{ln}.weight"] = get(f"{src}{ln}.weight")
-            out[f"{dst}{ln}.bias"] = get(f"{src}{ln}.bias")
-        for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
-            out[f"{dst}{name}.weight"] = get(f"{src}{name}.weight").t()
-            out[f"{dst}{name}.bias"] = get(f"{src}{name}.bias")
-    out["ln_f.weight"] = get("transformer.ln_f.weight")
-    out["ln_f.bias"] = get("transformer.ln_f.bias")
-    out["lm_head.weight"] = out["wte.weight"] if config.tie_weights else get("lm_head.weight")
-    return {k: v.contiguous() for k, v in out.items()}
-
-
 # --- bert <-> BERT -------------------------------------------------------------------------------
+BERT_FIELDS = (
+    Field("vocab_size", "vocab_size", 30522, int),
+    Field("max_positions", "max_position_embeddings", 512, int),
+    Field("n_layer", "num_hidden_layers", 12, int),
+    Field("n_head", "num_attention_heads", 12, int),
+    Field("n_embd", "hidden_size", 768, int),
+    Field("intermediate_size", "intermediate_size", 3072, int),
+    Field("type_vocab_size", "type_vocab_size", 2, int),
+    Field("dropout", "hidden_dropout_prob", 0.1, float, also=("attention_probs_dropout_prob",)),
+    Field("layer_norm_eps", "layer_norm_eps", 1e-12, float),
+    Field("tie_weights", "tie_word_embeddings", True, bool),
+)
+
+
+def bert_links(config: BERTConfig) -> list[Link]:
+    """Every tensor of an nlm bert and its BertForPreTraining name(s)."""
+    links = [
+        Link(f"{nlm}.weight", (f"bert.embeddings.{hf}.weight",))
+        for nlm, hf in (
+            ("tok", "word_embeddings"),
+            ("pos", "position_embeddings"),
+            ("seg", "token_type_embeddings"),
+        )  # fmt: skip
+    ]
+    for nlm, hf in (
+        ("ln_emb", "bert.embeddings.LayerNorm"),
+        ("mlm_dense", "cls.predictions.transform.dense"),
+        ("mlm_ln", "cls.predictions.transform.LayerNorm"),
+        ("pooler", "bert.pooler.dense"),
+        ("nsp", "cls.seq_relationship"),
+    ):
+        links += _linear(nlm, hf)
+    for i in range(config.n_layer):
+        src, dst = f"layers.{i}.", f"bert.encoder.layer.{i}."
+        qkv = [f"{dst}attention.self.{part}" for part in ("query", "key", "value")]
+        links += [
+            Link(f"{src}qkv.weight", tuple(f"{name}.weight" for name in qkv)),
+            Link(f"{src}qkv.bias", tuple(f"{name}.bias" for name in qkv)),
+        ]
+        for nlm, hf in (
+            ("attn_out", "attention.output.dense"),
+            ("ln_attn", "attention.output.LayerNorm"),
+            ("ffn_in", "intermediate.dense"),
+            ("ffn_out", "output.dense"),
+            ("ln_ffn", "output.LayerNorm"),
+        ):
+            links += _linear(src + nlm, dst + hf)
+    links += [
+        Link("decoder.weight", ("cls.predictions.decoder.weight",), tied="tok.weight"),
+        Link("decoder.bias", ("cls.predictions.bias",), also=("cls.predictions.decoder.bias",)),
+    ]
+    return links
+
+
 def bert_hf_config(config: BERTConfig, special_ids: dict[str, int | None]) -> dict[str, Any]:
     """transformers.BertConfig fields for an nlm bert config."""
     return dict(
-        vocab_size=config.vocab_size,
-        hidden_size=config.n_embd,
-        num_hidden_layers=config.n_layer,
-        num_attention_heads=config.n_head,
-        intermediate_size=config.intermediate_size,
+        config_to_hf(config, BERT_FIELDS),
         hidden_act="gelu",
-        hidden_dropout_prob=config.dropout,
-        attention_probs_dropout_prob=config.dropout,
-        max_position_embeddings=config.max_positions,
-        type_vocab_size=config.type_vocab_size,
-        layer_norm_eps=config.layer_norm_eps,
         position_embedding_type="absolute",
-        tie_word_embeddings=config.tie_weights,
         pad_token_id=special_ids.get("pad"),
         architectures=["BertForPreTraining"],
     )
 
 
-# (nlm name, transformers name) of every bert tensor but the fused QKV and the vocabulary rows.
-_BERT_LAYER = (
-    ("attn_out", "attention.output.dense"),
-    ("ln_attn", "attention.output.LayerNorm"),
-    ("ffn_in", "intermediate.dense"),
-    ("ffn_out", "output.dense"),
-    ("ln_ffn", "output.LayerNorm"),
-)
-_BERT_TOP = (
-    ("tok", "bert.embeddings.word_embeddings"),
-    ("pos", "bert.embeddings.position_embeddings"),
-    ("seg", "bert.embeddings.token_type_embeddings"),
-    ("ln_emb", "bert.embeddings.LayerNorm"),
-    ("mlm_dense", "cls.predictions.transform.dense"),
-    ("mlm_ln", "cls.predictions.transform.LayerNorm"),
-    ("pooler", "bert.pooler.dense"),
-    ("nsp", "cls.seq_relationship"),
-)
-
-
-def bert_to_hf(state: dict[str, torch.Tensor], config: BERTConfig) -> dict[str, torch.Tensor]:
-    """nlm bert state dict -> BertForPreTraining state dict."""
-    out: dict[str, torch.Tensor] = {}
-
-    def put(name: str, tensor: torch.Tensor) -> None:
-        out[name] = tensor.detach().float().clone().contiguous()
-
-    for nlm_name, hf_name in _BERT_TOP:
-        put(f"{hf_name}.weight", state[f"{nlm_name}.weight"])
-        if f"{nlm_name}.bias" in state:
-            put(f"{hf_name}.bias", state[f"{nlm_name}.bias"])
-    for i in range(config.n_layer):
-        src, dst = f"layers.{i}.", f"bert.encoder.layer.{i}."
-        for part, w, b in zip(
-            ("query", "key", "value"),
-            state[f"{src}qkv.weight"].chunk(3, dim=0),
-            state[f"{src}qkv.bias"].chunk(3, dim=0),
-            strict=True,
-        ):
-            put(f"{dst}attention.self.{part}.weight", w)
-            put(f"{dst}attention.self.{part}.bias", b)
-        for nlm_name, hf_name in _BERT_LAYER:
-            put(f"{dst}{hf_name}.weight", state[f"{src}{nlm_name}.weight"])
-            put(f"{dst}{hf_name}.bias", state[f"{src}{nlm_name}.bias"])
-    decoder = state["tok.weight"] if config.tie_weights else state["decoder.weight"]
-    put("cls.predictions.decoder.weight", decoder)
-    put("cls.predictions.bias", state["decoder.bias"])
-    put("cls.predictions.decoder.bias", state["decoder.bias"])
-    return out
-
-
 def bert_config_from_hf(hf: dict[str, Any], source: str) -> BERTConfig:
     """An nlm BERTConfig from a BertConfig dict, or a one-line NLMError naming the field."""
 
-    def bad(field: str, why: str) -> NLMError:
-        return NLMError(f"{source} (field '{field}'): {why}")
+    bad = functools.partial(_refused, source)
 
     if hf.get("hidden_act", "gelu") != "gelu":
         raise bad("hidden_act", f"{hf['hidden_act']!r}: nlm's bert computes the exact 'gelu'")
@@ -248,56 +302,49 @@ def bert_config_from_hf(hf: dict[str, Any], source: str) -> BERTConfig:
     for field in ("is_decoder", "add_cross_attention"):
         if hf.get(field):
             raise bad(field, "true: nlm's bert is an encoder without cross-attention")
-    hidden_dropout = float(hf.get("hidden_dropout_prob", 0.1))
-    return BERTConfig(
-        vocab_size=int(hf.get("vocab_size", 30522)),
-        max_positions=int(hf.get("max_position_embeddings", 512)),
-        n_layer=int(hf.get("num_hidden_layers", 12)),
-        n_head=int(hf.get("num_attention_heads", 12)),
-        n_embd=int(hf.get("hidden_size", 768)),
-        intermediate_size=int(hf.get("intermediate_size", 3072)),
-        type_vocab_size=int(hf.get("type_vocab_size", 2)),
-        dropout=hidden_dropout,
-        layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
-        tie_weights=bool(hf.get("tie_word_embeddings", True)),
-    )
+    return BERTConfig(**config_from_hf(hf, BERT_FIELDS))
 
 
-def hf_to_bert(state: dict[str, torch.Tensor], config: BERTConfig) -> dict[str, torch.Tensor]:
-    """BertForPreTraining state dict -> nlm bert state dict (the inverse of `bert_to_hf`)."""
-    out: dict[str, torch.Tensor] = {}
+# --- one mapping per family --------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Mapping:
+    """Everything that converts one nlm family: its transformers classes (by name, so this module
+    does not import transformers), its tensor table, its config fields both ways, and the
+    tensors whose first dimension is the vocabulary."""
 
-    def get(name: str) -> torch.Tensor:
-        if name not in state:
-            raise NLMError(f"BERT weights: no tensor '{name}'")
-        return state[name].detach().float()
+    hf_config: str  # transformers config class
+    hf_model: str  # transformers model class that export builds and import loads
+    links: Callable[[Any], list[Link]]
+    config_to_hf: Callable[[Any, dict[str, int | None]], dict[str, Any]]
+    config_from_hf: Callable[[dict[str, Any], str], Any]
+    what: str  # how errors name the weights
+    vocab_rows: tuple[str, ...]
 
-    for nlm_name, hf_name in _BERT_TOP:
-        out[f"{nlm_name}.weight"] = get(f"{hf_name}.weight")
-        if nlm_name not in ("tok", "pos", "seg"):
-            out[f"{nlm_name}.bias"] = get(f"{hf_name}.bias")
-    for i in range(config.n_layer):
-        src, dst = f"bert.encoder.layer.{i}.", f"layers.{i}."
-        parts = ("query", "key", "value")
-        out[f"{dst}qkv.weight"] = torch.cat([get(f"{src}attention.self.{p}.weight") for p in parts])
-        out[f"{dst}qkv.bias"] = torch.cat([get(f"{src}attention.self.{p}.bias") for p in parts])
-        for nlm_name, hf_name in _BERT_LAYER:
-            out[f"{dst}{nlm_name}.weight"] = get(f"{src}{hf_name}.weight")
-            out[f"{dst}{nlm_name}.bias"] = get(f"{src}{hf_name}.bias")
-    out["decoder.weight"] = (
-        out["tok.weight"] if config.tie_weights else get("cls.predictions.decoder.weight")
-    )
-    out["decoder.bias"] = get("cls.predictions.bias")
-    return {k: v.contiguous() for k, v in out.items()}
+    def weights_to_hf(self, state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+        """nlm state dict -> transformers state dict (fp32 copies)."""
+        return to_hf(state, self.links(config), config.tie_weights)
+
+    def weights_from_hf(
+        self, state: dict[str, torch.Tensor], config: Any
+    ) -> dict[str, torch.Tensor]:
+        """transformers state dict -> nlm state dict (the inverse of `weights_to_hf`); a missing
+        tensor is a one-line NLMError naming it."""
+        return from_hf(state, self.links(config), config.tie_weights, self.what)
+
+
+MAPPINGS = {
+    "gpt": Mapping(
+        "GPT2Config", "GPT2LMHeadModel", gpt_links, gpt2_config, gpt_config_from_gpt2,
+        "GPT-2 weights", ("wte.weight", "lm_head.weight"),
+    ),
+    "bert": Mapping(
+        "BertConfig", "BertForPreTraining", bert_links, bert_hf_config, bert_config_from_hf,
+        "BERT weights", ("tok.weight", "decoder.weight", "decoder.bias"),
+    ),
+}  # fmt: skip
 
 
 # --- the vocabulary rows ----------------------------------------------------------------------
-VOCAB_ROWS = {  # the tensors whose first dimension is the vocabulary, per nlm family
-    "gpt": ("wte.weight", "lm_head.weight"),
-    "bert": ("tok.weight", "decoder.weight", "decoder.bias"),
-}
-
-
 def remap_rows(
     state: dict[str, torch.Tensor], family: str, to_hf: torch.Tensor
 ) -> dict[str, torch.Tensor]:
@@ -311,7 +358,7 @@ def remap_rows(
     """
     out = dict(state)
     done: dict[int, torch.Tensor] = {}
-    for name in VOCAB_ROWS[family]:
+    for name in MAPPINGS[family].vocab_rows:
         tensor = state.get(name)
         if tensor is None:
             continue
@@ -336,7 +383,7 @@ def unmap_rows(
     order = torch.empty(hf_rows, dtype=torch.long)
     order[to_hf[keep]] = torch.nonzero(keep).squeeze(1)
     done: dict[int, torch.Tensor] = {}
-    for name in VOCAB_ROWS[family]:
+    for name in MAPPINGS[family].vocab_rows:
         tensor = state.get(name)
         if tensor is None:
             continue

@@ -59,14 +59,10 @@ def hf_model(ckpt: Checkpoint) -> Any:
         state = convert.unmap_rows(state, family, torch.from_numpy(tok.to_hf), tok.hf_rows)
         config = config.replace(vocab_size=tok.hf_rows)
     ids = special_ids(ckpt)
-    if family == "gpt":
-        hf_config = transformers.GPT2Config(**convert.gpt2_config(config, ids))
-        hf = transformers.GPT2LMHeadModel(hf_config)
-        weights = convert.gpt_to_gpt2(state, config)
-    else:
-        hf_config = transformers.BertConfig(**convert.bert_hf_config(config, ids))
-        hf = transformers.BertForPreTraining(hf_config)
-        weights = convert.bert_to_hf(state, config)
+    mapping = convert.MAPPINGS[family]
+    hf_config = getattr(transformers, mapping.hf_config)(**mapping.config_to_hf(config, ids))
+    hf = getattr(transformers, mapping.hf_model)(hf_config)
+    weights = mapping.weights_to_hf(state, config)
     missing, unexpected = hf.load_state_dict(weights, strict=False)
     tied = {"lm_head.weight", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
     missing = [k for k in missing if k not in tied and not k.endswith("attn.bias")]

@@ -88,7 +88,7 @@ def _load_hf_model(directory: Path, family: str) -> tuple[Any, list[str]]:
     """The `transformers` model (fp32, eval) and the names of tensors it had to initialise."""
     import transformers
 
-    cls = transformers.GPT2LMHeadModel if family == "gpt" else transformers.BertForPreTraining
+    cls = getattr(transformers, convert.MAPPINGS[family].hf_model)
     torch.manual_seed(0)  # a head the file lacks (BERT's NSP) is initialised reproducibly
     try:
         model, info = cls.from_pretrained(directory, use_safetensors=True, output_loading_info=True)
@@ -163,18 +163,11 @@ def import_hf(source: str | Path, out: str | Path, overwrite: bool = False) -> d
     hf_config = read_hf_config(directory)
     family = FAMILIES[hf_config["model_type"]]
     where = str(directory / "config.json")
-    if family == "gpt":
-        config = convert.gpt_config_from_gpt2(hf_config, where)
-    else:
-        config = convert.bert_config_from_hf(hf_config, where)
+    mapping = convert.MAPPINGS[family]
+    config = mapping.config_from_hf(hf_config, where)
     hf, initialised = _load_hf_model(directory, family)
-    state = hf.state_dict()
-    if family == "gpt":
-        weights = convert.gpt2_to_gpt(state, config)
-        hf_rows = weights["wte.weight"].shape[0]
-    else:
-        weights = convert.hf_to_bert(state, config)
-        hf_rows = weights["tok.weight"].shape[0]
+    weights = mapping.weights_from_hf(hf.state_dict(), config)
+    hf_rows = weights[mapping.vocab_rows[0]].shape[0]
     tokenizer = _hf_tokenizer(directory, hf_rows)
     to_hf = torch.from_numpy(tokenizer.to_hf)
     weights = convert.remap_rows(weights, family, to_hf)
