@@ -137,8 +137,10 @@ def run_foundation_demo(
             "steps": steps,
             "seconds": round(elapsed, 1),
             "train_loss": loss,
+            # a span model's row has neither bits/byte nor unk_rate (its kept tokens are not
+            # predicted): None, as the Ray demo's row
             **{
-                k: report[k]
+                k: report.get(k)
                 for k in (
                     "tokens",
                     "ppl",
