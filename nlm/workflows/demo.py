@@ -286,9 +286,11 @@ def train_and_evaluate(
         "test_tokens": scored["tokens"],
         "ppl": scored["ppl"],
         "ppl_kind": scored["ppl_kind"],
-        "bits_per_byte": scored["bits_per_byte"],  # open vocabulary: <unk> pays its spelling
-        "bits_per_byte_closed_vocab": scored["bits_per_byte_closed_vocab"],
-        "unk_rate": scored["unk_rate"],
+        # open vocabulary: <unk> pays its spelling; a span model's evaluation reports no
+        # bits/byte and no unk_rate (its kept tokens are not predicted): None
+        "bits_per_byte": scored.get("bits_per_byte"),
+        "bits_per_byte_closed_vocab": scored.get("bits_per_byte_closed_vocab"),
+        "unk_rate": scored.get("unk_rate"),
         "mlm_accuracy": scored.get("mlm_accuracy"),
         "backward_ppl": scored.get("backward_ppl"),  # elmo's right-to-left direction
         "eval_s": round(time.monotonic() - t1, 1),
