@@ -448,7 +448,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return text_table(
         rows,
         [
-            ("model", -10, lambda r: r["model"]),
+            ("model", -12, lambda r: r["model"]),  # "transformer" and a space
             ("corpus", -10, lambda r: r["corpus"]),
             ("params", 9, lambda r: f"{r['params']:,}"),
             ("steps", 7, lambda r: "-" if r["steps"] is None else str(r["steps"])),
