@@ -22,7 +22,7 @@ from nlm.errors import NLMError
 APP_NAME = "nlm"
 
 # Where one machine's `nlm serve` differs from the application's defaults (AppArgs, Limits):
-# a quarter of a CPU per replica, so the demo's six models fit on two cores.
+# a quarter of a CPU per replica, so the demo's eight models fit on two cores.
 LOCAL_OVERRIDES: dict[str, Any] = {"num_cpus": 0.25, "num_replicas": 1}
 
 

@@ -155,7 +155,7 @@ def test_eval_bad_input(case, message, workdir, tmp_path):
 
 
 def test_demo_machinery(tmp_path):
-    """All five families through train -> save -> evaluate on a tiny budget (a spent clock still
+    """Every family through train -> save -> evaluate on a tiny budget (a spent clock still
     trains min_steps, bert a tenth of them); lstm trains long enough to beat its untrained self."""
     from nlm.workflows.foundation_demo import format_table, run_foundation_demo
 
@@ -164,7 +164,7 @@ def test_demo_machinery(tmp_path):
     results = run_foundation_demo(
         out_dir=out, min_steps=5, seconds=0.001, bert_seconds=0.001, **small
     )
-    families = ["fnn", "rnn", "lstm", "gpt", "bert", "transformer"]
+    families = ["fnn", "rnn", "lstm", "gpt", "bert", "elmo", "transformer"]
     assert [r["model"] for r in results] == ["unigram", *families]
     assert json.loads((out / "results.json").read_text()) == results
     for r in results[1:]:
@@ -175,8 +175,8 @@ def test_demo_machinery(tmp_path):
         assert any((run_dir / "tb").iterdir())
         assert load_checkpoint(run_dir).metrics["steps"] == steps  # the run dir loads
     table = format_table(results)
-    assert "pseudo-ppl" in table and len(table.splitlines()) == 8
-    assert results[6]["ppl_kind"] == "span" and results[6]["ppl"] > 1
+    assert "pseudo-ppl" in table and len(table.splitlines()) == 9
+    assert results[7]["ppl_kind"] == "span" and results[7]["ppl"] > 1
 
     untrained = results[3]["ppl"]  # 5 warmup steps: as good as untrained
     trained = run_foundation_demo(

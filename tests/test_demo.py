@@ -1,5 +1,5 @@
 """`nlm demo`'s Ray pipeline on a tiny budget, with every real component: Ray Data prepares the
-wt2-mini and pku-lm shards, Ray Train + DeepSpeed trains all six models (3 steps each, 2
+wt2-mini and pku-lm shards, Ray Train + DeepSpeed trains all eight models (3 steps each, 2
 workers), nlm.evaluation scores them, Ray Serve serves them on 127.0.0.1 and every endpoint
 answers a real HTTP request. Slow (a few minutes on 2 cores), but it is the demo users run."""
 
@@ -19,7 +19,7 @@ from nlm.errors import NLMError
 from nlm.workflows.demo import PKU_RUN, PKU_WORD, WORD, DemoConfig, format_table, run_demo
 from nlm.workflows.foundation_demo import DEMO_MARKER, clear_out_dir
 
-MODELS = ["fnn", "rnn", "lstm", "gpt", "bert", "transformer", PKU_RUN]
+MODELS = ["fnn", "rnn", "lstm", "gpt", "bert", "elmo", "transformer", PKU_RUN]
 STEPS = 3
 
 
@@ -52,6 +52,9 @@ def test_table_has_a_row_per_model(demo):
             assert r["ppl_kind"] == "span" and r["bits_per_byte"] is None
         else:
             assert r["ppl_kind"] == "causal" and r["bits_per_byte"] > 0
+        # elmo's right-to-left direction has its own perplexity; no other model has one
+        assert (r["backward_ppl"] is not None) == (name == "elmo")
+    assert math.isfinite(rows["elmo"]["backward_ppl"]) and rows["elmo"]["backward_ppl"] > 1
     # 3 steps leave a 6,700-word softmax near uniform: far above the unigram floor
     assert rows["gpt"]["ppl"] > rows["unigram"]["ppl"]
     table = format_table(result["rows"]).splitlines()
@@ -63,14 +66,14 @@ def test_every_endpoint_answered(demo):
     _, result = demo
     asked = {(r["model"], r["endpoint"]) for r in result["requests"]}
     for name in MODELS:
-        first = "fill-mask" if name == "bert" else "generate"
-        assert {e for m, e in asked if m == name} == {first, "score", "embed", "neighbors"}
+        # bert fills masks, elmo (bidirectional, no generation) only scores, embeds and ranks
+        own = {"bert": {"fill-mask"}, "elmo": set()}.get(name, {"generate"})
+        assert {e for m, e in asked if m == name} == {*own, "score", "embed", "neighbors"}
     assert result["ok"] and all(r["status"] == 200 for r in result["requests"])
-    configs = {name: load_checkpoint(path).model.config for name, path in result["runs"].items()}
+    models = {name: load_checkpoint(path).model for name, path in result["runs"].items()}
     for r in result["requests"]:
         answer, endpoint = r["answer"], r["endpoint"]
         assert answer["model"] == r["model"]
-        config = configs[r["model"]]
         if endpoint == "generate":
             assert len(answer["tokens"]) == len(answer["logprobs"]) <= 12
             assert (
@@ -87,7 +90,8 @@ def test_every_endpoint_answered(demo):
             )
         elif endpoint == "embed":
             vector = answer["embeddings"][0]
-            width = getattr(config, "n_embd", None) or config.hidden_size
+            # H: n_embd, the recurrent cells, or elmo's two directions side by side
+            width = models[r["model"]].hidden_size
             assert answer["dim"] == len(vector) == width and all(map(math.isfinite, vector))
         else:
             word = PKU_WORD if r["model"] == PKU_RUN else WORD

@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--replica-cpus",
         type=float,
         default=D["num_cpus"],
-        help="logical CPUs reserved per replica (default %(default)s: six models fit on 2 cores)",
+        help="logical CPUs reserved per replica (default %(default)s: eight models fit on 2 cores)",
     )
     sizing.add_argument(
         "--torch-threads",

@@ -31,10 +31,6 @@ DEMO_LEARNING_RATES = {
     "small": {"fnn": 2e-3, "rnn": 1e-3, "lstm": 2e-3, "gpt": 1e-3, "bert": 1e-3, "elmo": 2e-3},
 }
 DEMO_CLIP_NORM = {"fnn": 1.0, "rnn": 0.5, "lstm": 0.5, "gpt": 1.0, "bert": 1.0, "elmo": 0.5}
-# Families the demos train only when asked (`nlm demo --families ...,elmo`): elmo runs four LSTM
-# passes and two softmaxes per row, ~2.5 times the tiny lstm's step, and the demo's wall time is
-# budgeted for the five it trains by default.
-DEMO_OPT_IN = ("elmo",)
 DEMO_DEFAULT_LR = 1e-3  # a family not listed above (a newly registered one); its clip norm: 1.0
 
 # The study's reports in docs/STUDY.md were made with this schedule.

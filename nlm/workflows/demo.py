@@ -5,10 +5,11 @@
 1. One Ray instance (`ensure_ray`), reused by every step below: each `nlm train` starting its
    own would cost ~30 s of start-up five times over.
 2. Ray Data (`prepare`): wt2-mini -> word-level clm shards (words seen >= 3 times), the same
-   tokenizer -> mlm shards for bert; pku-lm (pre-segmented Chinese, whitespace = word boundary)
-   -> its own word-level clm shards.
-3. Ray Train + DeepSpeed (`train`), 2 CPU workers each: fnn, rnn, lstm, gpt, bert on wt2-mini,
-   and a sixth lstm on pku-lm, `tiny` presets with step counts that fit the 2-core budget.
+   tokenizer -> mlm shards for bert and span shards for the transformer; pku-lm (pre-segmented
+   Chinese, whitespace = word boundary) -> its own word-level clm shards.
+3. Ray Train + DeepSpeed (`train`), 2 CPU workers each: fnn, rnn, lstm, gpt, bert, elmo and the
+   transformer on wt2-mini, and an eighth model, an lstm, on pku-lm, `tiny` presets with step
+   counts that fit the 2-core budget.
 4. nlm.evaluation (what `nlm eval` runs) on each corpus's test split: ppl and bits/byte; bert
    pseudo-perplexity and MLM accuracy. A unigram row (add-one smoothed train counts) is the
    floor every trained model has to get clearly below.
@@ -17,7 +18,7 @@
 6. The summary table, results.json and report.md; Serve and Ray are shut down on the way out,
    Ctrl-C included.
 
-Layout under OUT: shards/{wt2-clm,wt2-mlm,pku-clm}/, runs/<model>/ (config.yaml, metrics.jsonl,
+Layout under OUT: shards/{wt2-clm,wt2-mlm,wt2-span,pku-clm}/, runs/<model>/ (config.yaml, metrics.jsonl,
 tb/, checkpoints/, model/), results.json, report.md.
 """
 
@@ -34,7 +35,7 @@ from typing import Any
 
 from nlm.errors import NLMError
 from nlm.files import write_json
-from nlm.models.learning_rates import DEMO_CLIP_NORM, DEMO_LEARNING_RATES
+from nlm.models.learning_rates import DEMO_CLIP_NORM, DEMO_DEFAULT_LR, DEMO_LEARNING_RATES
 from nlm.workflows.foundation_demo import (
     DEFAULT_FAMILIES,
     FAMILIES,
@@ -56,13 +57,19 @@ COMMON: dict[str, Any] = dict(
     preset="tiny", micro_batch=8, warmup_steps=20, weight_decay=0.01, log_every=25,
     zero_stage=1, eval_rows=64, keep_checkpoints=1, seed=1337,
 )  # fmt: skip
-# elmo (opt-in, DEMO_OPT_IN) runs two LSTM LMs and two softmaxes per row: 300 steps keep its
-# share of the demo's time near one other model's.
+# Per-step cost, one worker's micro-batch, relative to the tiny lstm's (measured side by side in
+# one process): elmo 2.6 (two LSTM LMs and two softmaxes per row), transformer 0.8 (its decoder
+# predicts only the ~15 % dropped spans), gpt 1.15, bert 0.4. 300 elmo and 500 transformer steps
+# cost ~40 s and ~20 s on a quiet 2-core machine; with their Ray Train start-ups, evaluation,
+# the span shards and two more replicas they add ~2 min to the demo.
 STEPS = {"fnn": 500, "rnn": 500, "lstm": 500, "gpt": 500, "bert": 300, "elmo": 300}
+STEPS["transformer"] = 500
 SETTINGS: dict[str, dict[str, Any]] = {
     # min_lr: the trainer's default, lr / 10
     family: dict(
-        max_steps=steps, lr=DEMO_LEARNING_RATES["tiny"][family], grad_clip=DEMO_CLIP_NORM[family]
+        max_steps=steps,
+        lr=DEMO_LEARNING_RATES["tiny"].get(family, DEMO_DEFAULT_LR),
+        grad_clip=DEMO_CLIP_NORM.get(family, 1.0),
     )
     for family, steps in STEPS.items()
 }
@@ -279,9 +286,11 @@ def train_and_evaluate(
         "test_tokens": scored["tokens"],
         "ppl": scored["ppl"],
         "ppl_kind": scored["ppl_kind"],
-        "bits_per_byte": scored["bits_per_byte"],  # open vocabulary: <unk> pays its spelling
-        "bits_per_byte_closed_vocab": scored["bits_per_byte_closed_vocab"],
-        "unk_rate": scored["unk_rate"],
+        # open vocabulary: <unk> pays its spelling; a span model's evaluation reports no
+        # bits/byte and no unk_rate (its kept tokens are not predicted): None
+        "bits_per_byte": scored.get("bits_per_byte"),
+        "bits_per_byte_closed_vocab": scored.get("bits_per_byte_closed_vocab"),
+        "unk_rate": scored.get("unk_rate"),
         "mlm_accuracy": scored.get("mlm_accuracy"),
         "backward_ppl": scored.get("backward_ppl"),  # elmo's right-to-left direction
         "eval_s": round(time.monotonic() - t1, 1),
@@ -439,7 +448,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return text_table(
         rows,
         [
-            ("model", -10, lambda r: r["model"]),
+            ("model", -12, lambda r: r["model"]),  # "transformer" and a space
             ("corpus", -10, lambda r: r["corpus"]),
             ("params", 9, lambda r: f"{r['params']:,}"),
             ("steps", 7, lambda r: "-" if r["steps"] is None else str(r["steps"])),
