@@ -92,12 +92,20 @@ def ensure_ray(num_cpus: int | None = None) -> str:
             "(Ray was imported before nlm.cluster.local_ray.secure_environment() ran)"
         )
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(
-        address="local",  # never silently join a cluster some other `ray start` left running
-        num_cpus=num_cpus or local_num_cpus(),
-        include_dashboard=False,  # nothing listens on 8265 for a throwaway local instance
-        log_to_driver=False,  # progress goes to tqdm / metrics files, not worker stdout
-    )
+    try:
+        ray.init(
+            address="local",  # never silently join a cluster some other `ray start` left running
+            num_cpus=num_cpus or local_num_cpus(),
+            include_dashboard=False,  # nothing listens on 8265 for a throwaway local instance
+            log_to_driver=False,  # progress goes to tqdm / metrics files, not worker stdout
+        )
+    except Exception as exc:  # Ray raises a bare Exception when its node does not come up
+        if "timed out during startup" not in str(exc):
+            raise
+        raise NLMError(
+            "the local Ray instance did not start in time (Ray's node start-up timed out; "
+            "on an overloaded machine, retry when the load is lower)"
+        ) from None
     _started_locally = True
     global _watchdog
     _watchdog = start_watchdog()  # kills the instance's processes if this driver is killed
