@@ -15,7 +15,9 @@ does the same work) and /v1/score with N concurrent clients, each sending its re
 another, and records requests/s, tokens/s and p50/p99 latency. `--endpoints stream` drives
 /v1/completions with `stream: true` (the plain server streams the same way: one SSE chunk per
 decoded token) and records time to first token (TTFT, p50/p99) and time per output token (TPOT:
-the time from the first token to the last over the tokens after the first, p50/p99). Results go to OUT/results.json,
+the time from the first token to the last over the tokens after the first, p50/p99); tokens are
+counted from each answer's usage chunk, since nlm serve's chunks group the tokens of
+--stream-batching-interval-ms. Results go to OUT/results.json,
 OUT/results.md and OUT/serve-bench.png (latency against throughput). Only numbers measured in
 this run are reported; ratios are against this run's baselines.
 """
@@ -285,6 +287,7 @@ async def drive_stream(url: str, clients: int, per_client: int, max_tokens: int)
         "prompt": PROMPT,
         "max_tokens": max_tokens,
         "stream": True,
+        "stream_options": {"include_usage": True},  # chunks may group tokens: count from usage
         "ignore_eos": True,
     }
     ttfts: list[float] = []
@@ -309,12 +312,13 @@ async def drive_stream(url: str, clients: int, per_client: int, max_tokens: int)
                     async for line in response.aiter_lines():
                         if not line.startswith("data: {"):
                             continue
-                        if '"choices":[]' in line:  # the usage chunk
+                        chunk = json.loads(line.removeprefix("data: "))
+                        if not chunk["choices"]:  # the usage chunk: the tokens streamed
+                            count = chunk["usage"]["completion_tokens"]
                             continue
                         last = time.perf_counter()
                         first = first or last
-                        count += 1
-                if first is None:
+                if first is None or not count:
                     errors += 1
                     continue
                 tokens += count
@@ -510,6 +514,9 @@ def plain_app(checkpoint: str, threads: int) -> Any:
                     sent = len(ids)
                     choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": None}
                     yield f"data: {json.dumps({'object': 'text_completion', 'choices': [choice]})}\n\n"
+            if (body.get("stream_options") or {}).get("include_usage"):
+                usage = {"completion_tokens": sent}
+                yield f"data: {json.dumps({'object': 'text_completion', 'choices': [], 'usage': usage})}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
