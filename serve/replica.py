@@ -33,11 +33,12 @@ from nlm.inference import Sliced, next_slice
 
 DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_BATCH_WAIT_TIMEOUT_S = 0.01
-# A streamed choice's tokens are sent at most this often after its first one (Ray Serve LLM's
-# stream_batching_interval_ms, same default): every chunk is a Ray object through two hops
-# (replica -> gateway -> proxy), which per token costs more CPU than the decode step itself at
-# 32 streams on 2 cores (ray-project/ray#52745). 0 sends every decode step's tokens at once.
-DEFAULT_STREAM_BATCHING_INTERVAL_MS = 50.0
+# A streamed choice's tokens may be grouped, one chunk at most every this many ms after its
+# first (Ray Serve LLM's stream_batching_interval_ms): every chunk is a Ray object through two
+# hops (replica -> gateway -> proxy), which costs CPU per chunk (ray-project/ray#52745). 0 (the
+# default) sends every decode step's tokens at once: on 2 CPU cores grouping at 50 ms gained
+# nothing (docs/BENCHMARKS.md, Streaming).
+DEFAULT_STREAM_BATCHING_INTERVAL_MS = 0.0
 # An engine call that runs longer than this means the worker thread is wedged: fail the health
 # check so Serve replaces the replica. Work is sliced (Limits.max_slice_cost), so a healthy
 # call is far shorter.

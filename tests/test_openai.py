@@ -505,8 +505,7 @@ def test_playground_streams_a_completion(server, browser):
         time.sleep(0.05)
     assert browser.find_element(By.ID, "error").text == ""
     final = int(output.get_attribute("data-chunks") or 0)
-    # Chunks group the tokens decoded within --stream-batching-interval-ms (50 ms), so a fast
-    # tiny model fills the page in a few chunks: count the words it streamed.
+    # Chunks may group tokens (--stream-batching-interval-ms): count the words it streamed.
     assert final >= 2, final
     assert len(output.text.split()) >= MIN_TOKENS, output.text
     # Tokens appeared over time: the page saw partial counts before the last one, or (when the

@@ -8,8 +8,8 @@ Three servers, each its own process on 127.0.0.1, all started first and stopped 
 - `unbatched`: the same with --no-batching (max_batch_size 1),
 - `plain`:     one FastAPI + PyTorch process (`python -m nlm.bench.serve plain ...`, below): what
                a user would write instead, with the same nlm.inference code per request,
-- `per-token` (only when asked, `--servers batched,per-token,...`): `batched` with
-               --stream-batching-interval-ms 0, every streamed token its own chunk,
+- `grouped` (only when asked, `--servers batched,grouped,...`): `batched` with
+               --stream-batching-interval-ms 50, streamed tokens grouped in 50 ms chunks,
 this process (a second one) drives /v1/generate (64 new tokens, no early stop, so every request
 does the same work) and /v1/score with N concurrent clients, each sending its requests one after
 another, and records requests/s, tokens/s and p50/p99 latency. `--endpoints stream` drives
@@ -44,7 +44,7 @@ from nlm.serve.schemas import GenerateRequest, ScoreRequest  # module level: Fas
 # the plain server's annotations (strings, with `from __future__ import annotations`) here
 
 SERVERS = ("batched", "unbatched", "plain")  # the default set
-KNOWN_SERVERS = (*SERVERS, "per-token")
+KNOWN_SERVERS = (*SERVERS, "grouped")
 PROMPT = "The lobster is a species of"
 SCORE_TEXT = (
     "Homarus gammarus , known as the European lobster or common lobster , is a species of "
@@ -190,8 +190,8 @@ class running:
             self.cmd = [py, "-m", "nlm", "serve", f"model={checkpoint}", "--port", str(self.port)]
             self.cmd += ["--replica-cpus", "1", "--torch-threads", str(threads)]
             self.cmd += ["--no-batching"] if server == "unbatched" else ["--max-batch-size", "32"]
-            if server == "per-token":
-                self.cmd += ["--stream-batching-interval-ms", "0"]
+            if server == "grouped":
+                self.cmd += ["--stream-batching-interval-ms", "50"]
         self.log = out / f"server-{server}.log"
 
     def __enter__(self) -> str:
