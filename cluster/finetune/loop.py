@@ -165,10 +165,14 @@ class FinetuneWorker(TrainingLoop):
         )
         self.plan, self.payload = plan, payload
         seed_everything(config.seed + 1000 * (rank + 1))  # dropout differs per rank
-        self.start_engine(build_task_model(plan, payload["state"]))
+        self.start_engine(self.build_model(payload["state"]))
         share = len(payload["train"]) // world_size  # equal shares: equal step counts
         self.train_rows = payload["train"][rank::world_size][:share]
         self.examples = 0  # training rows seen, all ranks
+
+    def build_model(self, state: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+        """The model this worker trains (the task model: backbone and head), from `state`."""
+        return build_task_model(self.plan, state)
 
     def forward(
         self,
@@ -333,7 +337,7 @@ class FinetuneWorker(TrainingLoop):
             engine_logits = self.forward(self.engine, probe, labels=False).logits.float()
         final: dict[str, Any] = {}
         if self.rank == 0:
-            model = build_task_model(plan, state).eval()
+            model = self.build_model(state).eval()
             # Compare in the engine's precision (bf16 on GPU): the weights are what is checked.
             twin = copy.deepcopy(model).to(self.device, dtype=self.engine_dtype())
             with torch.no_grad():
@@ -389,33 +393,6 @@ class FinetuneWorker(TrainingLoop):
 class Seq2SeqWorker(FinetuneWorker):
     """--task seq2seq: the encoder-decoder itself on log p(target | source), no head
     (nlm/finetune/seq2seq.py); exported as a plain checkpoint that `nlm serve` generates from."""
-
-    def __init__(
-        self,
-        plan: FinetunePlan,
-        payload: dict[str, Any],
-        rank: int,
-        world_size: int,
-        local_world_size: int,
-        device: torch.device,
-    ) -> None:
-        TrainingLoop.__init__(
-            self,
-            plan.finetune,
-            max_steps=plan.max_steps,
-            eval_every=plan.eval_every,
-            rank=rank,
-            world_size=world_size,
-            local_world_size=local_world_size,
-            device=device,
-            run_dir=plan.run_dir,
-        )
-        self.plan, self.payload = plan, payload
-        seed_everything(plan.finetune.seed + 1000 * (rank + 1))
-        self.start_engine(self.build_model(payload["state"]))
-        share = len(payload["train"]) // world_size
-        self.train_rows = payload["train"][rank::world_size][:share]
-        self.examples = 0
 
     def build_model(self, state: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
         from nlm.models import model_class
