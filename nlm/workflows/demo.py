@@ -296,7 +296,7 @@ def train_and_evaluate(
         "eval_s": round(time.monotonic() - t1, 1),
     }
     record_test_metrics(run_dir / "model", row)
-    kind = "pseudo-ppl" if row["ppl_kind"] == "pseudo" else "ppl"
+    kind = {"pseudo": "pseudo-ppl", "span": "span ppl"}.get(row["ppl_kind"], "ppl")
     _log(
         f"{name}: {row['steps']} steps in {wall:.0f} s, {corpus} test {kind} {row['ppl']:.1f} "
         f"(evaluated in {row['eval_s']:.0f} s)"

@@ -345,9 +345,13 @@ def _or_dash(value: Any, fmt: str) -> str:
 
 
 def ppl_cell(row: dict[str, Any], pseudo: str = "pseudo {:.1f}, MLM acc {:.1f}%") -> str:
-    """The test-ppl cell: bert's pseudo-perplexity with its MLM accuracy, else the perplexity."""
+    """The test-ppl cell: bert's pseudo-perplexity with its MLM accuracy, a span model's
+    perplexity of the dropped spans (not of the text: no comparison with the others), else the
+    perplexity."""
     if row["ppl_kind"] == "pseudo":
         return pseudo.format(row["ppl"], 100 * row["mlm_accuracy"])
+    if row["ppl_kind"] == "span":
+        return f"span {row['ppl']:.1f}"
     return f"{row['ppl']:.1f}"
 
 
