@@ -109,9 +109,12 @@ def unit_vectors(
     which: Which = "input",
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """(vocab_size, D) unit-length word vectors in `dtype`: the table `nearest` searches. A
-    server builds it once and keeps it (it is as large as the embedding)."""
-    return normalized(word_vectors(model, which)[: tokenizer.vocab_size].to(dtype))
+    """(words, D) unit-length word vectors in `dtype`: the table `nearest` searches. A server
+    builds it once and keeps it (it is as large as the embedding). `words` is the tokenizer's
+    vocab_size without its span sentinels (nlm.tokenizers.sentinels, the last ids): they are
+    special tokens, never anyone's neighbours."""
+    words = getattr(tokenizer, "first_sentinel", tokenizer.vocab_size)
+    return normalized(word_vectors(model, which)[:words].to(dtype))
 
 
 def nearest(

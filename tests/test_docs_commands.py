@@ -143,25 +143,32 @@ def test_a_documented_command_parses(path: Path, number: int, argv: list[str]) -
 INLINE = re.compile(r"`nlm ([a-z-]+)((?: [^`]*)?)`")
 
 
-def inline_spans() -> list[tuple[Path, int, str, list[str]]]:
+def inline_spans() -> list[tuple[Path, int, str, list[str], list[str]]]:
+    """(path, line, command, its words, the flags among them) of each inline `nlm ...` span."""
     spans = []
     for path in DOCS:
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             for match in INLINE.finditer(line):
+                words = match.group(2).split()
                 flags = re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", match.group(2))
-                spans.append((path, number, match.group(1), flags))
+                spans.append((path, number, match.group(1), words, flags))
     return spans
 
 
 def test_inline_nlm_spans_name_real_commands_and_flags() -> None:
     problems = []
-    for path, number, command, flags in inline_spans():
+    for path, number, command, words, flags in inline_spans():
         where = f"{path.relative_to(ROOT)}:{number}"
         if command not in cli.COMMANDS:
             problems.append(f"{where}: `nlm {command}` is not a command")
             continue
         known = set()
-        parser = cli._parser(command)
+        old_argv = sys.argv
+        sys.argv = ["nlm", command, *words]  # `nlm bench` picks its target's flags from sys.argv
+        try:
+            parser = cli._parser(command)
+        finally:
+            sys.argv = old_argv
         stack = [parser]
         while stack:  # every option of the command and of its sub-commands
             p = stack.pop()
