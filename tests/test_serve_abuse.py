@@ -281,9 +281,7 @@ def test_generation_admission_counts_cache_bytes(server, client):
     body = {"model": "gpt", "prompt": CACHE_PROMPT, "max_tokens": CACHE_NEW, "stop_at_eos": False}
     with ThreadPoolExecutor(8) as pool:
         answers = list(
-            pool.map(
-                lambda i: post_retrying(client, "/v1/generate", {**body, "seed": i}), range(8)
-            )
+            pool.map(lambda i: post_retrying(client, "/v1/generate", {**body, "seed": i}), range(8))
         )
     assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
     assert all(len(a.json()["token_ids"]) == CACHE_NEW for a in answers)
