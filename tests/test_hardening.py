@@ -470,28 +470,34 @@ def _probe_without_token(sockets, gcs: str | None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
     env["RAY_AUTH_MODE"] = "disabled"  # a client that has no token
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
-    cmd = [sys.executable, str(REPO / "tests" / "ray_probe.py")]
-    payload = json.dumps([[ip, port] for _, ip, port in sockets])
-    done = subprocess.run(cmd, input=payload, capture_output=True, text=True, env=env,
-                          timeout=240, cwd=REPO)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
-    # A driver without the token: Ray retries the refused handshake, so bound the wait; it
-    # must not get as far as running a task.
+    # A driver without the token, started first and run while the sockets are probed: Ray
+    # retries the refused handshake, so bound the wait; it must not get as far as a task.
     join = subprocess.Popen(
         [sys.executable, "-c", "import ray, sys; ray.init(address=sys.argv[1]); "
          "print('TASK', ray.get(ray.remote(lambda: 1).remote()))", gcs],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         start_new_session=True,
     )  # fmt: skip
+    started = time.monotonic()
+    cmd = [sys.executable, str(REPO / "tests" / "ray_probe.py")]
+    payload = json.dumps([[ip, port] for _, ip, port in sockets])
+    done = subprocess.run(cmd, input=payload, capture_output=True, text=True, env=env,
+                          timeout=240, cwd=REPO)  # fmt: skip
+    if done.returncode != 0:
+        os.killpg(join.pid, signal.SIGKILL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
     try:
-        out, err = join.communicate(timeout=60)
+        out, err = join.communicate(timeout=max(5.0, 60 - (time.monotonic() - started)))
         results["ray.init"] = {"joined": "TASK 1" in out, "error": err[-300:]}
     except subprocess.TimeoutExpired:
         os.killpg(join.pid, signal.SIGKILL)
         join.communicate()
         results["ray.init"] = {"joined": False, "error": "no connection within 60 s"}
     return results
+
+
+NOT_GRPC = {"DEADLINE_EXCEEDED", "UNAVAILABLE"}  # no gRPC call answered at all
 
 
 def _assert_unusable_without_token(sockets, results: dict, open_ok: set[int]) -> None:
@@ -514,6 +520,13 @@ def _assert_unusable_without_token(sockets, results: dict, open_ok: set[int]) ->
         if answer["kind"] == "http":
             prometheus = answer["status"] == 200 and answer["body"].startswith("# HELP")
             assert answer["status"] in (401, 403) or prometheus, (name, ip, port, answer)
+        elif name == "ray::RayTrainWorker" and set(answer["codes"]) <= NOT_GRPC:
+            # torch.distributed's own listeners in a Train worker (the TCPStore rendezvous,
+            # gloo's pair listener): not gRPC services, without authentication by torch's
+            # design, and here on loopback (nlm's embedded Ray runs on 127.0.0.1); a socket
+            # off loopback was checked above. gloo's answers a probe by waiting for its
+            # handshake (DEADLINE_EXCEEDED), the store by closing (UNAVAILABLE).
+            continue
         else:
             assert "OK" not in answer["codes"], (name, ip, port, answer)
             assert "UNAUTHENTICATED" in answer["codes"] or set(answer["codes"]) == {

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import start_server, stop
 
 from nlm.checkpoint import load_checkpoint, save_checkpoint
 from nlm.errors import NLMError
@@ -589,25 +588,18 @@ def test_spm_byte_fallback_exports_exactly(kind, corpus):
 
 
 @pytest.mark.slow
-def test_imported_gpt2_is_served(imported, tmp_path):
-    import httpx
-
-    env = {**os.environ, **OFFLINE, "NLM_API_TOKEN": "t", "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    server = start_server({"gpt2": imported["nlm-gpt2"]}, [], tmp_path / "serve.log", env)
-    try:
-        url = server.url
-        headers = {"Authorization": "Bearer t"}
-        score = httpx.post(url + "/v1/score", json={"model": "gpt2", "text": "The game began"},
-                           headers=headers, timeout=120)  # fmt: skip
+def test_imported_gpt2_is_served(imported, served):
+    """The imported checkpoint deployed by `nlm serve`'s application, next to the session's
+    server (tests/conftest.py `served`): score and generate over real HTTP."""
+    app = served.deploy("hf", {"gpt2": imported["nlm-gpt2"]}, [])
+    with app.client() as client:
+        score = client.post("/v1/score", json={"model": "gpt2", "text": "The game began"})
         assert score.status_code == 200, score.text
         assert score.json()["logprob"] < 0
         body = {"model": "gpt2", "prompt": "The game", "max_tokens": 4, "seed": 3,
                 "stop_at_eos": False}  # fmt: skip
-        gen = httpx.post(url + "/v1/generate", json=body, headers=headers, timeout=120)
+        gen = client.post("/v1/generate", json=body)
         assert gen.status_code == 200 and len(gen.json()["token_ids"]) == 4, gen.text
-    finally:
-        stop(server.proc)
 
 
 @pytest.mark.slow

@@ -279,8 +279,10 @@ def test_stream_cancellation_frees_rows(server, http):
     after = generate_stats(http, "lstm")
     assert after["steps"] == settled["steps"]  # nothing decodes for clients that left
     assert after["cancelled"] - before["cancelled"] >= 4
-    # Had the rows run to the end, they would have taken LONG steps.
-    assert after["steps"] - before["steps"] < LONG // 2
+    # Had any row run to its end, the rows (decoded in the same steps) would have taken LONG
+    # steps; they left when their clients did (a quiet machine decodes ~2000 steps while the
+    # four streams open one after another, so a tighter bound measures the machine).
+    assert after["steps"] - before["steps"] < LONG
 
 
 def test_embeddings(client):

@@ -191,14 +191,16 @@ def torch_trainer(
     GPU per worker on cuda; `max_failures` worker-group restarts; Ray Train's run directory is
     STORAGE/NAME. `options`: checkpoint_config (RunConfig), datasets, dataset_config."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from cluster.train.rendezvous import BoundTorchConfig
 
     cuda = device == "cuda"
     checkpoint_config = options.pop("checkpoint_config", None)
     return TorchTrainer(
         loop,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if cuda else "gloo"),
+        torch_config=BoundTorchConfig(backend="nccl" if cuda else "gloo"),  # store not on *
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=cuda, resources_per_worker=worker
         ),
