@@ -193,7 +193,7 @@ def torch_trainer(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from cluster.train.rendezvous import BoundTorchConfig
+    from nlm.cluster.train.rendezvous import BoundTorchConfig
 
     cuda = device == "cuda"
     checkpoint_config = options.pop("checkpoint_config", None)
