@@ -1,6 +1,6 @@
 """`nlm demo`'s Ray pipeline on a tiny budget, with every real component: Ray Data prepares the
-wt2-mini and pku-lm shards, Ray Train + DeepSpeed trains all eight models (3 steps each, 2
-workers), nlm.evaluation scores them, Ray Serve serves them on 127.0.0.1 and every endpoint
+wt2-mini and pku-lm shards, Ray Train + DeepSpeed trains all eight models (3 steps each, one
+worker: two-worker runs are test_train's and test_finetune_ray's), nlm.evaluation scores them, Ray Serve serves them on 127.0.0.1 and every endpoint
 answers a real HTTP request. Slow (a few minutes on 2 cores), but it is the demo users run."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def demo(ray_local, data_mirror, tmp_path_factory):
     (out / "runs" / "stale").mkdir()  # what an earlier demo left: the new run replaces it
     (out / DEMO_MARKER).write_text("")
     config = DemoConfig(
-        out=str(out), max_steps=STEPS, test_lines=5, max_pll_tokens=20, progress=False
+        out=str(out), max_steps=STEPS, test_lines=5, max_pll_tokens=20, progress=False, workers=1
     )
     return out, run_demo(config)
 
