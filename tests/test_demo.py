@@ -1,7 +1,8 @@
 """`nlm demo`'s Ray pipeline on a tiny budget, with every real component: Ray Data prepares the
 wt2-mini and pku-lm shards, Ray Train + DeepSpeed trains all eight models (3 steps each, one
 worker: two-worker runs are test_train's and test_finetune_ray's), nlm.evaluation scores them,
-Ray Serve serves them on 127.0.0.1 and every endpoint answers a real HTTP request. Slow (a few minutes on 2 cores), but it is the demo users run."""
+Ray Serve serves them on 127.0.0.1 and every endpoint answers a real HTTP request. Slow (a few
+minutes on 2 cores), but it is the demo users run."""
 
 from __future__ import annotations
 
