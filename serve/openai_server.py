@@ -233,7 +233,8 @@ class OpenAIServing:
             )
         bases = [0] * len(jobs)
         prompt_tokens = sum(len(p["ids"]) + p["lead_eos"] for p in prompts)
-        usage = {"prompt_tokens": prompt_tokens * n, "completion_tokens": 0}
+        # Each prompt counts once however many choices it has (OpenAI's and vLLM's usage).
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": 0}
         openers = []
         for c in range(len(jobs)):
             prompt = prompts[c // n]

@@ -147,6 +147,7 @@ def test_n_choices_have_their_own_seeds(client):
         model="lstm", prompt="The lobster", max_tokens=16, seed=6, extra_body={"ignore_eos": True}
     )
     assert single.choices[0].text == texts[1]  # choice i samples with seed + i
+    assert answer.usage.prompt_tokens == single.usage.prompt_tokens  # the prompt counts once
 
 
 def test_stop_strings(client):
