@@ -76,6 +76,7 @@ from nlm.tokenizers.base import (
     UNK_ID,
     Tokenizer,
 )
+from nlm.tokenizers.sentinels import first_sentinel_id
 
 DEFAULT_SEQ_LEN = 128
 DEFAULT_BATCH_SIZE = 8  # windows (rnn/lstm: parallel streams) per batch; `nlm eval`'s default
@@ -403,12 +404,6 @@ def score_bert(
 SPAN_NOISE_DENSITY, SPAN_MEAN_LENGTH = 0.15, 3.0  # T5's, as `nlm prepare --objective span`
 
 
-def first_sentinel(model: LanguageModel, tokenizer: Any) -> int:
-    """The id of `<extra_id_0>`: the tokenizer's (nlm/tokenizers/sentinels.py), or for a plain
-    tokenizer the first id past its vocabulary (how span models were saved before)."""
-    return getattr(tokenizer, "first_sentinel", tokenizer.vocab_size)
-
-
 def score_span(
     model: LanguageModel,
     stream: list[int],
@@ -484,7 +479,7 @@ def evaluate_documents(
     if model.objective == "span":
         stream = [i for doc in tokenizer.encode_batch(documents) for i in [*doc, EOS_ID]]
         total, count = score_span(
-            model, stream, length, batch_size, first_sentinel(model, tokenizer), seed, progress
+            model, stream, length, batch_size, first_sentinel_id(tokenizer), seed, progress
         )
         nll = total / count
         return {

@@ -19,6 +19,7 @@ import torch
 from nlm.errors import NLMError
 from nlm.models.base import LanguageModel
 from nlm.tokenizers.base import SPECIAL_TOKENS, Tokenizer
+from nlm.tokenizers.sentinels import first_sentinel_id
 
 Which = Literal["input", "output", "average"]
 WHICH: tuple[str, ...] = ("input", "output", "average")
@@ -113,8 +114,7 @@ def unit_vectors(
     builds it once and keeps it (it is as large as the embedding). `words` is the tokenizer's
     vocab_size without its span sentinels (nlm.tokenizers.sentinels, the last ids): they are
     special tokens, never anyone's neighbours."""
-    words = getattr(tokenizer, "first_sentinel", tokenizer.vocab_size)
-    return normalized(word_vectors(model, which)[:words].to(dtype))
+    return normalized(word_vectors(model, which)[: first_sentinel_id(tokenizer)].to(dtype))
 
 
 def nearest(

@@ -71,7 +71,12 @@ from nlm.shards import (
     write_manifest,
 )
 from nlm.tokenizers import KINDS, Tokenizer, fingerprint, load_tokenizer, train_tokenizer
-from nlm.tokenizers.sentinels import sentinel_count, with_sentinels, write_sentinel_file
+from nlm.tokenizers.sentinels import (
+    first_sentinel_id,
+    sentinel_count,
+    with_sentinels,
+    write_sentinel_file,
+)
 
 MiB = 1 << 20
 # Config fields recorded in the manifest besides objective, seq_len and seed.
@@ -539,7 +544,7 @@ def prepare(cfg: PrepareConfig) -> tuple[Manifest, PrepareStats]:
                 tokenizer_files,
                 workers,
                 not started_locally,
-                first_sentinel=getattr(tok, "first_sentinel", tok.vocab_size),
+                first_sentinel=first_sentinel_id(tok),
             )
             _upload_dir(tok_dir, fs, f"{root}/tokenizer")
             tokenizer = {"kind": tok.kind, "vocab_size": tok.vocab_size}
@@ -746,7 +751,7 @@ def span_settings(cfg: PrepareConfig, tok: Tokenizer) -> dict[str, Any]:
     return {
         "noise_density": cfg.noise_density,
         "mean_span_length": cfg.mean_span_length,
-        "first_sentinel": getattr(tok, "first_sentinel", tok.vocab_size),
+        "first_sentinel": first_sentinel_id(tok),
         "sentinels": sentinel_count(tok),
     }
 

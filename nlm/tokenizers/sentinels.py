@@ -171,6 +171,13 @@ def sentinel_count(tokenizer: Tokenizer) -> int:
     return tokenizer.count if isinstance(tokenizer, SentinelTokenizer) else 0
 
 
+def first_sentinel_id(tokenizer: Tokenizer) -> int:
+    """The id of `<extra_id_0>`: a SentinelTokenizer's first sentinel, or for a plain tokenizer
+    the first id past its vocabulary (where span models put them before the sentinels joined
+    the tokenizer). The ids below it are ordinary tokens."""
+    return getattr(tokenizer, "first_sentinel", tokenizer.vocab_size)
+
+
 def write_sentinel_file(directory: str | Path, count: int) -> None:
     """DIR/sentinels.json {"count": count}: the saved form of `count` sentinels."""
     (Path(directory) / SENTINEL_FILE).write_text(
@@ -195,6 +202,7 @@ def read_sentinel_count(directory: str | Path) -> int:
 __all__ = [
     "SENTINEL_FILE",
     "SentinelTokenizer",
+    "first_sentinel_id",
     "read_sentinel_count",
     "sentinel_count",
     "sentinel_token",
