@@ -274,6 +274,7 @@ def test_stream_cancellation_frees_rows(server, http):
     for c, cm in streams:
         cm.__exit__(None, None, None)
         c.close()
+    at_hang_up = generate_stats(http, "lstm")
     time.sleep(3)
     settled = generate_stats(http, "lstm")
     time.sleep(2)
@@ -284,6 +285,8 @@ def test_stream_cancellation_frees_rows(server, http):
     # steps; they left when their clients did (a quiet machine decodes ~2000 steps while the
     # four streams open one after another, so a tighter bound measures the machine).
     assert after["steps"] - before["steps"] < LONG
+    # and within a few steps of the last client leaving, as test_serve_abuse's non-streamed rows
+    assert after["steps"] - at_hang_up["steps"] <= 16, (before, at_hang_up, after)
 
 
 def test_embeddings(client):

@@ -157,7 +157,7 @@ def test_rows_leave_the_generation_when_their_callers_hang_up(server, client):
         list(pool.map(impatient, range(8)))
     at_hang_up = stats(client, "lstm", "generate")["steps"]
     after = steps_when_still(client, "lstm")
-    # Every admitted row asked for 4000 tokens: had they run on, the counter would have grown by
+    # Every admitted row asked for SLOW tokens: had they run on, the counter would have grown by
     # at least that. They stopped within a few steps of their callers leaving.
     assert after - before < SLOW["max_tokens"], (before, at_hang_up, after)
     assert after - at_hang_up <= 16, (before, at_hang_up, after)
