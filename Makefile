@@ -26,10 +26,32 @@ $(BIN)/nlm: pyproject.toml
 demo: $(BIN)/nlm
 	$(BIN)/nlm demo
 
-test: $(BIN)/nlm browser
+test: $(BIN)/nlm $(BIN)/lmplz browser
 	$(BIN)/ruff check nlm cluster serve jobs tests scripts
 	$(BIN)/python scripts/lint_imports.py
 	$(BIN)/python -m pytest tests
+
+# KenLM's lmplz (Heafield et al. 2013): the Kneser-Ney n-gram bar of `nlm bench quality`
+# (nlm/bench/ngram.py; the `kenlm` module that scores with it is in the dev extra). PyPI ships
+# only kenlm's sdist: build the estimator from it. It needs cmake, Boost and zlib headers: CI runs
+# as root on Debian, install them there; elsewhere say what to install.
+KENLM := build/kenlm-0.3.0
+$(BIN)/lmplz: | $(BIN)/nlm
+	@if ! command -v cmake >/dev/null || [ ! -e /usr/include/boost/program_options.hpp ] \
+	    || [ ! -e /usr/include/zlib.h ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && apt-get install -y -q cmake zlib1g-dev libboost-program-options-dev \
+	      libboost-system-dev libboost-thread-dev libboost-test-dev; \
+	  else \
+	    echo "error: KenLM needs cmake, Boost and zlib headers: sudo apt-get install -y cmake zlib1g-dev libboost-program-options-dev libboost-system-dev libboost-thread-dev libboost-test-dev"; exit 1; \
+	  fi; \
+	fi
+	rm -rf $(KENLM) && mkdir -p build
+	$(BIN)/pip download -q --no-deps --no-binary :all: kenlm==0.3.0 -d build
+	tar xzf build/kenlm-0.3.0.tar.gz -C build
+	cmake -S $(KENLM) -B $(KENLM)/build -DCMAKE_BUILD_TYPE=Release >/dev/null
+	$(MAKE) -C $(KENLM)/build -j2 lmplz >/dev/null
+	cp $(KENLM)/build/bin/lmplz $(BIN)/lmplz
 
 # The playground test drives a real headless chromium (tests/test_openai.py). CI runs as root on
 # Debian: install it there; elsewhere say what to install (the test fails without it).

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -558,14 +559,23 @@ def evaluate_file(
     **options: Any,
 ) -> dict[str, Any]:
     """Load a checkpoint (or run dir) onto `device` in `dtype` (nlm.device: checked before
-    loading) and score a text file with it; see `evaluate_documents`."""
+    loading) and score a text file with it; see `evaluate_documents`. Adds `eval_s`, the
+    seconds spent scoring (not loading), and `tokens_per_s`, the scored tokens per second."""
     from nlm.device import check_request, describe, load_for_inference
 
     check_request(device, dtype)
     documents = read_documents(text_path)
     ckpt = load_for_inference(checkpoint, device, dtype)
+    started = time.perf_counter()
     result = evaluate_documents(ckpt.model, ckpt.tokenizer, documents, progress=progress, **options)
-    return {"model": str(checkpoint), **result, "input": str(text_path), **describe(ckpt.model)}
+    seconds = time.perf_counter() - started  # scoring only: not the load, not the import
+    speed = {"eval_s": round(seconds, 3)}
+    if result.get("tokens"):
+        speed["tokens_per_s"] = round(result["tokens"] / max(seconds, 1e-9), 1)
+    return {
+        "model": str(checkpoint), **result, **speed, "input": str(text_path),
+        **describe(ckpt.model),
+    }  # fmt: skip
 
 
 def metrics_to_record(result: dict[str, Any]) -> dict[str, Any]:

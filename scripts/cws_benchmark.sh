@@ -176,6 +176,27 @@ fi  # has bert
 timed maxmatch $NLM finetune maxmatch --train "$OUT/data/cws-train.jsonl" --eval "$OUT/data/cws-test.jsonl" \
   > "$OUT/maxmatch.json"
 
+# 3d. jieba (0.42.1, its shipped dictionary, HMM for unknown words: what people install),
+#     scored on the same test lines with the same scorer and training-word list (OOV recall)
+if [[ ! -f $OUT/jieba.json ]]; then
+  log "jieba on the test lines"
+  timed jieba $PY - "$OUT" > "$OUT/jieba.json.tmp" <<'EOF'
+import json, logging, sys
+import jieba
+from nlm.finetune.cws import score_segmentation, tags_to_words
+from nlm.finetune.data import read_examples
+
+jieba.setLogLevel(logging.WARNING)
+out = sys.argv[1]
+words = lambda path: [tags_to_words(e.tokens, e.tags) for e in read_examples(path, "tag")]
+train = {w for line in words(f"{out}/data/cws-train.jsonl") for w in line}
+gold = words(f"{out}/data/cws-test.jsonl")
+predicted = [jieba.lcut("".join(line)) for line in gold]
+print(json.dumps({"method": f"jieba {jieba.__version__}", **score_segmentation(gold, predicted, train)}))
+EOF
+  mv "$OUT/jieba.json.tmp" "$OUT/jieba.json"
+fi
+
 # 5. the encoder-decoder, text-to-text
 if has transformer; then
 if [[ ! -f $OUT/data/cws-s2s-test.jsonl ]]; then
@@ -237,6 +258,7 @@ if (out / "bert-cws").is_dir():
     rows["bert_pretrained_finetuned"] = finetuned("bert-cws")
     rows["bert_from_scratch"] = finetuned("bert-cws-scratch")
 rows["forward_maximum_matching"] = json.loads((out / "maxmatch.json").read_text())
+rows["jieba"] = json.loads((out / "jieba.json").read_text())
 if (out / "t5-cws-score.json").is_file():
     rows["transformer_seq2seq"] = json.loads((out / "t5-cws-score.json").read_text())
 times = {}

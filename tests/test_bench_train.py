@@ -95,3 +95,67 @@ def test_quality_reference_recipe_scores_nlms_tokens(tmp_path, data_mirror):
     add_ratios(table)
     assert ours["ppl_vs_reference"] == 0.5 and ref["ppl_vs_reference"] is None
     assert "| nlm lstm |" in markdown(table)
+
+
+def test_kneser_ney_bar_scores_every_prediction_of_the_stream(tmp_path, data_mirror):
+    """The n-gram bar (KenLM's lmplz + the kenlm module, both built by `make test`): estimated on
+    a token stream, it scores each document's tokens and the `</s>` after it, every prediction
+    of `</s> doc1 </s> doc2 ...` once; real text scores far better than the same tokens shuffled."""
+    import torch
+
+    from nlm.bench.ngram import documents_of, ngram_run
+    from nlm.evaluation import token_stream
+    from nlm.tokenizers import train_tokenizer
+
+    lines = corpus_lines(data_mirror, 300)
+    tokenizer = train_tokenizer("word", lines[:250], min_count=2)
+    train, test = token_stream(tokenizer, lines[:250]), token_stream(tokenizer, lines[250:])
+    assert [len(d) for d in documents_of(test)] == [
+        len(d) for d in tokenizer.encode_batch(lines[250:])
+    ]
+
+    real = ngram_run(train, test, 3, tmp_path / "kn")
+    assert real["count"] == len(test) - 1
+    shuffled = []  # each document's tokens in a random order: the same tokens, no more n-grams
+    for d in documents_of(test):
+        order = torch.randperm(len(d), generator=torch.Generator().manual_seed(0)).tolist()
+        shuffled += [3, *(d[i] for i in order)]
+    shuffled = torch.tensor([*shuffled, 3])
+    worse = ngram_run(train, shuffled, 3, tmp_path / "kn-shuffled")
+    assert worse["count"] == real["count"]
+    assert math.exp(worse["total"] / worse["count"]) > 1.5 * math.exp(real["total"] / real["count"])
+
+
+def test_quality_recipes_file(tmp_path):
+    """The recipes file: a config per row, or a mapping with the shards' seq_len, the bar the row
+    is measured against and `nlm train` flags; anything else is a one-line error naming it."""
+    from nlm.bench.quality import _recipes
+    from nlm.errors import NLMError
+
+    (tmp_path / "lstm.yaml").write_text("model: lstm\n")
+    good = tmp_path / "recipes.yaml"
+    good.write_text(
+        "lstm: lstm.yaml\n"
+        "lstm-3-epochs: {config: lstm.yaml, bar: lstm, flags: {max_steps: 1760}}\n"
+        "gpt: {config: lstm.yaml, seq_len: 64}\n"
+    )
+    recipes = _recipes(good)
+    assert recipes["lstm"] == {
+        "config": str(tmp_path / "lstm.yaml"),
+        "seq_len": 35,
+        "bar": "lstm",
+        "flags": [],
+    }
+    assert recipes["lstm-3-epochs"]["flags"] == ["--max-steps", "1760"]
+    assert recipes["gpt"]["seq_len"] == 64 and recipes["gpt"]["bar"] == "gpt"
+    for body, words in [
+        ("lstm: {config: lstm.yaml, epochs: 3}\n", "lstm: expected"),
+        ("t5: lstm.yaml\n", "no bar for 't5'"),
+        ("lstm: missing.yaml\n", "no such config file"),
+        ("lstm: [1\n", "cannot read the recipes"),
+    ]:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(body)
+        with pytest.raises(NLMError, match=words) as caught:
+            _recipes(bad)
+        assert str(bad) in str(caught.value) and "\n" not in str(caught.value)

@@ -61,6 +61,9 @@ def test_eval_prints_one_json_line(family, workdir):
     assert result["family"] == family and result["model"] == str(workdir / family)
     assert result["tokens"] > 100 and result["bytes"] > 500
     assert math_ok(result["nll"]) and result["ppl"] > 1
+    # the scoring time alone (the benchmark's evaluation speed): tokens / eval_s
+    assert result["eval_s"] > 0
+    assert result["tokens_per_s"] == pytest.approx(result["tokens"] / result["eval_s"], rel=0.05)
     if family == "bert":
         assert result["pll_tokens"] == 50 and 0 <= result["mlm_accuracy"] <= 1
         assert result["bits_per_byte"] is None

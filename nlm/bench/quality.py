@@ -17,10 +17,20 @@ at lr 5, the Elman RNN (tanh) at lr 1. On equal terms with nlm:
     (nlm.evaluation's stream), every prediction once, 10 parallel streams (the example's eval
     batch) with the LSTM/RNN state carried, the Transformer by windows of 35 tokens, as the
     example evaluates; and the same honest bits/byte (`nlm.evaluation.open_vocabulary`).
-nlm's models (`--recipes`: a JSON or YAML mapping model name -> `nlm train` config file) are
-trained with `nlm train --config FILE` (2 workers, Ray and DeepSpeed start-up in the wall time)
-and scored with `nlm eval`. The table: params, steps, wall time, test ppl, bits/byte, ratio of
-ppl to the reference of the same kind.
+The n-gram bar (`--ngram-order`, default 5, the fnn's n; 0: none) is interpolated modified
+Kneser-Ney estimated by KenLM on the same training tokens and scored on the same predictions
+(nlm.bench.ngram); it is the bar for nlm's fnn.
+nlm's models (`--recipes`: a YAML mapping row name -> `nlm train` config file, or -> {config,
+seq_len, bar, flags}, see `_recipes`; configs/quality/recipes.yaml holds the recipes of the table
+in docs/BENCHMARKS.md) are trained with `nlm train --config FILE --data SHARDS` on shards of the
+same corpus, tokenizer and vocabulary at the recipe's seq_len (checked: the tokenizer files must
+be identical; with `--data`, every recipe trains on those shards), Ray and
+DeepSpeed start-up in the wall time, and scored with `nlm eval`. The table: params, steps, wall
+time, test ppl, bits/byte, the ratio of ppl to the bar of the same kind, and evaluation speed
+against training speed (issue 17: scoring should run at >= 3 x the training tokens/s). The
+machine's load average is sampled through the run and reported with the table.
+
+    nlm bench quality --recipes configs/quality/recipes.yaml --output reports/bench-quality.json
 """
 
 from __future__ import annotations
@@ -47,8 +57,8 @@ REFERENCES: dict[str, dict[str, Any]] = {
     "transformer": {"kind": "Transformer", "lr": 5.0},
     "rnn": {"kind": "RNN_TANH", "lr": 1.0},
 }
-# which nlm model each reference is the bar for
-COUNTERPART = {"lstm": "lstm", "transformer": "gpt", "rnn": "rnn"}
+# which nlm model each bar is the bar for
+COUNTERPART = {"lstm": "lstm", "transformer": "gpt", "rnn": "rnn", "ngram": "fnn"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,8 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-batches", type=int, default=0, help="cap batches per epoch (0: all; for smoke runs)"
     )
+    parser.add_argument(
+        "--ngram-order", type=int, default=5, help="KenLM Kneser-Ney n-gram bar (0: none)"
+    )
     parser.add_argument("--test-lines", type=int, default=0, help="score the first N (0: all)")
-    parser.add_argument("--recipes", help="JSON/YAML: nlm model name -> nlm train config file")
+    parser.add_argument(
+        "--recipes", help="YAML: row name -> nlm train config (configs/quality/recipes.yaml)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: every core)")
     parser.add_argument("--output", help="also write the report as JSON here")
 
@@ -74,7 +89,13 @@ def run(args: argparse.Namespace) -> int:
     for name in names:  # checked before anything is prepared or trained
         if name not in REFERENCES:
             raise NLMError(f"--references: unknown {name!r} (known: {', '.join(REFERENCES)})")
+    if args.ngram_order < 0 or args.ngram_order == 1:
+        raise NLMError(f"--ngram-order {args.ngram_order}: 0 (none) or an order >= 2")
     recipes = _recipes(Path(args.recipes)) if args.recipes else {}
+    if args.ngram_order:
+        from nlm.bench.ngram import lmplz_path
+
+        lmplz_path()  # fails now, not after an hour of training
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     data = Path(args.data).resolve() if args.data else prepare_shards(work, BPTT)
@@ -84,21 +105,81 @@ def run(args: argparse.Namespace) -> int:
         documents = documents[: args.test_lines]
     if args.threads:
         torch.set_num_threads(args.threads)
+    load = LoadSampler()
     rows = []
+    if args.ngram_order:
+        print(f"KenLM {args.ngram_order}-gram ...", file=sys.stderr)
+        rows.append(ngram_row(data, documents, args.ngram_order, work))
     for name in names:
         print(f"reference {name} ...", file=sys.stderr)
         rows.append(reference_run(name, data, documents, args.epochs, args.max_batches))
-    if recipes:
-        for model, config in recipes.items():
-            print(f"nlm train {model} ...", file=sys.stderr)
-            rows.append(nlm_run(model, config, work, test_path, args.test_lines))
+    for name, recipe in recipes.items():
+        print(f"nlm train {name} ...", file=sys.stderr)
+        shards = data if args.data else prepare_shards(work, recipe["seq_len"])
+        same_vocabulary(data, shards)
+        rows.append(nlm_run(name, recipe, shards, work, test_path, args.test_lines))
     add_ratios(rows)
-    report = {"data": str(data), "test": str(test_path), "rows": rows}
+    report = {
+        "data": str(data), "test": str(test_path), "rows": rows, "load": load.stop(),
+        "torch_threads": torch.get_num_threads(),
+    }  # fmt: skip
     print(markdown(rows))
+    print(f"load average (1 min) during the run: {report['load']}")
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report))
     return 0
+
+
+class LoadSampler:
+    """The 1-minute load average, sampled every 10 s in a daemon thread: min, mean, max."""
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        import os
+        import threading
+
+        self.samples = [os.getloadavg()[0]]
+        self._done = threading.Event()
+
+        def sample() -> None:
+            while not self._done.wait(every_s):
+                self.samples.append(os.getloadavg()[0])
+
+        threading.Thread(target=sample, daemon=True).start()
+
+    def stop(self) -> dict[str, float]:
+        self._done.set()
+        s = self.samples
+        return {"min": min(s), "mean": round(sum(s) / len(s), 2), "max": max(s), "samples": len(s)}
+
+
+def same_vocabulary(a: Path, b: Path) -> None:
+    """Shards a and b must share one tokenizer (byte-identical files), or NLMError."""
+    for name in sorted(p.name for p in (a / "tokenizer").iterdir()):
+        theirs = b / "tokenizer" / name
+        if not theirs.is_file() or (a / "tokenizer" / name).read_bytes() != theirs.read_bytes():
+            raise NLMError(f"{b}: its tokenizer differs from {a}'s ({name}): not equal terms")
+
+
+def ngram_row(data: Path, documents: list[str], order: int, work: Path) -> dict[str, Any]:
+    """The Kneser-Ney bar: KenLM on the shards' train stream, scored on the test stream."""
+    from nlm.bench.ngram import ngram_run
+    from nlm.evaluation import open_vocabulary, text_bytes, token_stream
+    from nlm.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer(data / "tokenizer")
+    stream = token_stream(tokenizer, documents)
+    done = ngram_run(split_stream(data, "train"), stream, order, work / f"kn{order}")
+    return {
+        "model": f"KenLM {order}-gram (interpolated modified Kneser-Ney)",
+        "kind": "ngram",
+        "params": None,
+        "steps": None,
+        "wall_s": done["wall_s"],
+        "tokens": done["count"],
+        "ppl": math.exp(done["total"] / done["count"]),
+        **open_vocabulary(tokenizer, documents, stream[1:], done["total"], text_bytes(documents)),
+    }
 
 
 # --- the reference: word_language_model's models and loop ----------------------------------
@@ -275,26 +356,69 @@ def reference_run(
 # --- nlm's models ---------------------------------------------------------------------------
 
 
-def _recipes(path: Path) -> dict[str, str]:
+RECIPE_KEYS = {"config", "seq_len", "bar", "flags"}
+
+
+def _recipes(path: Path) -> dict[str, dict[str, Any]]:
+    """The recipes file: row name -> an `nlm train` config file (relative to the recipes file),
+    or -> {config: FILE, seq_len: N (windows of the shards, default 35), bar: the model whose
+    bar the row is measured against (default: the row name), flags: {key: value} passed on as
+    `nlm train --key value`, for a variant of a config}."""
     import yaml
 
     try:
         recipes = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
-        raise NLMError(f"{path}: cannot read the recipes ({exc})") from None
-    if not isinstance(recipes, dict) or not all(isinstance(v, str) for v in recipes.values()):
+        why = " ".join(str(exc).split())  # YAML's messages span lines: one line here
+        raise NLMError(f"{path}: cannot read the recipes ({why})") from None
+    if not isinstance(recipes, dict):
         raise NLMError(f"{path}: expected a mapping of model name -> nlm train config file")
-    return {str(k): str((path.parent / v).resolve()) for k, v in recipes.items()}
+    out = {}
+    for name, entry in recipes.items():
+        entry = {"config": entry} if isinstance(entry, str) else entry
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("config"), str)
+            or set(entry) - RECIPE_KEYS
+            or not isinstance(entry.get("seq_len", BPTT), int)
+            or not isinstance(entry.get("flags", {}), dict)
+        ):
+            raise NLMError(
+                f"{path}: {name}: expected a config file or a mapping with keys "
+                f"{', '.join(sorted(RECIPE_KEYS))}"
+            )
+        bar = str(entry.get("bar", name))
+        if bar not in COUNTERPART.values():
+            raise NLMError(f"{path}: {name}: no bar for {bar!r} (bars: {', '.join(COUNTERPART)})")
+        config = (path.parent / entry["config"]).resolve()
+        if not config.is_file():
+            raise NLMError(f"{path}: {name}: no such config file {config}")
+        flags = [
+            x
+            for k, v in entry.get("flags", {}).items()
+            for x in (f"--{k.replace('_', '-')}", str(v))
+        ]
+        out[str(name)] = {
+            "config": str(config), "seq_len": entry.get("seq_len", BPTT), "bar": bar,
+            "flags": flags,
+        }  # fmt: skip
+    return out
 
 
-def nlm_run(model: str, config: str, work: Path, test: Path, test_lines: int) -> dict[str, Any]:
-    """`nlm train --config` then `nlm eval` of its checkpoint; wall time of both commands' train."""
-    out = work / f"nlm-{model}"
-    started = time.perf_counter()
+def nlm_run(
+    name: str, recipe: dict[str, Any], shards: Path, work: Path, test: Path, test_lines: int
+) -> dict[str, Any]:
+    """`nlm train --config --data` (its wall time, start-up included) then `nlm eval` of its
+    checkpoint; training tokens/s is the run's last logged rate (steady state)."""
     import shutil
 
+    out = work / f"nlm-{name}"
     shutil.rmtree(out, ignore_errors=True)  # a fresh run: the scratch directory is ours
-    _nlm("train", "--config", config, "--out", str(out))
+    started = time.perf_counter()
+    _nlm(
+        "train", "--config", recipe["config"], *recipe["flags"], "--data", str(shards),
+        "--out", str(out), "--no-progress",
+    )  # fmt: skip
     wall = time.perf_counter() - started
     text = test
     if test_lines:
@@ -305,21 +429,31 @@ def nlm_run(model: str, config: str, work: Path, test: Path, test_lines: int) ->
     scored = json.loads(
         _nlm("eval", "--checkpoint", str(out), "--input", str(text), "--no-progress")
     )
-    metrics = (
-        json.loads((out / "model" / "metrics.json").read_text())
-        if (out / "model" / "metrics.json").is_file()
-        else {}
-    )
+    metrics = json.loads((out / "model" / "metrics.json").read_text())
+    logged = [
+        json.loads(line)
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if '"tokens_per_s"' in line
+    ]
+    train_rate = logged[-1]["tokens_per_s"] if logged else None
     return {
-        "model": f"nlm {model}",
-        "kind": model,
+        "model": f"nlm {name}",
+        "kind": recipe["bar"],
+        "recipe": str(Path(recipe["config"]).name) + "".join(f" {f}" for f in recipe["flags"]),
         "params": metrics.get("params"),
-        "steps": metrics.get("steps"),
+        "steps": metrics.get("step"),
         "wall_s": round(wall, 1),
         **{
             k: scored.get(k)
             for k in ("tokens", "ppl", "bits_per_byte", "bits_per_byte_closed_vocab", "unk_rate")
         },
+        "train_tokens_per_s": train_rate,
+        "eval_tokens_per_s": scored.get("tokens_per_s"),
+        "eval_vs_train_speed": (
+            round(scored["tokens_per_s"] / train_rate, 2)
+            if train_rate and scored.get("tokens_per_s")
+            else None
+        ),
     }
 
 
@@ -335,12 +469,14 @@ def _nlm(*argv: str) -> str:
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Each nlm row's test ppl over its reference's (the reference of the same kind: lstm, the
-    Transformer for gpt, the Elman RNN for rnn); None where that reference did not run."""
-    reference = {COUNTERPART[r["kind"]]: r for r in rows if r["model"].startswith("reference")}
+    """Each nlm row's test ppl over its bar's (the bar of the same kind: the reference LSTM for
+    lstm, the Transformer for gpt, the Elman RNN for rnn, the Kneser-Ney n-gram for fnn); None
+    where that bar did not run."""
+    bars = {COUNTERPART[r["kind"]]: r for r in rows if not r["model"].startswith("nlm ")}
     for r in rows:
-        ref = None if r["model"].startswith("reference") else reference.get(r["kind"])
-        r["ppl_vs_reference"] = round(r["ppl"] / ref["ppl"], 3) if ref and r["ppl"] else None
+        bar = bars.get(r["kind"]) if r["model"].startswith("nlm ") else None
+        r["ppl_vs_reference"] = round(r["ppl"] / bar["ppl"], 3) if bar and r["ppl"] else None
+        r["wall_vs_reference"] = round(r["wall_s"] / bar["wall_s"], 2) if bar else None
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -349,14 +485,15 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
     lines = [
         "| model | params | steps | wall (s) | test ppl | bits/byte | closed-vocab bits/byte "
-        "| unk rate | ppl / reference |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| unk rate | ppl / bar | wall / bar | eval / train tokens/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {num(r['params'], ',')} | {num(r['steps'], '')} | {r['wall_s']} | "
             f"{num(r['ppl'], '.1f')} | {num(r['bits_per_byte'], '.3f')} | "
             f"{num(r['bits_per_byte_closed_vocab'], '.3f')} | {num(r['unk_rate'], '.3f')} | "
-            f"{num(r['ppl_vs_reference'], '')} |"
+            f"{num(r['ppl_vs_reference'], '')} | {num(r.get('wall_vs_reference'), '')} | "
+            f"{num(r.get('eval_vs_train_speed'), '')} |"
         )
     return "\n".join(lines)

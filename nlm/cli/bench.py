@@ -5,6 +5,7 @@
     nlm bench serve    nlm.bench.serve          Ray Serve with/without batching vs plain FastAPI
     nlm bench gpu      nlm.bench.gpu    one GPU, no Ray: training MFU, generation, CPU agreement
     nlm bench quality  nlm.bench.quality  nlm's models vs word_language_model's recipe, equal terms
+    nlm bench tokenizers  nlm.bench.tokenizers  word, char, BPE, unigram at one budget, bits/byte
 
 A benchmark module exposes `add_arguments(parser)` and `run(args) -> int | None` (like the
 subcommand modules), or else `main(argv: list[str])`, which gets the remaining arguments.
@@ -29,6 +30,7 @@ TARGETS: dict[str, tuple[str, str]] = {
         "nlm.bench.quality",
         "test ppl and bits/byte: nlm train vs the word_language_model recipe, equal terms",
     ),
+    "tokenizers": ("nlm.bench.tokenizers", "bits/byte of word, char, BPE, unigram at one budget"),
 }
 
 
