@@ -47,7 +47,7 @@ $(BIN)/lmplz: | $(BIN)/nlm
 	  fi; \
 	fi
 	rm -rf $(KENLM) && mkdir -p build
-	$(BIN)/pip download -q --no-deps --no-binary :all: kenlm==0.3.0 -d build
+	$(BIN)/pip download -q --no-deps --no-binary kenlm kenlm==0.3.0 -d build
 	tar xzf build/kenlm-0.3.0.tar.gz -C build
 	cmake -S $(KENLM) -B $(KENLM)/build -DCMAKE_BUILD_TYPE=Release >/dev/null
 	$(MAKE) -C $(KENLM)/build -j2 lmplz >/dev/null

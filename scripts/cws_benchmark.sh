@@ -16,7 +16,8 @@
 #      constrained decoding and score them with the same scorer (`nlm finetune evaluate`).
 #
 #   SYSTEMS="bert transformer" (default) runs both parts; SYSTEMS=transformer only step 5 (+ the
-#   split and max matching), SYSTEMS=bert steps 1-4.
+#   split, max matching and jieba), SYSTEMS=bert steps 1-4, SYSTEMS=none only the split, max
+#   matching and jieba (seconds).
 #
 #   scripts/cws_benchmark.sh                # OUT=runs/cws-bench, the docs/BENCHMARKS.md figures
 #   PRETRAIN_STEPS=300 PRETRAIN_MORE=0 FT_EPOCHS=2 OUT=runs/cws-quick scripts/cws_benchmark.sh

@@ -64,8 +64,10 @@ COUNTERPART = {"lstm": "lstm", "transformer": "gpt", "rnn": "rnn", "ngram": "fnn
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="clm shard directory (default: prepare wt2-mini, word)")
     parser.add_argument("--work", default="runs/bench-quality", help="scratch directory")
-    parser.add_argument("--references", default="lstm,transformer,rnn")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument(
+        "--references", default="lstm,transformer,rnn", help="reference models to train (all)"
+    )
+    parser.add_argument("--epochs", type=int, default=3, help="reference epochs (3)")
     parser.add_argument(
         "--max-batches", type=int, default=0, help="cap batches per epoch (0: all; for smoke runs)"
     )
@@ -89,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
     for name in names:  # checked before anything is prepared or trained
         if name not in REFERENCES:
             raise NLMError(f"--references: unknown {name!r} (known: {', '.join(REFERENCES)})")
+    if args.epochs < 1:
+        raise NLMError(f"--epochs {args.epochs}: at least 1")
     if args.ngram_order < 0 or args.ngram_order == 1:
         raise NLMError(f"--ngram-order {args.ngram_order}: 0 (none) or an order >= 2")
     recipes = _recipes(Path(args.recipes)) if args.recipes else {}
@@ -150,7 +154,10 @@ class LoadSampler:
     def stop(self) -> dict[str, float]:
         self._done.set()
         s = self.samples
-        return {"min": min(s), "mean": round(sum(s) / len(s), 2), "max": max(s), "samples": len(s)}
+        return {
+            "min": round(min(s), 2), "mean": round(sum(s) / len(s), 2), "max": round(max(s), 2),
+            "samples": len(s),
+        }  # fmt: skip
 
 
 def same_vocabulary(a: Path, b: Path) -> None:
@@ -376,33 +383,48 @@ def _recipes(path: Path) -> dict[str, dict[str, Any]]:
     out = {}
     for name, entry in recipes.items():
         entry = {"config": entry} if isinstance(entry, str) else entry
-        if (
-            not isinstance(entry, dict)
-            or not isinstance(entry.get("config"), str)
-            or set(entry) - RECIPE_KEYS
-            or not isinstance(entry.get("seq_len", BPTT), int)
-            or not isinstance(entry.get("flags", {}), dict)
-        ):
+        where = f"{path}: {name}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("config"), str):
+            raise NLMError(f"{where}: expected a config file or a mapping with a 'config' key")
+        if set(entry) - RECIPE_KEYS:
+            unknown = ", ".join(sorted(map(str, set(entry) - RECIPE_KEYS)))
             raise NLMError(
-                f"{path}: {name}: expected a config file or a mapping with keys "
-                f"{', '.join(sorted(RECIPE_KEYS))}"
+                f"{where}: unknown key {unknown} (known: {', '.join(sorted(RECIPE_KEYS))})"
             )
+        seq_len = entry.get("seq_len", BPTT)
+        if not isinstance(seq_len, int) or seq_len < 2:
+            raise NLMError(f"{where}: seq_len {seq_len!r}: an integer >= 2")
+        if not isinstance(entry.get("flags", {}), dict):
+            raise NLMError(f"{where}: flags: expected a mapping of nlm train option -> value")
         bar = str(entry.get("bar", name))
         if bar not in COUNTERPART.values():
-            raise NLMError(f"{path}: {name}: no bar for {bar!r} (bars: {', '.join(COUNTERPART)})")
+            raise NLMError(
+                f"{where}: no bar for {bar!r} (the nlm model measured: "
+                f"{', '.join(COUNTERPART.values())})"
+            )
         config = (path.parent / entry["config"]).resolve()
         if not config.is_file():
-            raise NLMError(f"{path}: {name}: no such config file {config}")
+            raise NLMError(f"{where}: no such config file {config}")
         flags = [
             x
             for k, v in entry.get("flags", {}).items()
             for x in (f"--{k.replace('_', '-')}", str(v))
         ]
-        out[str(name)] = {
-            "config": str(config), "seq_len": entry.get("seq_len", BPTT), "bar": bar,
-            "flags": flags,
-        }  # fmt: skip
+        known = _train_options()
+        for flag in flags[::2]:
+            if flag not in known:
+                raise NLMError(f"{where}: flags: {flag} is not an nlm train option")
+        out[str(name)] = {"config": str(config), "seq_len": seq_len, "bar": bar, "flags": flags}
     return out
+
+
+def _train_options() -> set[str]:
+    """The option strings `nlm train` accepts (its own parser, so a typo fails before the run)."""
+    from nlm.cli import train as train_cli
+
+    parser = argparse.ArgumentParser()
+    train_cli.add_arguments(parser)
+    return set(parser._option_string_actions)
 
 
 def nlm_run(
@@ -439,14 +461,24 @@ def nlm_run(
     return {
         "model": f"nlm {name}",
         "kind": recipe["bar"],
-        "recipe": str(Path(recipe["config"]).name) + "".join(f" {f}" for f in recipe["flags"]),
+        "recipe": " ".join([recipe["config"], *recipe["flags"]]),
         "params": metrics.get("params"),
         "steps": metrics.get("step"),
         "wall_s": round(wall, 1),
         **{
             k: scored.get(k)
-            for k in ("tokens", "ppl", "bits_per_byte", "bits_per_byte_closed_vocab", "unk_rate")
-        },
+            for k in (
+                "tokens",
+                "ppl",
+                "bits_per_byte",
+                "bits_per_byte_closed_vocab",
+                "unk_tokens",
+                "unk_rate",
+                "unk_bytes",
+                "unk_byte_share",
+                "spelling_bits",
+            )
+        },  # fmt: skip
         "train_tokens_per_s": train_rate,
         "eval_tokens_per_s": scored.get("tokens_per_s"),
         "eval_vs_train_speed": (
@@ -461,6 +493,8 @@ def _nlm(*argv: str) -> str:
     done = subprocess.run([sys.executable, "-m", "nlm", *argv], capture_output=True, text=True)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        while last.startswith("nlm: error: "):  # the inner command's prefix, once is enough
+            last = last.removeprefix("nlm: error: ")
         raise NLMError(f"nlm {argv[0]} failed: {last}")
     return done.stdout.strip().splitlines()[-1]
 
