@@ -150,7 +150,10 @@ def test_quality_recipes_file(tmp_path):
     assert recipes["gpt"]["seq_len"] == 64 and recipes["gpt"]["bar"] == "gpt"
     for body, words in [
         ("lstm: {config: lstm.yaml, epochs: 3}\n", "lstm: unknown key epochs"),
-        ("lstm: {config: lstm.yaml, flags: {max_stepz: 5}}\n", "--max-stepz is not an nlm train"),
+        (
+            "lstm: {config: lstm.yaml, flags: {max_stepz: 5}}\n",
+            "--max-stepz is not an nlm train config",
+        ),
         ("lstm: {config: lstm.yaml, seq_len: -3}\n", "seq_len -3: an integer >= 2"),
         ("lstm: {config: lstm.yaml, bar: transformer}\n", "no bar for 'transformer'"),
         ("t5: lstm.yaml\n", "no bar for 't5'"),

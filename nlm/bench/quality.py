@@ -413,17 +413,19 @@ def _recipes(path: Path) -> dict[str, dict[str, Any]]:
         known = _train_options()
         for flag in flags[::2]:
             if flag not in known:
-                raise NLMError(f"{where}: flags: {flag} is not an nlm train option")
+                raise NLMError(f"{where}: flags: {flag} is not an nlm train config option")
         out[str(name)] = {"config": str(config), "seq_len": seq_len, "bar": bar, "flags": flags}
     return out
 
 
 def _train_options() -> set[str]:
-    """The option strings `nlm train` accepts (its own parser, so a typo fails before the run)."""
-    from nlm.cli import train as train_cli
+    """The option strings of `nlm train`'s TrainConfig fields, built as `nlm train` builds them
+    (so a typo fails before the run, not after the references have trained)."""
+    from nlm.cluster.train.config import TrainConfig
+    from nlm.config import add_config_arguments
 
     parser = argparse.ArgumentParser()
-    train_cli.add_arguments(parser)
+    add_config_arguments(parser, TrainConfig)
     return set(parser._option_string_actions)
 
 
