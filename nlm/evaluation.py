@@ -569,7 +569,7 @@ def evaluate_file(
     started = time.perf_counter()
     result = evaluate_documents(ckpt.model, ckpt.tokenizer, documents, progress=progress, **options)
     seconds = time.perf_counter() - started  # scoring only: not the load, not the import
-    speed = {"eval_s": round(seconds, 3)}
+    speed = {"eval_s": round(seconds, 6)}
     if result.get("tokens"):
         speed["tokens_per_s"] = round(result["tokens"] / max(seconds, 1e-9), 1)
     return {

@@ -45,12 +45,18 @@ from typing import Any
 
 from nlm.bench.quality import _nlm
 from nlm.errors import NLMError
+from nlm.models import families_where
 
 CORPUS = "wt2-mini"
 # the benchmark's name -> `nlm prepare --tokenizer`
 TOKENIZERS = {"word": "word", "char": "char", "bpe": "spm-bpe", "unigram": "spm-unigram"}
-MODELS = ("fnn", "rnn", "lstm", "gpt")  # the causal families with a configs/<model>-small.yaml
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+# the causal-LM families (a family fact) that have a recipe, configs/<model>-small.yaml
+MODELS = tuple(
+    f
+    for f in families_where(lambda c: c.objective == "clm")
+    if (CONFIGS / f"{f}-small.yaml").is_file()
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
