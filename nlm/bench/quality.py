@@ -515,21 +515,32 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         r["wall_vs_reference"] = round(r["wall_s"] / bar["wall_s"], 2) if bar else None
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    def num(x: Any, fmt: str) -> str:
-        return "-" if x is None else format(x, fmt)
-
+def markdown_table(
+    rows: list[dict[str, Any]], columns: list[tuple[str, str, str]], right_from: int | None = None
+) -> str:
+    """A markdown table: one line per row, columns (header, key, format spec; "-" for None);
+    columns from index `right_from` on are right-aligned."""
+    right = len(columns) if right_from is None else right_from
     lines = [
-        "| model | params | steps | wall (s) | test ppl | bits/byte | closed-vocab bits/byte "
-        "| unk rate | ppl / bar | wall / bar | eval / train tokens/s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| " + " | ".join(h for h, _, _ in columns) + " |",
+        "| " + " | ".join("---" if i < right else "---:" for i in range(len(columns))) + " |",
     ]
     for r in rows:
-        lines.append(
-            f"| {r['model']} | {num(r['params'], ',')} | {num(r['steps'], '')} | {r['wall_s']} | "
-            f"{num(r['ppl'], '.1f')} | {num(r['bits_per_byte'], '.3f')} | "
-            f"{num(r['bits_per_byte_closed_vocab'], '.3f')} | {num(r['unk_rate'], '.3f')} | "
-            f"{num(r['ppl_vs_reference'], '')} | {num(r.get('wall_vs_reference'), '')} | "
-            f"{num(r.get('eval_vs_train_speed'), '')} |"
-        )
+        cells = ("-" if r.get(k) is None else format(r[k], f) for _, k, f in columns)
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    return markdown_table(
+        rows,
+        [
+            ("model", "model", ""), ("params", "params", ","), ("steps", "steps", ""),
+            ("wall (s)", "wall_s", ""), ("test ppl", "ppl", ".1f"),
+            ("bits/byte", "bits_per_byte", ".3f"),
+            ("closed-vocab bits/byte", "bits_per_byte_closed_vocab", ".3f"),
+            ("unk rate", "unk_rate", ".3f"), ("ppl / bar", "ppl_vs_reference", ""),
+            ("wall / bar", "wall_vs_reference", ""),
+            ("eval / train tokens/s", "eval_vs_train_speed", ""),
+        ],
+    )  # fmt: skip

@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nlm.bench.quality import _nlm
+from nlm.bench.quality import _nlm, markdown_table
 from nlm.errors import NLMError
 from nlm.models import families_where
 
@@ -255,22 +255,17 @@ def train_and_eval(
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    def num(x: Any, fmt: str) -> str:
-        return "-" if x is None else format(x, fmt)
-
-    lines = [
-        "| model | tokenizer | vocab | tokens scored | bits/byte | closed-vocab bits/byte "
-        "| unk rate | ppl per token | steps | wall (s) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['tokenizer']} | {num(r['vocab_size'], ',')} | "
-            f"{num(r['tokens'], ',')} | {num(r['bits_per_byte'], '.3f')} | "
-            f"{num(r['bits_per_byte_closed_vocab'], '.3f')} | {num(r['unk_rate'], '.4f')} | "
-            f"{num(r['ppl'], '.1f')} | {num(r['steps'], '')} | {r['wall_s']} |"
-        )
-    return "\n".join(lines)
+    return markdown_table(
+        rows,
+        [
+            ("model", "model", ""), ("tokenizer", "tokenizer", ""), ("vocab", "vocab_size", ","),
+            ("tokens scored", "tokens", ","), ("bits/byte", "bits_per_byte", ".3f"),
+            ("closed-vocab bits/byte", "bits_per_byte_closed_vocab", ".3f"),
+            ("unk rate", "unk_rate", ".4f"), ("ppl per token", "ppl", ".1f"),
+            ("steps", "steps", ""), ("wall (s)", "wall_s", ""),
+        ],
+        right_from=2,
+    )  # fmt: skip
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
