@@ -380,7 +380,7 @@ def _recipes(path: Path) -> dict[str, dict[str, Any]]:
         raise NLMError(f"{path}: cannot read the recipes ({why})") from None
     if not isinstance(recipes, dict):
         raise NLMError(f"{path}: expected a mapping of model name -> nlm train config file")
-    out = {}
+    out, known = {}, _train_options()
     for name, entry in recipes.items():
         entry = {"config": entry} if isinstance(entry, str) else entry
         where = f"{path}: {name}"
@@ -410,7 +410,6 @@ def _recipes(path: Path) -> dict[str, dict[str, Any]]:
             for k, v in entry.get("flags", {}).items()
             for x in (f"--{k.replace('_', '-')}", str(v))
         ]
-        known = _train_options()
         for flag in flags[::2]:
             if flag not in known:
                 raise NLMError(f"{where}: flags: {flag} is not an nlm train config option")
