@@ -28,6 +28,44 @@ DEVICES = ("cpu", "cuda", "auto")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# mallopt(3) parameters (glibc's malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD = 32 * 2**20  # glibc's largest (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit)
+_TRIM_THRESHOLD = 1 * 2**30
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc keep freed tensor memory for the next allocation of this process
+    (Linux with glibc; elsewhere a no-op). Returns whether it applied.
+
+    By default glibc serves each block above its mmap threshold (128 KiB, growing with use to at
+    most 32 MiB) with fresh pages from the kernel, unmaps it on free, and returns the heap's free
+    top to the kernel once it passes the trim threshold; a CPU forward pass that allocates its
+    activations and (rows, V) logits anew every batch then pays a page fault per 4 KiB each time.
+    This sets the mmap threshold to 32 MiB and the trim threshold to 1 GiB (as
+    `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` would; PyTorch's CPU performance guide
+    suggests jemalloc or tcmalloc for the same reason). Measured on the 2-core machine, `nlm eval`
+    of the small fnn on wt2 test: 27k -> 40k tokens/s; a DeepSpeed training worker of the small
+    lstm: +4 %. The cost: the process keeps up to 1 GiB of freed memory instead of returning it.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt  # glibc; musl and others have none
+        gnu_get_libc_version = libc.gnu_get_libc_version
+    except (OSError, AttributeError):
+        return False
+    del gnu_get_libc_version  # only proves it is glibc, whose parameter numbers these are
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+    )
+
+
 def resolve_device(name: str, what: str = "--device") -> torch.device:
     """`cpu`, `cuda` or `auto` -> a torch device; NLMError when `cuda` has no visible GPU.
 

@@ -225,3 +225,46 @@ def test_recorded_test_metrics_keep_pseudo_perplexity_apart():
         "test_tokens": 900,
     }
     assert metrics_to_record(bert) == {"test_pseudo_ppl": 40.0, "test_mlm_accuracy": 0.3}
+
+
+@pytest.mark.parametrize("family", ["fnn", "lstm", "gpt"])
+def test_forward_calls_cut_to_the_logits_budget_score_the_same(
+    family, documents, tokenizer, monkeypatch
+):
+    """Scoring cuts its forward calls so their (rows, V) logits stay under LOGITS_BUDGET (the
+    page-fault cost of big blocks, nlm/evaluation.py); windows split across calls and
+    recurrent windows cut shorter (the state carried) give the same score."""
+    import nlm.evaluation as evaluation
+
+    model = _model(family, tokenizer.vocab_size)
+    whole = evaluate_documents(model, tokenizer, documents, batch_size=8, seq_len=32)
+    monkeypatch.setattr(evaluation, "LOGITS_BUDGET", 5 * tokenizer.vocab_size)  # 5 rows a call
+    cut = evaluate_documents(model, tokenizer, documents, batch_size=8, seq_len=32)
+    assert cut["tokens"] == whole["tokens"]
+    assert cut["nll"] == pytest.approx(whole["nll"], rel=1e-6)
+
+
+def test_gpt_logits_to_keep_is_the_tail_of_the_full_forward(tokenizer):
+    model = _model("gpt", tokenizer.vocab_size)
+    ids = torch.randint(
+        7, tokenizer.vocab_size, (3, 12), generator=torch.Generator().manual_seed(1)
+    )
+    targets = torch.randint(7, tokenizer.vocab_size, (3, 12))
+    with torch.no_grad():
+        full = model(ids, targets=targets)
+        tail = model(ids, targets=targets, logits_to_keep=5)
+    assert tail.logits.shape == (3, 5, tokenizer.vocab_size)
+    assert torch.allclose(tail.logits, full.logits[:, -5:], atol=1e-6)
+    expected = F.cross_entropy(
+        full.logits[:, -5:].reshape(-1, tokenizer.vocab_size), targets[:, -5:].reshape(-1)
+    )
+    assert tail.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_keep_freed_memory_applies_under_glibc():
+    import platform
+
+    from nlm.device import keep_freed_memory
+
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() is glibc

@@ -34,6 +34,7 @@ import torch
 from nlm.cluster.train.deepspeed_config import deepspeed_config
 from nlm.cluster.train.distributed import cpu_count, gathered
 from nlm.cluster.train.metrics import MetricsLog
+from nlm.device import keep_freed_memory
 from nlm.errors import NLMError
 from nlm.optim import make_optimizer
 
@@ -97,6 +98,7 @@ class TrainingLoop:
         self.rank, self.world_size, self.device = rank, world_size, device
         self.threads = config.scale.torch_threads or max(1, cpu_count() // max(1, local_world_size))
         torch.set_num_threads(self.threads)
+        keep_freed_memory()  # every step allocates the same activations again
         if device.type == "cuda":
             torch.cuda.set_device(device)
         self.log = MetricsLog(Path(run_dir) if rank == 0 else None)

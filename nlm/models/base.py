@@ -14,6 +14,9 @@ Conventions (all five families):
 - Causal forwards also accept `attention_mask` (left padding, 1 = real token): each row then
   computes exactly what it would alone. gpt/bert have `max_positions` (block size); a longer
   input raises NLMError.
+- gpt's forward also takes `logits_to_keep` (transformers' name; 0 = all): logits (B, N, V)
+  of the last N positions only. Evaluation passes it when the forward has it (as transformers'
+  generation does), so an overlapping window projects only its new positions.
 - `ModelOutput.hidden` is the final hidden state (B, T, H) before the output projection; serving
   mean-pools it for /v1/embed.
 - Weight tying (`tie_weights`, all five): the softmax matrix is the input embedding table, the
