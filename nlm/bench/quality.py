@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nlm.bench.common import markdown_table, run_nlm
 from nlm.errors import NLMError
 
 # The example's defaults (word_language_model/main.py), and the lr the issue asks per kind.
@@ -438,7 +438,7 @@ def nlm_run(
     out = work / f"nlm-{name}"
     shutil.rmtree(out, ignore_errors=True)  # a fresh run: the scratch directory is ours
     started = time.perf_counter()
-    _nlm(
+    run_nlm(
         "train", "--config", recipe["config"], *recipe["flags"], "--data", str(shards),
         "--out", str(out), "--no-progress",
     )  # fmt: skip
@@ -450,7 +450,7 @@ def nlm_run(
         text = work / "test-lines.txt"
         text.write_text("\n".join(read_documents(test)[:test_lines]) + "\n", encoding="utf-8")
     scored = json.loads(
-        _nlm("eval", "--checkpoint", str(out), "--input", str(text), "--no-progress")
+        run_nlm("eval", "--checkpoint", str(out), "--input", str(text), "--no-progress")
     )
     metrics = json.loads((out / "model" / "metrics.json").read_text())
     logged = [
@@ -490,16 +490,6 @@ def nlm_run(
     }
 
 
-def _nlm(*argv: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "nlm", *argv], capture_output=True, text=True)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        while last.startswith("nlm: error: "):  # the inner command's prefix, once is enough
-            last = last.removeprefix("nlm: error: ")
-        raise NLMError(f"nlm {argv[0]} failed: {last}")
-    return done.stdout.strip().splitlines()[-1]
-
-
 # --- the table ------------------------------------------------------------------------------
 
 
@@ -512,22 +502,6 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         bar = bars.get(r["kind"]) if r["model"].startswith("nlm ") else None
         r["ppl_vs_reference"] = round(r["ppl"] / bar["ppl"], 3) if bar and r["ppl"] else None
         r["wall_vs_reference"] = round(r["wall_s"] / bar["wall_s"], 2) if bar else None
-
-
-def markdown_table(
-    rows: list[dict[str, Any]], columns: list[tuple[str, str, str]], right_from: int | None = None
-) -> str:
-    """A markdown table: one line per row, columns (header, key, format spec; "-" for None);
-    columns from index `right_from` on are right-aligned."""
-    right = len(columns) if right_from is None else right_from
-    lines = [
-        "| " + " | ".join(h for h, _, _ in columns) + " |",
-        "| " + " | ".join("---" if i < right else "---:" for i in range(len(columns))) + " |",
-    ]
-    for r in rows:
-        cells = ("-" if r.get(k) is None else format(r[k], f) for _, k, f in columns)
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:

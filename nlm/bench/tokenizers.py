@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nlm.bench.quality import _nlm, markdown_table
+from nlm.bench.common import markdown_table, run_nlm
 from nlm.errors import NLMError
 from nlm.models import families_where
 
@@ -193,7 +193,7 @@ def prepare_argv(kind: str, out: Path, args: argparse.Namespace) -> list[str]:
 def prepare(work: Path, kind: str, args: argparse.Namespace) -> Path:
     out = shard_dir(work, kind, args)
     if not (out / "manifest.json").is_file():
-        _nlm(*prepare_argv(kind, out, args))
+        run_nlm(*prepare_argv(kind, out, args))
     return out
 
 
@@ -220,11 +220,11 @@ def train_and_eval(
     out = work / f"{model}-{kind}"
     shutil.rmtree(out, ignore_errors=True)  # a fresh run: the scratch directory is ours
     started = time.perf_counter()
-    _nlm(*train_argv(model, recipe, data, out, args))
+    run_nlm(*train_argv(model, recipe, data, out, args))
     wall = time.perf_counter() - started
     started = time.perf_counter()
     scored = json.loads(
-        _nlm("eval", "--checkpoint", str(out), "--input", str(text), "--no-progress")
+        run_nlm("eval", "--checkpoint", str(out), "--input", str(text), "--no-progress")
     )
     eval_s = time.perf_counter() - started
     bpb = scored.get("bits_per_byte")
