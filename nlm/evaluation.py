@@ -89,6 +89,8 @@ DEFAULT_BATCH_SIZE = 8  # windows (rnn/lstm: parallel streams) per batch; `nlm e
 def read_documents(path: str | Path) -> list[str]:
     """The documents (non-empty stripped lines) of a UTF-8 text file, or a one-line NLMError."""
     path = Path(path)
+    if path.is_dir():
+        raise NLMError(f"{path}: is a directory, not a text file")
     if not path.is_file():
         raise NLMError(f"{path}: no such file")
     data = path.read_bytes()
@@ -562,7 +564,9 @@ def evaluate_documents(
                 )
             step = length - overlap
         else:
-            step = stride or max(1, (3 * length) // 4)  # context floor: length - step
+            step = (
+                stride if stride is not None else max(1, (3 * length) // 4)
+            )  # floor: length - step
             if not 1 <= step <= length:
                 raise NLMError(f"--stride {step}: must be between 1 and --seq-len {length}")
         total, count = score_windows(model, stream, length, step, batch_size, progress)

@@ -154,6 +154,13 @@ def test_quality_recipes_file(tmp_path):
             "lstm: {config: lstm.yaml, flags: {max_stepz: 5}}\n",
             "--max-stepz is not an nlm train config",
         ),
+        ("lstm: {config: lstm.yaml, flags: {lr: abc}}\n", "argument --lr: invalid float"),
+        # values are checked as nlm train checks them, and blamed on the row, not the config
+        (
+            "lstm: {config: lstm.yaml, flags: {max_steps: 0}}\n",
+            r"lstm \(lstm.yaml with the row's flags\) \(field 'max_steps'\): must be at least 1",
+        ),
+        ("lstm: {config: lstm.yaml, flags: {model: nosuch}}\n", "'nosuch' is not one of"),
         ("lstm: {config: lstm.yaml, seq_len: -3}\n", "seq_len -3: an integer >= 2"),
         ("lstm: {config: lstm.yaml, bar: transformer}\n", "no bar for 'transformer'"),
         ("t5: lstm.yaml\n", "no bar for 't5'"),

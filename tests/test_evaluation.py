@@ -62,11 +62,14 @@ def test_read_documents_and_bytes(tmp_path):
         (b"", "no text to evaluate"),
         (b"  \n\n \t\n", "no text to evaluate"),
         (b"good line\nbad \xff byte\n", r"t.txt:2: not UTF-8 \(byte 0xff at byte offset 14\)"),
+        ("dir", "t.txt: is a directory, not a text file"),
     ],
 )
 def test_read_documents_errors(content, message, tmp_path):
     path = tmp_path / "t.txt"
-    if content is not None:
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
         path.write_bytes(content)
     with pytest.raises(NLMError, match=message):
         read_documents(path)
@@ -210,6 +213,8 @@ def test_bad_options(documents, tokenizer):
         evaluate_documents(gpt, tokenizer, documents, seq_len=65)
     with pytest.raises(NLMError, match="--stride 40"):
         evaluate_documents(gpt, tokenizer, documents, seq_len=32, stride=40)
+    with pytest.raises(NLMError, match="--stride 0: must be between 1"):  # not the default
+        evaluate_documents(gpt, tokenizer, documents, seq_len=32, stride=0)
     with pytest.raises(NLMError, match="fnn's 3-token context"):
         evaluate_documents(_model("fnn", tokenizer.vocab_size), tokenizer, documents, seq_len=3)
     with pytest.raises(NLMError, match="--batch-size 0"):

@@ -370,7 +370,8 @@ def _recipes(path: Path) -> dict[str, dict[str, Any]]:
     """The recipes file: row name -> an `nlm train` config file (relative to the recipes file),
     or -> {config: FILE, seq_len: N (windows of the shards, default 35), bar: the model whose
     bar the row is measured against (default: the row name), flags: {key: value} passed on as
-    `nlm train --key value`, for a variant of a config}."""
+    `nlm train --key value`, for a variant of a config}. Every row is resolved and checked as
+    `nlm train` would (options, values, the model) before anything runs."""
     import yaml
 
     try:
@@ -380,7 +381,8 @@ def _recipes(path: Path) -> dict[str, dict[str, Any]]:
         raise NLMError(f"{path}: cannot read the recipes ({why})") from None
     if not isinstance(recipes, dict):
         raise NLMError(f"{path}: expected a mapping of model name -> nlm train config file")
-    out, known = {}, _train_options()
+    out, parser = {}, _train_parser()
+    known = set(parser._option_string_actions)
     for name, entry in recipes.items():
         entry = {"config": entry} if isinstance(entry, str) else entry
         where = f"{path}: {name}"
@@ -413,19 +415,38 @@ def _recipes(path: Path) -> dict[str, dict[str, Any]]:
         for flag in flags[::2]:
             if flag not in known:
                 raise NLMError(f"{where}: flags: {flag} is not an nlm train config option")
+        _check_train_config(parser, where, config, flags)
         out[str(name)] = {"config": str(config), "seq_len": seq_len, "bar": bar, "flags": flags}
     return out
 
 
-def _train_options() -> set[str]:
-    """The option strings of `nlm train`'s TrainConfig fields, built as `nlm train` builds them
-    (so a typo fails before the run, not after the references have trained)."""
+def _train_parser() -> argparse.ArgumentParser:
+    """`nlm train`'s TrainConfig options, built as `nlm train` builds them (so a typo or a bad
+    value fails before the run, not after the references have trained)."""
     from nlm.cluster.train.config import TrainConfig
     from nlm.config import add_config_arguments
 
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(prog="nlm train", exit_on_error=False)
     add_config_arguments(parser, TrainConfig)
-    return set(parser._option_string_actions)
+    return parser
+
+
+def _check_train_config(
+    parser: argparse.ArgumentParser, where: str, config: Path, flags: list[str]
+) -> None:
+    """The row's config file with its flags on top, resolved and checked as `nlm train` does
+    (`nlm.cli.train.resolve_config`): value types, ranges, the model name. The bench supplies
+    --data and --out itself."""
+    from nlm.cluster.train.config import TrainConfig
+    from nlm.config import args_to_dict, read_yaml
+
+    try:
+        args = parser.parse_args([*flags, "--data", "shards", "--out", "run"])
+    except argparse.ArgumentError as exc:
+        raise NLMError(f"{where}: flags: {exc}") from None
+    source = f"{where} ({config.name} with the row's flags)"
+    data = args_to_dict(TrainConfig, args, read_yaml(config))
+    TrainConfig.from_dict(data, source=source).check(source)
 
 
 def nlm_run(

@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")
     plot_path.parent.mkdir(parents=True, exist_ok=True)
-    plot(rows, plot_path)
+    plot(rows, plot_path, args.test_lines)
     print(f"report: {output}\nplot:   {plot_path}", file=sys.stderr)
     return 0
 
@@ -268,7 +268,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     )  # fmt: skip
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
+def plot(rows: list[dict[str, Any]], path: Path, test_lines: int = 0) -> None:
     """Grouped bars: bits/byte (open vocabulary) per tokenizer, one bar per model; a tick marks
     the closed-vocabulary figure where it differs."""
     import matplotlib
@@ -299,7 +299,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     if marked:
         ax.scatter([], [], marker="_", s=200, color="black", label="closed vocabulary (<unk> free)")
     ax.set_xticks(range(len(kinds)), kinds)
-    ax.set_ylabel("bits/byte, wt2-mini test (open vocabulary)")
+    text = f"the first {test_lines} lines of wt2-mini test" if test_lines else "wt2-mini test"
+    ax.set_ylabel(f"bits/byte, {text} (open vocabulary)")
     steps = sorted({r["steps"] for r in rows if r.get("steps") is not None})
     ax.set_title(
         "tokenizers at equal training budget"
