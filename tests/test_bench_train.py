@@ -161,6 +161,7 @@ def test_quality_recipes_file(tmp_path):
             r"lstm \(lstm.yaml with the row's flags\) \(field 'max_steps'\): must be at least 1",
         ),
         ("lstm: {config: lstm.yaml, flags: {model: nosuch}}\n", "'nosuch' is not one of"),
+        ("lstm: {config: lstm.yaml, flags: {model: bert}}\n", "bert is not a causal LM"),
         ("lstm: {config: lstm.yaml, seq_len: -3}\n", "seq_len -3: an integer >= 2"),
         ("lstm: {config: lstm.yaml, bar: transformer}\n", "no bar for 'transformer'"),
         ("t5: lstm.yaml\n", "no bar for 't5'"),

@@ -439,6 +439,7 @@ def _check_train_config(
     --data and --out itself."""
     from nlm.cluster.train.config import TrainConfig
     from nlm.config import args_to_dict, read_yaml
+    from nlm.models import model_class
 
     try:
         args = parser.parse_args([*flags, "--data", "shards", "--out", "run"])
@@ -446,7 +447,12 @@ def _check_train_config(
         raise NLMError(f"{where}: flags: {exc}") from None
     source = f"{where} ({config.name} with the row's flags)"
     data = args_to_dict(TrainConfig, args, read_yaml(config))
-    TrainConfig.from_dict(data, source=source).check(source)
+    resolved = TrainConfig.from_dict(data, source=source).check(source)
+    if model_class(resolved.model).objective != "clm":  # scored by perplexity of the text
+        raise NLMError(
+            f"{source} (field 'model'): {resolved.model} is not a causal LM; the race compares "
+            "perplexities of the test text"
+        )
 
 
 def nlm_run(
