@@ -31,7 +31,8 @@ Scoring, by the model's family facts (nlm/models/base.py):
   of context (the context floor: 32 at the default 128) and the text costs seq_len/stride = 4/3
   passes of the body per token (the vocabulary projection runs once per scored token when the
   model takes `logits_to_keep`, as gpt does); seq_len/2 (a floor of half the window) cost more
-  for a small gain. Pass `stride` for another trade. Each prediction is scored in exactly one window.
+  for a small gain. Pass `stride` for another trade. Each prediction is scored in exactly one
+  window.
   Evaluation is forward only (torch.inference_mode), batch by batch, with no per-token Python.
 - recurrent (rnn, lstm): the stream is cut into `batch_size` contiguous streams scored in
   parallel (as in PyTorch's word_language_model example), the hidden state carried across
@@ -564,9 +565,8 @@ def evaluate_documents(
                 )
             step = length - overlap
         else:
-            step = (
-                stride if stride is not None else max(1, (3 * length) // 4)
-            )  # floor: length - step
+            # the context floor is length - step
+            step = stride if stride is not None else max(1, (3 * length) // 4)
             if not 1 <= step <= length:
                 raise NLMError(f"--stride {step}: must be between 1 and --seq-len {length}")
         total, count = score_windows(model, stream, length, step, batch_size, progress)
