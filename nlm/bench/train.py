@@ -250,9 +250,11 @@ def train_flops_per_token(args: argparse.Namespace, data: Path) -> float:
 
 
 def eval_throughput(args: argparse.Namespace, data: Path, threads: int) -> dict[str, Any]:
-    """tokens/s of `evaluate_documents` (nlm eval's defaults) on the test text's first
-    `--eval-tokens` words, with an untrained model of the preset and the shards' tokenizer."""
+    """tokens/s of `evaluate_documents` (nlm eval's defaults, and its allocator setting) on the
+    test text's first `--eval-tokens` words, with an untrained model of the preset and the
+    shards' tokenizer."""
     from nlm.corpora import resolve_corpus
+    from nlm.device import keep_freed_memory
     from nlm.evaluation import DEFAULT_BATCH_SIZE, evaluate_documents, read_documents
     from nlm.models import build_model
     from nlm.tokenizers import load_tokenizer
@@ -266,6 +268,7 @@ def eval_throughput(args: argparse.Namespace, data: Path, threads: int) -> dict[
             break
     torch.manual_seed(0)
     model = build_model(args.model, args.preset, vocab_size=tokenizer.vocab_size)
+    keep_freed_memory()  # as nlm.evaluation.evaluate_file
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
