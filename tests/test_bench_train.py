@@ -66,7 +66,8 @@ def test_quality_reference_recipe_scores_nlms_tokens(tmp_path, data_mirror):
     """`nlm bench quality`'s reference (word_language_model's loop) on a tiny budget: trained on
     the shards' own train stream, scored on exactly the predictions nlm.evaluation scores, with
     the same open-vocabulary bits/byte; the table puts an nlm row against its reference."""
-    from nlm.bench.quality import add_ratios, markdown, reference_run, split_stream
+    from nlm.bench.quality import add_ratios, markdown
+    from nlm.bench.reference import reference_run, split_stream
     from nlm.evaluation import evaluate_documents, read_documents, token_stream
     from nlm.tokenizers import load_tokenizer, train_tokenizer
 
