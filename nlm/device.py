@@ -56,13 +56,13 @@ def keep_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt  # glibc; musl and others have none
-        gnu_get_libc_version = libc.gnu_get_libc_version
-    except (OSError, AttributeError):
+    except OSError:
         return False
-    del gnu_get_libc_version  # only proves it is glibc, whose parameter numbers these are
-    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+    # the parameter numbers above are glibc's: only a glibc (which has this symbol) gets them
+    if not hasattr(libc, "gnu_get_libc_version"):
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(
+        libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
     )
 
 

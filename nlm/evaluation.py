@@ -205,6 +205,11 @@ def _rows_per_call(model: LanguageModel) -> int:
     return max(1, LOGITS_BUDGET // model.output_embeddings().size(0))
 
 
+def _windows_per_call(model: LanguageModel, seq_len: int, batch_size: int) -> int:
+    """At most `batch_size` windows of `seq_len` per forward call, fewer within the budget."""
+    return max(1, min(batch_size, _rows_per_call(model) // seq_len))
+
+
 def _progress(total: int, desc: str, enabled: bool) -> tqdm:
     return tqdm(
         total=total, desc=desc, unit="batch", file=sys.stderr, disable=not enabled, leave=False
@@ -244,7 +249,7 @@ def score_windows(
     `batch_size` windows at most per forward call, fewer when their logits would exceed
     `LOGITS_BUDGET`."""
     windows = list(_windows(len(stream) - 1, seq_len, stride))
-    batch_size = max(1, min(batch_size, _rows_per_call(model) // seq_len))
+    batch_size = _windows_per_call(model, seq_len, batch_size)
     # Every window after the first scores only its last `stride` positions (the ones before
     # were scored by the window before it); a model that takes `logits_to_keep` projects
     # only those onto the vocabulary.
@@ -288,7 +293,7 @@ def score_backward_windows(
     targets stream[n-end+1 : n-start+1] (the last one is x's right context)."""
     n = len(stream) - 1
     windows = list(_windows(n, seq_len, stride))
-    batch_size = max(1, min(batch_size, _rows_per_call(model) // seq_len))
+    batch_size = _windows_per_call(model, seq_len, batch_size)
     total, count = 0.0, 0
     bar = _progress(
         math.ceil(len(windows) / batch_size), f"eval {model.family} (backward)", progress

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from nlm.errors import NLMError
@@ -21,6 +22,18 @@ def run_nlm(*argv: str) -> str:
             last = last.removeprefix("nlm: error: ")
         raise NLMError(f"nlm {argv[0]} failed: {last}")
     return done.stdout.strip().splitlines()[-1]
+
+
+def scored_text(test: Path, work: Path, lines: int) -> Path:
+    """The file `nlm eval` scores: the test text, or (`lines` > 0) its first `lines` documents,
+    written once into WORK."""
+    if not lines:
+        return test
+    from nlm.evaluation import read_documents
+
+    path = work / f"test-{lines}-lines.txt"
+    path.write_text("\n".join(read_documents(test)[:lines]) + "\n", encoding="utf-8")
+    return path
 
 
 def markdown_table(

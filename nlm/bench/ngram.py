@@ -31,8 +31,7 @@ from typing import Any
 import torch
 
 from nlm.errors import NLMError
-
-EOS = 3  # nlm.tokenizers' `</s>` id, the document separator of a token stream
+from nlm.tokenizers.base import EOS_ID  # `</s>`: the document separator of a token stream
 
 
 def lmplz_path() -> str:
@@ -50,7 +49,7 @@ def documents_of(stream: torch.Tensor) -> list[list[int]]:
     """Split a `</s> doc1 </s> doc2 ...` id stream into its documents (empty ones dropped)."""
     docs, current = [], []
     for t in stream.tolist():
-        if t == EOS:
+        if t == EOS_ID:
             if current:
                 docs.append(current)
             current = []

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from nlm.bench.common import markdown_table, run_nlm
+from nlm.bench.common import markdown_table, run_nlm, scored_text
 from nlm.bench.reference import BPTT, REFERENCES, reference_run, split_stream
 from nlm.errors import NLMError
 
@@ -110,11 +110,12 @@ def run(args: argparse.Namespace) -> int:
     for name in names:
         print(f"reference {name} ...", file=sys.stderr)
         rows.append(reference_run(name, data, documents, args.epochs, args.max_batches))
+    text = scored_text(test_path, work, args.test_lines)  # what `nlm eval` scores, every row
     for name, recipe in recipes.items():
         print(f"nlm train {name} ...", file=sys.stderr)
         shards = data if args.data else prepare_shards(work, recipe["seq_len"])
         same_vocabulary(data, shards)
-        rows.append(nlm_run(name, recipe, shards, work, test_path, args.test_lines))
+        rows.append(nlm_run(name, recipe, shards, work, text))
     add_ratios(rows)
     report = {
         "data": str(data), "test": str(test_path), "rows": rows, "load": load.stop(),
@@ -278,10 +279,10 @@ def _check_train_config(
 
 
 def nlm_run(
-    name: str, recipe: dict[str, Any], shards: Path, work: Path, test: Path, test_lines: int
+    name: str, recipe: dict[str, Any], shards: Path, work: Path, text: Path
 ) -> dict[str, Any]:
     """`nlm train --config --data` (its wall time, start-up included) then `nlm eval` of its
-    checkpoint; training tokens/s is the run's last logged rate (steady state)."""
+    checkpoint on `text`; training tokens/s is the run's last logged rate (steady state)."""
     import shutil
 
     out = work / f"nlm-{name}"
@@ -292,12 +293,6 @@ def nlm_run(
         "--out", str(out), "--no-progress",
     )  # fmt: skip
     wall = time.perf_counter() - started
-    text = test
-    if test_lines:
-        from nlm.evaluation import read_documents
-
-        text = work / "test-lines.txt"
-        text.write_text("\n".join(read_documents(test)[:test_lines]) + "\n", encoding="utf-8")
     scored = json.loads(
         run_nlm("eval", "--checkpoint", str(out), "--input", str(text), "--no-progress")
     )

@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nlm.bench.common import markdown_table, run_nlm
+from nlm.bench.common import markdown_table, run_nlm, scored_text
 from nlm.errors import NLMError
 from nlm.models import families_where
 
@@ -162,17 +162,6 @@ def run(args: argparse.Namespace) -> int:
     plot(rows, plot_path, args.test_lines)
     print(f"report: {output}\nplot:   {plot_path}", file=sys.stderr)
     return 0
-
-
-def scored_text(test: Path, work: Path, lines: int) -> Path:
-    """The file `nlm eval` scores: the test text, or its first `lines` documents."""
-    if not lines:
-        return test
-    from nlm.evaluation import read_documents
-
-    path = work / f"test-{lines}-lines.txt"
-    path.write_text("\n".join(read_documents(test)[:lines]) + "\n", encoding="utf-8")
-    return path
 
 
 def shard_dir(work: Path, kind: str, args: argparse.Namespace) -> Path:
